@@ -1,0 +1,44 @@
+# twopc — every target bootstraps .venv on a fresh clone; only Python is needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto proto-check lint test demo check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## create .venv and install twopc with its dev tools
+
+proto: $(STAMP) ## regenerate Python code from protos/
+	PYTHON=$(PY) scripts/gen_protos.sh
+
+proto-check: proto ## fail if the checked-in generated code is stale
+	@git diff --exit-code --stat -- src/twopc/v1 services/wallet/v1 services/order/v1 \
+	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- src/twopc/v1 services/wallet/v1 services/order/v1)" \
+	  || { echo "generated files are not committed: run 'make proto' and commit"; exit 1; }
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) ## run the test suite (real processes, real SQLite files)
+	$(VENV)/bin/pytest
+
+demo: $(STAMP) ## the purchase scenario with its failures, as separate processes
+	$(PY) -m services.demo
+
+check: lint proto-check test ## everything CI runs
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

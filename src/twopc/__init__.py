@@ -1,0 +1,47 @@
+"""twopc: atomic actions across gRPC services, by two-phase commit with presumed abort.
+
+The public names are here; everything else lives in modules named for their job.
+"""
+
+from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
+from twopc.coordinator import Coordinator
+from twopc.errors import (
+    CoordinatorFailedError,
+    DurabilityError,
+    InvalidOperation,
+    NotFound,
+    OutcomeUnknownError,
+    ProtocolViolationError,
+    TwoPCError,
+    VoteAbort,
+)
+from twopc.log import CommitRecord, DecisionLog, SqliteDecisionLog
+from twopc.participant import Participant, ParticipantHandler
+from twopc.store import SqliteStore
+from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
+
+__all__ = [
+    "Branch",
+    "BranchResult",
+    "CommitRecord",
+    "Coordinator",
+    "CoordinatorConfig",
+    "CoordinatorFailedError",
+    "Credentials",
+    "DecisionLog",
+    "DurabilityError",
+    "InvalidOperation",
+    "NotFound",
+    "Outcome",
+    "OutcomeUnknownError",
+    "Participant",
+    "ParticipantConfig",
+    "ParticipantHandler",
+    "ProtocolViolationError",
+    "SqliteDecisionLog",
+    "SqliteStore",
+    "TransactionResult",
+    "TwoPCError",
+    "Vote",
+    "VoteAbort",
+]

@@ -1,0 +1,41 @@
+"""Logging set-up for twopc processes: structlog, JSON for machines, console for people.
+
+Library code only calls `structlog.get_logger(...)`; the process decides where logs
+go. Disabled levels cost one method call that does nothing
+(`make_filtering_bound_logger`), so debug events on the hot path are free when off.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["console", "json"]
+
+
+def configure(fmt: LogFormat = "console", *, level: str = "info", stream: TextIO | None = None) -> None:
+    """Configures structlog for this process.
+
+    Args:
+        fmt: "json" (one object per line) or "console" (aligned, for people).
+        level: the lowest level emitted ("debug", "info", "warning", "error").
+        stream: where to write; standard error by default.
+    """
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=True,
+    )

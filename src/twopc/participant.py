@@ -1,0 +1,351 @@
+"""The participant helper: a Python service writes only prepare, commit and abort.
+
+`Participant` is the gRPC servicer of `twopc.v1.Participant` around a
+`ParticipantHandler`, the service's business logic. It owns a transaction table in
+the service's own SQLite file, `twopc_txn` (txn id, state, coordinator, times), and
+runs every business step in the same local transaction as the table row it belongs
+to, so the reservation and the record that it is PREPARED reach the disk together
+with one fsync (shared with concurrent prepares: group commit).
+
+What the helper guarantees, so the business code does not have to:
+
+* Prepare is durable before the vote (rule 1); a repeated Prepare returns the same
+  vote without running the business step again; a Prepare past its deadline, or for
+  a transaction already aborted (a tombstone), votes ABORT and reserves nothing.
+* Commit and Abort are idempotent (rule 7): Commit of a committed transaction and
+  Abort of an aborted or unknown one succeed; Commit of an aborted or never prepared
+  transaction, and Abort of a committed one, are FAILED_PRECONDITION and change
+  nothing.
+* Transactions prepared for longer than `in_doubt_after_s` are resolved by asking
+  the coordinator's GetOutcome (rule 6); PENDING or unreachable means ask later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from google.protobuf.message import Message
+
+from twopc import rpc
+from twopc.config import Credentials, ParticipantConfig
+from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
+from twopc.faults import crash_point
+from twopc.store import SqliteStore
+from twopc.types import Vote
+from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+_log = structlog.get_logger("twopc.participant")
+
+PREPARED, COMMITTED, ABORTED = "PREPARED", "COMMITTED", "ABORTED"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS twopc_txn (
+    txn_id       TEXT PRIMARY KEY,
+    state        TEXT NOT NULL CHECK (state IN ('PREPARED', 'COMMITTED', 'ABORTED')),
+    coordinator  TEXT NOT NULL DEFAULT '',
+    prepared_at  REAL,
+    decided_at   REAL
+);
+CREATE INDEX IF NOT EXISTS twopc_txn_state ON twopc_txn (state, prepared_at);
+"""
+
+_PB_VOTE = {
+    Vote.COMMIT: participant_pb2.VOTE_COMMIT,
+    Vote.ABORT: participant_pb2.VOTE_ABORT,
+    Vote.READ_ONLY: participant_pb2.VOTE_READ_ONLY,
+}
+
+
+class ParticipantHandler(Protocol):
+    """A service's business part of 2PC. Each method runs on the store's thread,
+    inside the local transaction that also records the 2PC state: use `db` for every
+    read and write, keep it short, and never wait on the network.
+
+    Attributes:
+        operations: the operation message types this participant accepts.
+        schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`).
+    """
+
+    operations: Sequence[type[Message]]
+    schema: str
+
+    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+        """Validates and reserves. Returns COMMIT (reserved) or READ_ONLY.
+
+        Raises:
+            VoteAbort: refuse with a reason for people (insufficient funds...).
+            InvalidOperation: malformed operation (INVALID_ARGUMENT).
+            NotFound: the operation names something unknown (NOT_FOUND).
+        """
+        ...
+
+    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
+        """Applies the reservation made by `prepare`. Must not fail for business
+        reasons: the decision is final."""
+        ...
+
+    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
+        """Releases the reservation made by `prepare`."""
+        ...
+
+
+class _Refused(Exception):
+    """A Commit or Abort that the transaction's state forbids."""
+
+
+class Participant(participant_pb2_grpc.ParticipantServicer):
+    """The `twopc.v1.Participant` servicer around a business handler.
+
+    Use it as an async context manager (it opens the store and runs the in-doubt
+    resolver), and register it on a `grpc.aio.Server` with `add_to_server`::
+
+        async with Participant(Wallet(), "wallet.db", credentials=Credentials.insecure()) as p:
+            p.add_to_server(server)
+
+    Args:
+        handler: the business logic.
+        store: the service's SQLite store, or its file path; the service may use
+            `participant.store` for its own business API too.
+        credentials: transport security for calls to the coordinator's GetOutcome.
+        config: in-doubt resolution timing and retention.
+    """
+
+    def __init__(
+        self,
+        handler: ParticipantHandler,
+        store: SqliteStore | str,
+        *,
+        credentials: Credentials,
+        config: ParticipantConfig | None = None,
+    ) -> None:
+        self.handler = handler
+        schema = _SCHEMA + handler.schema
+        self.store = store if isinstance(store, SqliteStore) else SqliteStore(store, schema=schema)
+        if isinstance(store, SqliteStore):
+            self.store.schema = schema + store.schema
+        self.config = config or ParticipantConfig()
+        self._credentials = credentials
+        self._types = {t.DESCRIPTOR.full_name: t for t in handler.operations}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._resolver: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Participant:
+        await self.store.open()
+        self._resolver = asyncio.create_task(self._resolve_forever())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            await asyncio.gather(self._resolver, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+        await self.store.close()
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        participant_pb2_grpc.add_ParticipantServicer_to_server(self, server)
+
+    # --- the RPCs ------------------------------------------------------------------
+
+    async def Prepare(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.PrepareResponse:
+        log = _log.bind(txn_id=request.txn_id)
+        if not request.txn_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
+        if not request.HasField("operation"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation is required")
+        kind = self._types.get(request.operation.TypeName())
+        if kind is None:
+            accepted = ", ".join(sorted(self._types))
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown operation type {request.operation.type_url!r}; this participant accepts {accepted}",
+            )
+        operation = kind()
+        if not request.operation.Unpack(operation):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        prepare = functools.partial(
+            self._prepare_tx, request.txn_id, request.coordinator, operation, deadline, request.one_phase
+        )
+        try:
+            vote, reason, fresh = await self.store.write(prepare)
+        except VoteAbort as e:
+            vote, reason, fresh = Vote.ABORT, e.reason, False
+        except InvalidOperation as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except DurabilityError as e:
+            log.critical("prepare_write_failed", error=str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+        except Exception as e:
+            log.exception("prepare_raised")
+            await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {e!r}")
+        if fresh and vote is Vote.COMMIT and not request.one_phase:
+            crash_point("participant.after_prepare_durable")
+        log.info("prepared", vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=not fresh)
+        return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
+
+    async def Commit(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.CommitResponse:
+        await self._decide(request.txn_id, COMMITTED, context)
+        return participant_pb2.CommitResponse()
+
+    async def Abort(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.AbortResponse:
+        await self._decide(request.txn_id, ABORTED, context)
+        return participant_pb2.AbortResponse()
+
+    async def _decide(self, txn_id: str, state: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not txn_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
+        try:
+            await self.apply(txn_id, state)
+        except _Refused as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except DurabilityError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+
+    async def apply(self, txn_id: str, state: str) -> None:
+        """Applies a decision (COMMITTED or ABORTED) to `txn_id`, idempotently."""
+        # A commit must be on disk before it is acknowledged: the coordinator then
+        # forgets the transaction, and a lost commit would be resolved as ABORTED.
+        # An abort need not be forced (presumed abort: losing it only means the
+        # transaction is resolved again, to the same answer).
+        fn = self._commit_tx if state == COMMITTED else self._abort_tx
+        changed = await self.store.write(functools.partial(fn, txn_id), durable=state == COMMITTED)
+        if changed:
+            _log.info("decided", txn_id=txn_id, state=state)
+
+    # --- the local transactions (on the store's thread) ----------------------------
+
+    def _prepare_tx(
+        self,
+        txn_id: str,
+        coordinator: str,
+        operation: Message,
+        deadline: float | None,
+        one_phase: bool,
+        db: sqlite3.Connection,
+    ) -> tuple[Vote, str, bool]:
+        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+        if row is not None:  # a repeated Prepare: the same answer, no work
+            if row[0] == ABORTED:
+                return Vote.ABORT, "transaction already aborted", False
+            return Vote.COMMIT, "", False
+        if deadline is not None and time.monotonic() >= deadline:
+            return Vote.ABORT, "deadline passed before prepare", False
+        vote = self.handler.prepare(db, txn_id, operation)
+        if vote is Vote.READ_ONLY:
+            return vote, "", True
+        if vote is not Vote.COMMIT:
+            raise TypeError(f"prepare must return Vote.COMMIT or Vote.READ_ONLY, got {vote!r}")
+        now = time.time()
+        if one_phase:
+            self.handler.commit(db, txn_id)
+        db.execute(
+            "INSERT INTO twopc_txn VALUES (?, ?, ?, ?, ?)",
+            (txn_id, COMMITTED if one_phase else PREPARED, coordinator, now, now if one_phase else None),
+        )
+        return vote, "", True
+
+    def _commit_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+        if row is None:
+            raise _Refused(f"cannot commit {txn_id}: never prepared here")
+        if row[0] == COMMITTED:
+            return False
+        if row[0] == ABORTED:
+            raise _Refused(f"cannot commit {txn_id}: already aborted")
+        self.handler.commit(db, txn_id)
+        db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (COMMITTED, time.time(), txn_id))
+        return True
+
+    def _abort_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
+        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+        if row is None:  # presumed abort; the tombstone refuses a late Prepare
+            db.execute("INSERT INTO twopc_txn VALUES (?, ?, '', NULL, ?)", (txn_id, ABORTED, time.time()))
+            return True
+        if row[0] == ABORTED:
+            return False
+        if row[0] == COMMITTED:
+            raise _Refused(f"cannot abort {txn_id}: already committed")
+        self.handler.abort(db, txn_id)
+        db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (ABORTED, time.time(), txn_id))
+        return True
+
+    # --- in-doubt resolution -------------------------------------------------------
+
+    async def in_doubt(self, older_than_s: float = 0.0) -> list[tuple[str, str]]:
+        """Prepared transactions (txn id, coordinator) older than `older_than_s`."""
+        cutoff = time.time() - older_than_s
+        return await self.store.read(
+            lambda db: db.execute(
+                "SELECT txn_id, coordinator FROM twopc_txn WHERE state = ? AND prepared_at <= ? ORDER BY prepared_at",
+                (PREPARED, cutoff),
+            ).fetchall()
+        )
+
+    async def resolve_in_doubt(self) -> int:
+        """Asks the coordinator about every in-doubt transaction once and applies
+        what it says. Returns how many were resolved."""
+        resolved = 0
+        for txn_id, coordinator in await self.in_doubt(self.config.in_doubt_after_s):
+            log = _log.bind(txn_id=txn_id, coordinator=coordinator)
+            if not coordinator:
+                log.warning("in_doubt_no_coordinator")
+                continue
+            stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(coordinator))
+            try:
+                reply = await stub.GetOutcome(
+                    coordinator_pb2.GetOutcomeRequest(txn_id=txn_id), timeout=self.config.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as e:
+                log.info("in_doubt_unreachable", error=rpc.describe(e))
+                continue
+            log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
+            if reply.outcome == coordinator_pb2.OUTCOME_COMMITTED:
+                await self.apply(txn_id, COMMITTED)
+            elif reply.outcome == coordinator_pb2.OUTCOME_ABORTED:
+                await self.apply(txn_id, ABORTED)
+            else:
+                continue
+            resolved += 1
+        return resolved
+
+    async def _resolve_forever(self) -> None:
+        interval = self.config.resolve_interval_s
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.5, 1.5))
+            try:
+                await self.resolve_in_doubt()
+                await self._purge()
+            except DurabilityError:
+                return  # the store has stopped; the process must restart
+            except Exception:
+                _log.exception("resolver_failed")
+
+    async def _purge(self) -> None:
+        cutoff = time.time() - self.config.retention_s
+        await self.store.write(
+            lambda db: db.execute("DELETE FROM twopc_txn WHERE state != ? AND decided_at < ?", (PREPARED, cutoff)),
+            durable=False,
+        )
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        if target not in self._channels:
+            self._channels[target] = rpc.channel(target, self._credentials)
+        return self._channels[target]

@@ -1,0 +1,76 @@
+"""A minimal participant for the core's tests: reserves an amount under a key.
+
+The operation is a `google.protobuf.Struct` so the core needs no proto of its own:
+    {"key": "k", "amount": 5}            reserve 5 under k, vote COMMIT
+    {"behave": "abort"}                  vote ABORT with a reason
+    {"behave": "read_only"}              vote READ_ONLY, reserve nothing
+    {"behave": "raise"}                  raise inside prepare (a bug in the service)
+    {"behave": "invalid"}                InvalidOperation -> INVALID_ARGUMENT
+Reservations live in `reserved`, committed ones move to `applied`; tests read the
+SQLite file directly to see what the participant really holds.
+
+Run: python -m tests.apps.kv --db kv.db --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort, logs, rpc
+
+
+class KV:
+    operations = (struct_pb2.Struct,)
+    schema = """
+    CREATE TABLE IF NOT EXISTS reserved (txn_id TEXT PRIMARY KEY, key TEXT NOT NULL, amount INTEGER NOT NULL);
+    CREATE TABLE IF NOT EXISTS applied (txn_id TEXT PRIMARY KEY, key TEXT NOT NULL, amount INTEGER NOT NULL);
+    """
+
+    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+        op = dict(operation.items())
+        behave = op.get("behave", "")
+        if behave == "abort":
+            raise VoteAbort("told to abort")
+        if behave == "read_only":
+            return Vote.READ_ONLY
+        if behave == "raise":
+            raise RuntimeError("bug in prepare")
+        if behave == "invalid" or "key" not in op:
+            raise InvalidOperation("key is required")
+        db.execute("INSERT INTO reserved VALUES (?, ?, ?)", (txn_id, op["key"], int(op.get("amount", 1))))
+        return Vote.COMMIT
+
+    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
+        db.execute("INSERT INTO applied SELECT * FROM reserved WHERE txn_id = ?", (txn_id,))
+        db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
+
+    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
+        db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--in-doubt-after-s", type=float, default=1.0)
+    parser.add_argument("--resolve-interval-s", type=float, default=0.3)
+    parser.add_argument("--log-format", choices=["console", "json"], default="json")
+    args = parser.parse_args()
+    logs.configure(args.log_format, level="debug")
+    config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
+    credentials = Credentials.insecure()
+    async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
+        server = grpc.aio.server()
+        participant.add_to_server(server)
+        await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

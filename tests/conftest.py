@@ -1,0 +1,98 @@
+"""Fixtures: real participant processes on port 0, an in-process coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2
+
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
+from twopc.testing import ServiceProcess
+
+INSECURE = Credentials.insecure()
+FAST = CoordinatorConfig(prepare_timeout_s=3.0, rpc_timeout_s=1.0, retry_initial_s=0.05, retry_max_s=0.3)
+
+
+def op(**fields: Any) -> struct_pb2.Struct:
+    """A kv participant operation (see tests/apps/kv.py)."""
+    s = struct_pb2.Struct()
+    s.update(fields)
+    return s
+
+
+def rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Reads a service's SQLite file as another process would (WAL allows it)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def txn_state(db: Path, txn_id: str) -> str | None:
+    found = rows(db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
+    return found[0][0] if found else None
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Polls `check` until it holds, failing after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class Kv:
+    """A kv participant process and its database file."""
+
+    def __init__(self, proc: ServiceProcess, db: Path) -> None:
+        self.proc, self.db = proc, db
+
+    @property
+    def target(self) -> str:
+        return self.proc.address
+
+    def branch(self, **fields: Any) -> Branch:
+        return Branch(self.target, op(**({"key": "k", "amount": 1} | fields)), name=self.db.stem)
+
+    def reserved(self) -> list[tuple[Any, ...]]:
+        return rows(self.db, "SELECT txn_id, key, amount FROM reserved")
+
+    def applied(self) -> list[tuple[Any, ...]]:
+        return rows(self.db, "SELECT txn_id, key, amount FROM applied")
+
+    def state(self, txn_id: str) -> str | None:
+        return txn_state(self.db, txn_id)
+
+
+@pytest.fixture
+def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
+    """Starts kv participant processes; all are stopped at the end of the test."""
+    started: list[ServiceProcess] = []
+
+    def start(name: str = "kv", env: dict[str, str] | None = None) -> Kv:
+        db = tmp_path / f"{name}-{len(started)}.db"
+        proc = ServiceProcess(
+            "tests.apps.kv", ["--db", str(db)], log_path=tmp_path / f"{db.stem}.log", env=env
+        ).start()
+        started.append(proc)
+        return Kv(proc, db)
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    async with Coordinator(
+        tmp_path / "decisions.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST
+    ) as c:
+        yield c

@@ -1,0 +1,285 @@
+"""The protocol end to end: an in-process coordinator, real participant processes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, wrappers_pb2
+
+from tests.conftest import FAST, INSECURE, Kv, eventually, op
+from twopc import Coordinator, CoordinatorFailedError, Outcome, Vote
+from twopc.store import SqliteStore
+from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+
+def stub(kv: Kv) -> tuple[grpc.aio.Channel, participant_pb2_grpc.ParticipantStub]:
+    ch = grpc.aio.insecure_channel(kv.target)
+    return ch, participant_pb2_grpc.ParticipantStub(ch)
+
+
+def prepare_request(txn_id: str, **fields: object) -> participant_pb2.PrepareRequest:
+    operation = any_pb2.Any()
+    operation.Pack(op(**({"key": "k", "amount": 1} | fields)))
+    return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation)
+
+
+async def test_happy_path_commits_every_branch(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """Two participants vote COMMIT: both apply, nothing stays reserved, log is emptied."""
+    a, b = start_kv("a"), start_kv("b")
+    result = await coordinator.run([a.branch(key="x", amount=3), b.branch(key="y", amount=4)])
+    assert result.outcome is Outcome.COMMITTED and result.completed
+    assert [r.vote for r in result.branches] == [Vote.COMMIT, Vote.COMMIT]
+    assert a.applied() == [(result.txn_id, "x", 3)] and b.applied() == [(result.txn_id, "y", 4)]
+    assert a.reserved() == [] and b.reserved() == []
+    assert a.state(result.txn_id) == b.state(result.txn_id) == "COMMITTED"
+    assert coordinator.outcome(result.txn_id) == coordinator_pb2.OUTCOME_ABORTED  # ended, forgotten
+
+
+async def test_one_abort_vote_aborts_all(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """One branch votes ABORT: the outcome is ABORTED with its reason, the other is released."""
+    a, b = start_kv("a"), start_kv("b")
+    result = await coordinator.run([a.branch(), b.branch(behave="abort")])
+    assert result.outcome is Outcome.ABORTED
+    assert result.branches[1].vote is Vote.ABORT and result.branches[1].reason == "told to abort"
+    assert "told to abort" in result.reason
+    await eventually(lambda: a.state(result.txn_id) == "ABORTED", what="Abort at a")
+    assert a.reserved() == [] and a.applied() == [] and b.applied() == []
+
+
+async def test_stalled_branch_past_deadline_aborts(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """A participant stopped (SIGSTOP) past the deadline: ABORTED at the deadline, and once
+    it resumes it reserves nothing."""
+    a, b = start_kv("a"), start_kv("b")
+    assert (await coordinator.run([a.branch(), b.branch()])).committed  # connections are up
+    b.proc.pause()
+    try:
+        started = time.monotonic()
+        result = await coordinator.run([a.branch(), b.branch()], timeout_s=1.0)
+        elapsed = time.monotonic() - started
+        assert result.outcome is Outcome.ABORTED
+        assert result.branches[1].vote is None and "DEADLINE_EXCEEDED" in result.branches[1].reason
+        assert 0.9 <= elapsed < 3.0  # the 1 s deadline, not the 5 s phase-2 wait
+        await eventually(lambda: a.state(result.txn_id) == "ABORTED", what="Abort at a")
+        assert a.reserved() == []
+    finally:
+        b.proc.resume()
+    # The late Prepare and the retried Abort both reach b: it must end holding nothing.
+    await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="Abort at the resumed branch")
+    assert b.reserved() == [] and [t for t, *_ in b.applied()] != [result.txn_id]
+
+
+async def test_branch_that_raises_aborts(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """A bug in one participant's prepare (an exception) is an ABORT, not a crash."""
+    a, b = start_kv("a"), start_kv("b")
+    result = await coordinator.run([a.branch(), b.branch(behave="raise")])
+    assert result.outcome is Outcome.ABORTED
+    assert result.branches[1].vote is None and "INTERNAL" in result.branches[1].reason
+    await eventually(lambda: a.state(result.txn_id) == "ABORTED", what="Abort at a")
+    assert b.proc.running
+
+
+async def test_early_abort_cancels_outstanding_prepares(
+    coordinator: Coordinator, start_kv: Callable[..., Kv]
+) -> None:
+    """The first ABORT vote decides at once: a stalled branch is cancelled, not waited for."""
+    a, b = start_kv("a"), start_kv("b")
+    b.proc.pause()
+    try:
+        started = time.monotonic()
+        result = await coordinator.run([a.branch(behave="abort"), b.branch()], timeout_s=30.0)
+        assert time.monotonic() - started < 15.0  # well before the 30 s deadline
+    finally:
+        b.proc.resume()
+    assert result.outcome is Outcome.ABORTED
+    assert result.branches[1].vote is None
+    assert "CANCELLED" in result.branches[1].reason or "cancelled" in result.branches[1].reason
+    await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="Abort at the stalled branch")
+    assert b.reserved() == []
+
+
+async def test_commit_and_abort_are_idempotent(start_kv: Callable[..., Kv]) -> None:
+    """Commit twice and Abort twice both succeed and apply once."""
+    kv = start_kv()
+    ch, p = stub(kv)
+    async with ch:
+        for txn in ("t-commit", "t-abort"):
+            reply = await p.Prepare(prepare_request(txn), timeout=5)
+            assert reply.vote == participant_pb2.VOTE_COMMIT
+        await p.Commit(participant_pb2.CommitRequest(txn_id="t-commit"), timeout=5)
+        await p.Commit(participant_pb2.CommitRequest(txn_id="t-commit"), timeout=5)
+        await p.Abort(participant_pb2.AbortRequest(txn_id="t-abort"), timeout=5)
+        await p.Abort(participant_pb2.AbortRequest(txn_id="t-abort"), timeout=5)
+        again = await p.Prepare(prepare_request("t-commit"), timeout=5)
+    assert again.vote == participant_pb2.VOTE_COMMIT
+    assert kv.applied() == [("t-commit", "k", 1)] and kv.reserved() == []
+    assert kv.state("t-abort") == "ABORTED"
+
+
+async def test_repeated_prepare_does_the_work_once(start_kv: Callable[..., Kv]) -> None:
+    """A Prepare repeated for a prepared txn returns the same vote and reserves once."""
+    kv = start_kv()
+    ch, p = stub(kv)
+    async with ch:
+        first = await p.Prepare(prepare_request("t1", amount=7), timeout=5)
+        second = await p.Prepare(prepare_request("t1", amount=7), timeout=5)
+    assert first.vote == second.vote == participant_pb2.VOTE_COMMIT
+    assert kv.reserved() == [("t1", "k", 7)]
+
+
+async def test_abort_of_unknown_txn_leaves_tombstone_refusing_late_prepare(start_kv: Callable[..., Kv]) -> None:
+    """Abort of an unknown txn succeeds; a Prepare for it arriving later is refused and
+    reserves nothing (a message delayed on the network)."""
+    kv = start_kv()
+    ch, p = stub(kv)
+    async with ch:
+        await p.Abort(participant_pb2.AbortRequest(txn_id="late"), timeout=5)
+        reply = await p.Prepare(prepare_request("late"), timeout=5)
+    assert reply.vote == participant_pb2.VOTE_ABORT and "aborted" in reply.reason
+    assert kv.reserved() == [] and kv.state("late") == "ABORTED"
+
+
+async def test_commit_after_abort_is_failed_precondition(start_kv: Callable[..., Kv]) -> None:
+    """Commit of an aborted txn, or of one never prepared, is FAILED_PRECONDITION and
+    changes nothing."""
+    kv = start_kv()
+    ch, p = stub(kv)
+    async with ch:
+        await p.Prepare(prepare_request("t1"), timeout=5)
+        await p.Abort(participant_pb2.AbortRequest(txn_id="t1"), timeout=5)
+        for txn in ("t1", "never"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await p.Commit(participant_pb2.CommitRequest(txn_id=txn), timeout=5)
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert kv.applied() == [] and kv.reserved() == []
+    assert kv.state("t1") == "ABORTED" and kv.state("never") is None
+
+
+async def test_bad_requests_get_invalid_argument_and_change_nothing(start_kv: Callable[..., Kv]) -> None:
+    """Missing txn id, missing or unknown operation type, malformed operation:
+    INVALID_ARGUMENT, nothing recorded."""
+    kv = start_kv()
+    unknown = any_pb2.Any()
+    unknown.Pack(wrappers_pb2.StringValue(value="x"))
+    bad = [
+        prepare_request(""),
+        participant_pb2.PrepareRequest(txn_id="t1"),
+        participant_pb2.PrepareRequest(txn_id="t2", operation=unknown),
+        prepare_request("t3", behave="invalid"),
+    ]
+    ch, p = stub(kv)
+    async with ch:
+        for request in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await p.Prepare(request, timeout=5)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT, request
+        for call in (p.Commit(participant_pb2.CommitRequest()), p.Abort(participant_pb2.AbortRequest())):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert kv.reserved() == [] and kv.state("t1") is kv.state("t2") is kv.state("t3") is None
+
+
+async def test_prepare_past_its_deadline_reserves_nothing(start_kv: Callable[..., Kv]) -> None:
+    """A Prepare that reaches the participant after its deadline reserves nothing."""
+    kv = start_kv()
+    ch, p = stub(kv)
+    async with ch:
+        await p.Prepare(prepare_request("warm-up", behave="read_only"), timeout=5)  # connect first
+        kv.proc.pause()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await p.Prepare(prepare_request("t-late"), timeout=0.3)
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(0.3)
+        kv.proc.resume()
+        # Any later request is served after the late one: by then it was handled.
+        await p.Prepare(prepare_request("after", behave="read_only"), timeout=5)
+    assert kv.reserved() == [] and kv.state("t-late") is None
+
+
+async def test_one_phase_commit_writes_no_decision(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """One branch: one-phase commit, committed by one message, no decision log write."""
+    kv = start_kv()
+    before, sent = coordinator.log_syncs, coordinator.messages_sent
+    result = await coordinator.run([kv.branch(amount=9)])
+    assert result.outcome is Outcome.COMMITTED
+    assert coordinator.log_syncs == before and coordinator.messages_sent == sent + 1
+    assert kv.applied() == [(result.txn_id, "k", 9)] and kv.state(result.txn_id) == "COMMITTED"
+    refused = await coordinator.run([kv.branch(behave="abort")])
+    assert refused.outcome is Outcome.ABORTED and refused.reason.endswith("told to abort")
+
+
+async def test_read_only_branch_leaves_phase_two(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """A READ_ONLY branch gets no phase-2 message; all read-only means nothing is logged."""
+    a, b = start_kv("a"), start_kv("b")
+    sent = coordinator.messages_sent
+    result = await coordinator.run([a.branch(), b.branch(behave="read_only")])
+    assert result.outcome is Outcome.COMMITTED and result.completed
+    assert coordinator.messages_sent - sent == 3  # two Prepares, one Commit
+    assert a.state(result.txn_id) == "COMMITTED" and b.state(result.txn_id) is None
+    syncs = coordinator.log_syncs
+    all_read = await coordinator.run([a.branch(behave="read_only"), b.branch(behave="read_only")])
+    assert all_read.outcome is Outcome.COMMITTED and coordinator.log_syncs == syncs
+
+
+async def test_failed_decision_fsync_sends_no_commit(
+    tmp_path: Path, start_kv: Callable[..., Kv], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision write whose fsync fails (EIO) sends no Commit and no Abort: the
+    participants stay prepared, GetOutcome says PENDING, the coordinator refuses work."""
+    a, b = start_kv("a"), start_kv("b")
+
+    def eio(self: SqliteStore, conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")  # what SQLite raises on EIO
+
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST) as c:
+        monkeypatch.setattr(SqliteStore, "_commit", eio)
+        with pytest.raises(CoordinatorFailedError):
+            await c.run([a.branch(), b.branch()], txn_id="t-eio")
+        await asyncio.sleep(0.5)  # time for a wrongly sent Commit or Abort to land
+        assert a.state("t-eio") == b.state("t-eio") == "PREPARED"
+        assert a.applied() == [] and b.applied() == []
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            reply = await coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome(
+                coordinator_pb2.GetOutcomeRequest(txn_id="t-eio"), timeout=5
+            )
+        assert reply.outcome == coordinator_pb2.OUTCOME_PENDING
+        with pytest.raises(CoordinatorFailedError):
+            await c.run([a.branch(), b.branch()])
+
+
+async def test_get_outcome_answers_per_rule_5(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """GetOutcome: PENDING during phase 1, ABORTED for unknown txns, INVALID_ARGUMENT
+    without an id."""
+    a, b = start_kv("a"), start_kv("b")
+    b.proc.pause()
+    async with grpc.aio.insecure_channel(coordinator.address) as ch:
+        get = coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome
+        run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-pending", timeout_s=2.0))
+        await eventually(lambda: a.state("t-pending") == "PREPARED", what="a prepared")
+        pending = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
+        assert pending.outcome == coordinator_pb2.OUTCOME_PENDING
+        try:
+            assert (await run).outcome is Outcome.ABORTED  # b stays stopped past the deadline
+        finally:
+            b.proc.resume()
+        after = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
+        assert after.outcome == coordinator_pb2.OUTCOME_ABORTED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get(coordinator_pb2.GetOutcomeRequest(), timeout=5)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_run_rejects_misuse(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
+    """No branches, or two branches for one target, is a ValueError before any message."""
+    kv = start_kv()
+    with pytest.raises(ValueError):
+        await coordinator.run([])
+    with pytest.raises(ValueError):
+        await coordinator.run([kv.branch(), kv.branch()])
+    assert coordinator.messages_sent == 0
