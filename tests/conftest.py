@@ -79,9 +79,7 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
 
     def start(name: str = "kv", env: dict[str, str] | None = None) -> Kv:
         db = tmp_path / f"{name}-{len(started)}.db"
-        proc = ServiceProcess(
-            "tests.apps.kv", ["--db", str(db)], log_path=tmp_path / f"{db.stem}.log", env=env
-        ).start()
+        proc = ServiceProcess("tests.apps.kv", ["--db", str(db)], log_path=tmp_path / f"{db.stem}.log", env=env).start()
         started.append(proc)
         return Kv(proc, db)
 
@@ -92,7 +90,5 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
 
 @pytest.fixture
 async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
-    async with Coordinator(
-        tmp_path / "decisions.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST
-    ) as c:
+    async with Coordinator(tmp_path / "decisions.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST) as c:
         yield c

@@ -18,7 +18,7 @@ from twopc.store import SqliteStore
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 
-def stub(kv: Kv) -> tuple[grpc.aio.Channel, participant_pb2_grpc.ParticipantStub]:
+def stub(kv: Kv) -> tuple[grpc.aio.Channel, participant_pb2_grpc.ParticipantAsyncStub]:
     ch = grpc.aio.insecure_channel(kv.target)
     return ch, participant_pb2_grpc.ParticipantStub(ch)
 
@@ -84,9 +84,7 @@ async def test_branch_that_raises_aborts(coordinator: Coordinator, start_kv: Cal
     assert b.proc.running
 
 
-async def test_early_abort_cancels_outstanding_prepares(
-    coordinator: Coordinator, start_kv: Callable[..., Kv]
-) -> None:
+async def test_early_abort_cancels_outstanding_prepares(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
     """The first ABORT vote decides at once: a stalled branch is cancelled, not waited for."""
     a, b = start_kv("a"), start_kv("b")
     b.proc.pause()
@@ -278,8 +276,8 @@ async def test_get_outcome_answers_per_rule_5(coordinator: Coordinator, start_kv
 async def test_run_rejects_misuse(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
     """No branches, or two branches for one target, is a ValueError before any message."""
     kv = start_kv()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one branch"):
         await coordinator.run([])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="same target"):
         await coordinator.run([kv.branch(), kv.branch()])
     assert coordinator.messages_sent == 0

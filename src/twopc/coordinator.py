@@ -48,7 +48,7 @@ _YES = (Vote.COMMIT, Vote.READ_ONLY)
 _CANCELLED = "cancelled: another branch decided abort"
 
 
-class _Refused(Exception):
+class _RefusedError(Exception):
     """A participant answered phase 2 with FAILED_PRECONDITION: retrying cannot help."""
 
 
@@ -82,22 +82,20 @@ class Coordinator:
         advertise: str | None = None,
         config: CoordinatorConfig | None = None,
     ) -> None:
-        self._log: DecisionLog = (
-            SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
-        )
+        self._log: DecisionLog = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
         self._credentials = credentials
         self._listen = listen
         self._advertise = advertise or ""
         self.config = config or CoordinatorConfig()
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, participant_pb2_grpc.ParticipantStub] = {}
+        self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
         self._server: grpc.aio.Server | None = None
         self._in_flight: set[str] = set()  # in phase 1 here: GetOutcome says PENDING
         self._committed: dict[str, tuple[str, ...]] = {}  # logged, no END yet
         self._uncertain: set[str] = set()  # decision write failed: only the disk knows
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed: BaseException | None = None
-        self._retry_on = retry_if_exception(lambda e: not isinstance(e, _Refused))
+        self._retry_on = retry_if_exception(lambda e: not isinstance(e, _RefusedError))
         self.messages_sent = 0
 
     # --- lifecycle ---------------------------------------------------------------
@@ -147,7 +145,7 @@ class Coordinator:
         if self._server is not None:
             await self._server.stop(grace=None)
         for ch in self._channels.values():
-            await ch.close()
+            await ch.close(None)
         self._channels.clear()
         self._stubs.clear()
         await self._log.close()
@@ -258,13 +256,10 @@ class Coordinator:
 
     # --- phase 1 -------------------------------------------------------------------
 
-    async def _phase1(
-        self, txn_id: str, branches: Sequence[Branch], timeout: float, log: Any
-    ) -> list[BranchResult]:
+    async def _phase1(self, txn_id: str, branches: Sequence[Branch], timeout: float, log: Any) -> list[BranchResult]:
         deadline = asyncio.get_running_loop().time() + timeout
         tasks = {
-            asyncio.create_task(self._prepare(txn_id, b, deadline, one_phase=False)): i
-            for i, b in enumerate(branches)
+            asyncio.create_task(self._prepare(txn_id, b, deadline, one_phase=False)): i for i, b in enumerate(branches)
         }
         votes: list[BranchResult | None] = [None] * len(branches)
         pending = set(tasks)
@@ -281,10 +276,7 @@ class Coordinator:
             await asyncio.gather(*pending, return_exceptions=True)
         if pending:
             log.info("prepare_cancelled", branches=[branches[tasks[t]].label for t in pending])
-        return [
-            v or BranchResult(b.label, b.target, None, _CANCELLED)
-            for v, b in zip(votes, branches, strict=True)
-        ]
+        return [v or BranchResult(b.label, b.target, None, _CANCELLED) for v, b in zip(votes, branches, strict=True)]
 
     async def _prepare(self, txn_id: str, branch: Branch, deadline: float, *, one_phase: bool) -> BranchResult:
         operation = any_pb2.Any()
@@ -328,7 +320,7 @@ class Coordinator:
             try:
                 await self._deliver(txn_id, branch.target, "Abort", stop_after_delay(self.config.abort_retry_s))
                 outcome = Outcome.ABORTED
-            except _Refused:
+            except _RefusedError:
                 outcome = Outcome.COMMITTED
             except grpc.aio.AioRpcError as e:
                 raise OutcomeUnknownError(txn_id, f"{vote.reason}; then {rpc.describe(e)}") from e
@@ -369,21 +361,28 @@ class Coordinator:
         """One phase-2 message, retried with exponential backoff and jitter.
 
         Raises:
-            _Refused: the participant answered FAILED_PRECONDITION.
+            _RefusedError: the participant answered FAILED_PRECONDITION.
             grpc.aio.AioRpcError: the last failure, once `stop` gives up.
         """
         log = _log.bind(txn_id=txn_id, branch=target)
         stub = self._stub(target)
-        call: Callable[..., Awaitable[Any]]
+        timeout = self.config.rpc_timeout_s
+        send: Callable[[], Awaitable[object]]
         if method == "Commit":
-            call, request = stub.Commit, participant_pb2.CommitRequest(txn_id=txn_id)
+            commit = participant_pb2.CommitRequest(txn_id=txn_id)
+            send = lambda: stub.Commit(commit, timeout=timeout)  # noqa: E731
         else:
-            call, request = stub.Abort, participant_pb2.AbortRequest(txn_id=txn_id)
+            abort = participant_pb2.AbortRequest(txn_id=txn_id)
+            send = lambda: stub.Abort(abort, timeout=timeout)  # noqa: E731
 
         def before_sleep(state: Any) -> None:
             error = state.outcome.exception() if state.outcome else None
-            log.info("phase2_retry", method=method, attempt=state.attempt_number,
-                     error=rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error))
+            log.info(
+                "phase2_retry",
+                method=method,
+                attempt=state.attempt_number,
+                error=rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error),
+            )
 
         async for attempt in AsyncRetrying(
             # Full jitter: concurrent retries to one recovering participant spread out.
@@ -396,14 +395,14 @@ class Coordinator:
             with attempt:
                 self.messages_sent += 1
                 try:
-                    await call(request, timeout=self.config.rpc_timeout_s)
+                    await send()
                 except grpc.aio.AioRpcError as e:
                     if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
                         # A refused Commit is a protocol violation; a refused Abort
                         # is how a one-phase participant says it already committed.
                         report = log.error if method == "Commit" else log.info
                         report("phase2_refused", method=method, error=rpc.describe(e))
-                        raise _Refused(rpc.describe(e)) from e
+                        raise _RefusedError(rpc.describe(e)) from e
                     raise
         log.debug("acknowledged", method=method)
         if method == "Commit":
@@ -411,7 +410,7 @@ class Coordinator:
 
     # --- plumbing ------------------------------------------------------------------
 
-    def _stub(self, target: str) -> participant_pb2_grpc.ParticipantStub:
+    def _stub(self, target: str) -> participant_pb2_grpc.ParticipantAsyncStub:
         stub = self._stubs.get(target)
         if stub is None:
             self._channels[target] = rpc.channel(target, self._credentials)
@@ -424,7 +423,7 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def outcome(self, txn_id: str) -> int:
+    def outcome(self, txn_id: str) -> coordinator_pb2.Outcome.ValueType:
         """What GetOutcome answers for `txn_id` (DESIGN.md rule 5)."""
         if txn_id in self._committed:
             return coordinator_pb2.OUTCOME_COMMITTED

@@ -79,14 +79,10 @@ class SqliteDecisionLog:
 
     async def log_commit(self, txn_id: str, targets: Sequence[str]) -> None:
         blob = json.dumps(list(targets))
-        await self.store.write(
-            lambda c: c.execute("INSERT INTO decisions VALUES (?, ?)", (txn_id, blob))
-        )
+        await self.store.write(lambda c: c.execute("INSERT INTO decisions VALUES (?, ?)", (txn_id, blob)))
 
     async def log_end(self, txn_id: str) -> None:
-        await self.store.write(
-            lambda c: c.execute("DELETE FROM decisions WHERE txn_id = ?", (txn_id,)), durable=False
-        )
+        await self.store.write(lambda c: c.execute("DELETE FROM decisions WHERE txn_id = ?", (txn_id,)), durable=False)
 
     async def close(self) -> None:
         await self.store.close()

@@ -74,8 +74,11 @@ class ParticipantHandler(Protocol):
         schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`).
     """
 
-    operations: Sequence[type[Message]]
-    schema: str
+    @property
+    def operations(self) -> Sequence[type[Message]]: ...
+
+    @property
+    def schema(self) -> str: ...
 
     def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
         """Validates and reserves. Returns COMMIT (reserved) or READ_ONLY.
@@ -97,7 +100,7 @@ class ParticipantHandler(Protocol):
         ...
 
 
-class _Refused(Exception):
+class _RefusedError(Exception):
     """A Commit or Abort that the transaction's state forbids."""
 
 
@@ -147,7 +150,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             self._resolver.cancel()
             await asyncio.gather(self._resolver, return_exceptions=True)
         for ch in self._channels.values():
-            await ch.close()
+            await ch.close(None)
         await self.store.close()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -214,7 +217,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
         try:
             await self.apply(txn_id, state)
-        except _Refused as e:
+        except _RefusedError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except DurabilityError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
@@ -265,11 +268,11 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     def _commit_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
         if row is None:
-            raise _Refused(f"cannot commit {txn_id}: never prepared here")
+            raise _RefusedError(f"cannot commit {txn_id}: never prepared here")
         if row[0] == COMMITTED:
             return False
         if row[0] == ABORTED:
-            raise _Refused(f"cannot commit {txn_id}: already aborted")
+            raise _RefusedError(f"cannot commit {txn_id}: already aborted")
         self.handler.commit(db, txn_id)
         db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (COMMITTED, time.time(), txn_id))
         return True
@@ -282,7 +285,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if row[0] == ABORTED:
             return False
         if row[0] == COMMITTED:
-            raise _Refused(f"cannot abort {txn_id}: already committed")
+            raise _RefusedError(f"cannot abort {txn_id}: already committed")
         self.handler.abort(db, txn_id)
         db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (ABORTED, time.time(), txn_id))
         return True
@@ -335,7 +338,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 await self._purge()
             except DurabilityError:
                 return  # the store has stopped; the process must restart
-            except Exception:
+            except Exception:  # noqa: BLE001 - the resolver must outlive one bad round
                 _log.exception("resolver_failed")
 
     async def _purge(self) -> None:

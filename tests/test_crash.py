@@ -1,0 +1,155 @@
+"""Crashes at the protocol's exact points: real processes, SIGKILL, restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import Kv, eventually, rows
+from twopc import Coordinator, Outcome
+from twopc.testing import ServiceProcess
+
+
+@pytest.fixture
+def coordinator_proc(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """A coordinator in its own process (tests/apps/coordinator.py), stopped at the end."""
+    procs: list[ServiceProcess] = []
+
+    def start(*kvs: Kv, crash_at: str = "") -> ServiceProcess:
+        run = ["--run", *(f"k{i}={kv.target}" for i, kv in enumerate(kvs))]
+        proc = ServiceProcess(
+            "tests.apps.coordinator",
+            ["--db", str(tmp_path / "decisions.db"), *run],
+            log_path=tmp_path / "coordinator.log",
+        )
+        procs.append(proc)
+        return proc.start(env={"TWOPC_CRASH_AT": crash_at} if crash_at else None)
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def recover(proc: ServiceProcess) -> None:
+    """Restarts a crashed coordinator without --run: it only recovers and serves."""
+    proc.args = proc.args[: proc.args.index("--run")]
+    proc.restart()
+
+
+def logged(tmp_path: Path) -> list[str]:
+    """The COMMIT records without END in the coordinator's decision log."""
+    return [t for (t,) in rows(tmp_path / "decisions.db", "SELECT txn_id FROM decisions")]
+
+
+def txn_of(kv: Kv) -> str:
+    (txn_id,) = {str(t) for t, *_ in kv.reserved()} | {str(t) for t, *_ in kv.applied()}
+    return txn_id
+
+
+async def test_coordinator_killed_after_logging_commit_finishes_on_restart(
+    tmp_path: Path, start_kv: Callable[..., Kv], coordinator_proc: Callable[..., ServiceProcess]
+) -> None:
+    """Coordinator SIGKILLed after the COMMIT is durable, before any Commit: both stay
+    prepared, and the restarted coordinator commits both from its log."""
+    a, b = start_kv("a"), start_kv("b")
+    proc = coordinator_proc(a, b, crash_at="coordinator.after_commit_logged")
+    assert proc.wait(20) == -9
+    txn = txn_of(a)
+    await asyncio.sleep(1.5)  # past in_doubt_after_s: they ask, nobody answers, they wait
+    assert a.state(txn) == b.state(txn) == "PREPARED" and a.applied() == b.applied() == []
+    assert logged(tmp_path) == [txn]
+    recover(proc)
+    await eventually(lambda: a.state(txn) == b.state(txn) == "COMMITTED", what="recovery commits both")
+    assert len(a.applied()) == len(b.applied()) == 1 and a.reserved() == b.reserved() == []
+
+
+async def test_coordinator_killed_after_first_commit_finishes_the_rest(
+    tmp_path: Path, start_kv: Callable[..., Kv], coordinator_proc: Callable[..., ServiceProcess]
+) -> None:
+    """Coordinator SIGKILLed once one participant acknowledged Commit: the restarted
+    coordinator commits the other (atomicity across the crash)."""
+    a, b = start_kv("a"), start_kv("b")
+    proc = coordinator_proc(a, b, crash_at="coordinator.after_first_commit")
+    assert proc.wait(20) == -9
+    txn = txn_of(a)
+    # Commits go out in parallel: the other may or may not have been reached. Either
+    # way the decision has no END, so recovery must deliver it again.
+    assert "COMMITTED" in (a.state(txn), b.state(txn))
+    assert logged(tmp_path) == [txn]
+    recover(proc)
+    await eventually(lambda: a.state(txn) == b.state(txn) == "COMMITTED", what="recovery commits the other")
+    await eventually(lambda: logged(tmp_path) == [], what="END after recovery")
+
+
+async def test_participant_in_doubt_learns_aborted_after_coordinator_restart(
+    start_kv: Callable[..., Kv], coordinator_proc: Callable[..., ServiceProcess]
+) -> None:
+    """Coordinator SIGKILLed after the votes, before deciding: the prepared participants
+    wait while it is down, then learn ABORTED from GetOutcome and release."""
+    a, b = start_kv("a"), start_kv("b")
+    proc = coordinator_proc(a, b, crash_at="coordinator.before_decision")
+    assert proc.wait(20) == -9
+    txn = txn_of(a)
+    await asyncio.sleep(1.5)  # past in_doubt_after_s, coordinator unreachable: keep holding
+    assert a.state(txn) == b.state(txn) == "PREPARED"
+    assert len(a.reserved()) == len(b.reserved()) == 1
+    recover(proc)
+    await eventually(lambda: a.state(txn) == b.state(txn) == "ABORTED", what="in-doubt resolution")
+    assert a.reserved() == b.reserved() == [] and a.applied() == b.applied() == []
+
+
+async def test_participant_killed_before_answering_resolves_to_abort(
+    start_kv: Callable[..., Kv], coordinator: Coordinator
+) -> None:
+    """Participant SIGKILLed with its prepare durable but its vote unsent: the
+    coordinator aborts; the restarted participant still holds the reservation until
+    GetOutcome tells it ABORTED."""
+    a = start_kv("a")
+    b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.after_prepare_durable"})
+    result = await coordinator.run([a.branch(), b.branch()])
+    assert result.outcome is Outcome.ABORTED and result.branches[1].vote is None
+    assert b.proc.wait(10) == -9
+    assert b.state(result.txn_id) == "PREPARED"
+    b.proc.env.pop("TWOPC_CRASH_AT")
+    b.proc.restart()
+    await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="in-doubt resolution at b")
+    assert b.reserved() == [] and b.applied() == []
+
+
+async def test_participant_killed_after_voting_yes_commits_after_restart(
+    start_kv: Callable[..., Kv], coordinator: Coordinator
+) -> None:
+    """Participant SIGKILLed after its COMMIT vote reached the coordinator: restarted, it
+    still holds the reservation, and commits when the coordinator's Commit arrives."""
+    a, b = start_kv("a"), start_kv("b")
+    assert (await coordinator.run([a.branch(), b.branch()])).committed  # connections are up
+    b.proc.pause()  # keeps phase 1 open while a is killed and restarted
+    with capture_logs() as events:
+        run = asyncio.create_task(coordinator.run([a.branch(amount=5), b.branch()], timeout_s=20.0))
+        try:
+            await eventually(
+                lambda: any(e["event"] == "voted" and e.get("branch") == a.db.stem for e in events),
+                what="a's vote at the coordinator",
+            )
+            a.proc.kill()
+            a.proc.restart()
+            txn = next(e["txn_id"] for e in events if e["event"] == "voted")
+            assert a.state(txn) == "PREPARED" and (txn, "k", 5) in a.reserved()
+        finally:
+            b.proc.resume()
+        result = await run
+    assert result.outcome is Outcome.COMMITTED
+    await eventually(lambda: a.state(txn) == "COMMITTED", what="Commit at the restarted participant")
+    assert (txn, "k", 5) in a.applied() and a.reserved() == []
+
+
+def test_crash_points_refuse_unknown_names(tmp_path: Path) -> None:
+    """A misspelt TWOPC_CRASH_AT fails loudly instead of silently never crashing."""
+    proc = ServiceProcess("tests.apps.kv", ["--db", str(tmp_path / "x.db")], log_path=tmp_path / "x.log")
+    with pytest.raises(RuntimeError, match="exited"):
+        proc.start(env={"TWOPC_CRASH_AT": "participant.after_prepare_durible"})
+    assert "unknown crash points" in (tmp_path / "x.log").read_text()
