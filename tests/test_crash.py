@@ -42,7 +42,7 @@ def recover(proc: ServiceProcess) -> None:
 
 def logged(tmp_path: Path) -> list[str]:
     """The COMMIT records without END in the coordinator's decision log."""
-    return [t for (t,) in rows(tmp_path / "decisions.db", "SELECT txn_id FROM decisions")]
+    return [t for (t,) in rows(tmp_path / "decisions.db", "SELECT txn_id FROM decisions WHERE ended_at IS NULL")]
 
 
 def txn_of(kv: Kv) -> str:

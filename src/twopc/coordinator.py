@@ -66,8 +66,10 @@ class Coordinator:
     Args:
         log: the decision log, or the path of its SQLite file.
         credentials: transport security for channels and the GetOutcome server.
-        listen: address to serve GetOutcome on ("host:port", port 0 for any).
-            Without it, participants left in doubt cannot ask for the outcome.
+        listen: address to serve GetOutcome on ("host:port", port 0 for any), on a
+            server of the coordinator's own. Or serve it on yours (`add_to_server`).
+            Either way, keep the address across restarts: participants in doubt
+            ask the address they were given in Prepare.
         advertise: the address participants should use to reach GetOutcome, when
             it differs from the listening one (a public name, a proxy).
         config: timeouts and retry policy.
@@ -116,7 +118,7 @@ class Coordinator:
             self._committed[record.txn_id] = record.targets
         if self._listen is not None:
             self._server = grpc.aio.server()
-            coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_OutcomeServicer(self), self._server)
+            self.add_to_server(self._server)
             port = rpc.add_port(self._server, self._listen, self._credentials)
             await self._server.start()
             if not self._advertise:
@@ -128,6 +130,12 @@ class Coordinator:
             self._spawn(self._finish_commit(record.txn_id, record.targets))
         _log.info("coordinator_started", address=self._advertise, recovering=len(pending))
         return self
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serves GetOutcome on the caller's own server (instead of `listen`); pass
+        that server's address as `advertise`. Call it after entering the context,
+        so the log is read before the first question is answered."""
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_OutcomeServicer(self), server)
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
