@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
 .PHONY: help install proto proto-check lint test demo check clean
@@ -22,9 +23,9 @@ proto: $(STAMP) ## regenerate Python code from protos/
 	PYTHON=$(PY) scripts/gen_protos.sh
 
 proto-check: proto ## fail if the checked-in generated code is stale
-	@git diff --exit-code --stat -- src/twopc/v1 services/wallet/v1 services/order/v1 \
+	@git diff --exit-code --stat -- $(GENERATED) \
 	  || { echo "generated code is stale: run 'make proto' and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- src/twopc/v1 services/wallet/v1 services/order/v1)" \
+	@test -z "$$(git status --porcelain -- $(GENERATED))" \
 	  || { echo "generated files are not committed: run 'make proto' and commit"; exit 1; }
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy --strict

@@ -6,15 +6,16 @@
 # Where the output goes: the proto file's path below its include root decides the
 # Python import path of the generated code, so
 #   protos/twopc/v1/*.proto           -> src/twopc/v1/        (import twopc.v1...)
-#   protos/{wallet,order}/v1/*.proto  -> services/*/v1/       (import services.wallet.v1...)
+#   protos/{wallet,order,shop}/v1/*.proto -> services/*/v1/   (import services.wallet.v1...)
 # The services' protos are mapped under the virtual include path "services" for that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export PATH="$(dirname "$PY"):$PATH"  # protoc finds the mypy-protobuf plugins here
 
-rm -rf src/twopc/v1 services/wallet/v1 services/order/v1
-mkdir -p src/twopc/v1 services/wallet/v1 services/order/v1
+OUT=(src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1)
+rm -rf "${OUT[@]}"
+mkdir -p "${OUT[@]}"
 
 gen() { # out_dir include_root files...
   local out=$1 inc=$2; shift 2
@@ -23,8 +24,8 @@ gen() { # out_dir include_root files...
     --mypy_out="$out" --mypy_grpc_out="$out" "$@"
 }
 gen src protos protos/twopc/v1/*.proto
-gen . services=protos $(cd protos && ls wallet/v1/*.proto order/v1/*.proto | sed "s|^|services/|")
+gen . services=protos $(cd protos && ls wallet/v1/*.proto order/v1/*.proto shop/v1/*.proto | sed "s|^|services/|")
 
-for d in src/twopc/v1 services/wallet/v1 services/order/v1; do
+for d in "${OUT[@]}"; do
   printf '"""Generated from protos/ by scripts/gen_protos.sh. DO NOT EDIT."""\n' > "$d/__init__.py"
 done

@@ -1,0 +1,1 @@
+"""The demo's services: wallet and order (participants) and shop (the coordinator)."""

@@ -8,6 +8,7 @@ check is a test of one module-level constant.
 
 The points (each named in the exhaustive model in tests/ too):
     participant.after_prepare_durable  prepared state is on disk, vote not yet sent
+    participant.before_commit          a Commit arrived (so the vote was counted), not applied
     coordinator.before_decision        all votes in, nothing logged
     coordinator.after_commit_logged    COMMIT is durable, no Commit sent yet
     coordinator.after_first_commit     one participant acknowledged Commit
@@ -21,6 +22,7 @@ import signal
 POINTS = frozenset(
     {
         "participant.after_prepare_durable",
+        "participant.before_commit",
         "coordinator.before_decision",
         "coordinator.after_commit_logged",
         "coordinator.after_first_commit",

@@ -203,6 +203,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     async def Commit(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.CommitResponse:
+        crash_point("participant.before_commit")
         await self._decide(request.txn_id, COMMITTED, context)
         return participant_pb2.CommitResponse()
 

@@ -111,17 +111,21 @@ class AddStockRequest(_message.Message):
 
     SKU_FIELD_NUMBER: _builtins.int
     QUANTITY_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     quantity: _builtins.int
+    unit_price: _builtins.int
+    """minor units; 0 keeps the current price"""
     def __init__(
         self,
         *,
         sku: _builtins.str = ...,
         quantity: _builtins.int = ...,
+        unit_price: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quantity", b"quantity", "sku", b"sku", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -154,6 +158,8 @@ class Stock(_message.Message):
     ON_HAND_FIELD_NUMBER: _builtins.int
     RESERVED_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNIT_PRICE_FIELD_NUMBER: _builtins.int
+    SOLD_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     on_hand: _builtins.int
     """units in the warehouse, including reserved ones"""
@@ -161,6 +167,10 @@ class Stock(_message.Message):
     """held by prepared orders"""
     available: _builtins.int
     """on_hand - reserved"""
+    unit_price: _builtins.int
+    """minor units"""
+    sold: _builtins.int
+    """units shipped by committed orders"""
     def __init__(
         self,
         *,
@@ -168,10 +178,12 @@ class Stock(_message.Message):
         on_hand: _builtins.int = ...,
         reserved: _builtins.int = ...,
         available: _builtins.int = ...,
+        unit_price: _builtins.int = ...,
+        sold: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "on_hand", b"on_hand", "reserved", b"reserved", "sku", b"sku"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "on_hand", b"on_hand", "reserved", b"reserved", "sku", b"sku", "sold", b"sold", "unit_price", b"unit_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -60,8 +60,9 @@ class OrdersServicer:
     """Missing associated documentation comment in .proto file."""
 
     def AddStock(self, request, context):
-        """Adds a product, or adds stock to an existing one. INVALID_ARGUMENT for an empty
-        sku or a quantity < 0.
+        """Adds a product, or adds stock to an existing one (and sets its price when
+        unit_price > 0). INVALID_ARGUMENT for an empty sku, a quantity < 0 or above the
+        maximum, a price < 0, or a new product without a price.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,8 +36,9 @@ class OrdersStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OrdersAsyncStub: ...
     AddStock: _grpc.UnaryUnaryMultiCallable[_order_pb2.AddStockRequest, _order_pb2.Stock]
-    """Adds a product, or adds stock to an existing one. INVALID_ARGUMENT for an empty
-    sku or a quantity < 0.
+    """Adds a product, or adds stock to an existing one (and sets its price when
+    unit_price > 0). INVALID_ARGUMENT for an empty sku, a quantity < 0 or above the
+    maximum, a price < 0, or a new product without a price.
     """
     GetStock: _grpc.UnaryUnaryMultiCallable[_order_pb2.GetStockRequest, _order_pb2.Stock]
     """NOT_FOUND for an unknown sku."""
@@ -50,8 +51,9 @@ class OrdersStub:
 class OrdersAsyncStub(OrdersStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AddStock: _aio.UnaryUnaryMultiCallable[_order_pb2.AddStockRequest, _order_pb2.Stock]  # type: ignore[assignment]
-    """Adds a product, or adds stock to an existing one. INVALID_ARGUMENT for an empty
-    sku or a quantity < 0.
+    """Adds a product, or adds stock to an existing one (and sets its price when
+    unit_price > 0). INVALID_ARGUMENT for an empty sku, a quantity < 0 or above the
+    maximum, a price < 0, or a new product without a price.
     """
     GetStock: _aio.UnaryUnaryMultiCallable[_order_pb2.GetStockRequest, _order_pb2.Stock]  # type: ignore[assignment]
     """NOT_FOUND for an unknown sku."""
@@ -67,8 +69,9 @@ class OrdersServicer(metaclass=_abc_1.ABCMeta):
         request: _order_pb2.AddStockRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.Stock, _abc.Awaitable[_order_pb2.Stock]]:
-        """Adds a product, or adds stock to an existing one. INVALID_ARGUMENT for an empty
-        sku or a quantity < 0.
+        """Adds a product, or adds stock to an existing one (and sets its price when
+        unit_price > 0). INVALID_ARGUMENT for an empty sku, a quantity < 0 or above the
+        maximum, a price < 0, or a new product without a price.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,142 @@
+"""The demo's three services as real processes, with clients for each.
+
+`Cluster` starts wallet, orders and shop as separate processes on free loopback
+ports, each with its own SQLite file and log file in one working directory, and
+gives the demo, the tests and chaos runs one place to buy, seed, look, crash and
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from services import invariants
+from services.order.v1 import order_pb2, order_pb2_grpc
+from services.shop.v1 import shop_pb2, shop_pb2_grpc
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from twopc.testing import ServiceProcess
+
+RPC_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Timing of the demo cluster: short, so failures resolve while you watch."""
+
+    prepare_timeout_s: float = 2.0
+    in_doubt_after_s: float = 1.0
+    resolve_interval_s: float = 0.3
+    log_level: str = "info"
+
+
+class Cluster:
+    """wallet + orders + shop, each its own process, in `workdir`."""
+
+    def __init__(self, workdir: Path, settings: Settings | None = None) -> None:
+        self.workdir = workdir
+        self.settings = s = settings or Settings()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.wallet_db, self.orders_db, self.shop_db = (workdir / f"{n}.db" for n in ("wallet", "orders", "shop"))
+        common = ["--log-level", s.log_level]
+        resolve = ["--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)]
+        self.wallet = ServiceProcess(
+            "services.wallet", ["--db", str(self.wallet_db), *common, *resolve], log_path=workdir / "wallet.log"
+        )
+        self.orders = ServiceProcess(
+            "services.order", ["--db", str(self.orders_db), *common, *resolve], log_path=workdir / "orders.log"
+        )
+        self.shop = ServiceProcess(
+            "services.shop",
+            ["--db", str(self.shop_db), *common, "--prepare-timeout-s", str(s.prepare_timeout_s)],
+            log_path=workdir / "shop.log",
+        )
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def __aenter__(self) -> Cluster:
+        try:
+            await asyncio.to_thread(self.wallet.start)
+            await asyncio.to_thread(self.orders.start)
+            self.shop.args += ["--wallet", self.wallet.address, "--orders", self.orders.address]
+            await asyncio.to_thread(self.shop.start)
+        except BaseException:
+            self.stop()
+            raise
+        self.wallet_api = wallet_pb2_grpc.WalletStub(self._channel(self.wallet.address))
+        self.orders_api = order_pb2_grpc.OrdersStub(self._channel(self.orders.address))
+        self.shop_api = shop_pb2_grpc.ShopStub(self._channel(self.shop.address))
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for ch in self._channels:
+            await ch.close(None)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stops every process (also stopped or crashed ones)."""
+        for proc in (self.shop, self.orders, self.wallet):
+            proc.stop()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = grpc.aio.insecure_channel(address)
+        self._channels.append(ch)
+        return ch
+
+    # --- seeding and looking -----------------------------------------------------
+
+    async def open_account(self, account: str, deposit: int) -> None:
+        await self.wallet_api.OpenAccount(wallet_pb2.OpenAccountRequest(account=account), timeout=RPC_TIMEOUT_S)
+        await self.wallet_api.Deposit(wallet_pb2.DepositRequest(account=account, amount=deposit), timeout=RPC_TIMEOUT_S)
+
+    async def add_stock(self, sku: str, quantity: int, unit_price: int) -> None:
+        request = order_pb2.AddStockRequest(sku=sku, quantity=quantity, unit_price=unit_price)
+        await self.orders_api.AddStock(request, timeout=RPC_TIMEOUT_S)
+
+    async def balance(self, account: str) -> wallet_pb2.Balance:
+        return await self.wallet_api.GetBalance(wallet_pb2.GetBalanceRequest(account=account), timeout=RPC_TIMEOUT_S)
+
+    async def stock(self, sku: str) -> order_pb2.Stock:
+        return await self.orders_api.GetStock(order_pb2.GetStockRequest(sku=sku), timeout=RPC_TIMEOUT_S)
+
+    async def order_state(self, order_id: str) -> str:
+        """ "pending", "confirmed", "cancelled" or "absent"."""
+        try:
+            order = await self.orders_api.GetOrder(order_pb2.GetOrderRequest(order_id=order_id), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.NOT_FOUND:
+                return "absent"
+            raise
+        return order_pb2.OrderState.Name(order.state).removeprefix("ORDER_STATE_").lower()
+
+    async def purchase(
+        self, order_id: str, account: str, items: Mapping[str, int], *, timeout_s: float = 0.0
+    ) -> shop_pb2.PurchaseResponse:
+        """Buys `items` ({sku: quantity}) through the shop; raises the RPC error if the
+        shop gives no answer (e.g. it crashed)."""
+        request = shop_pb2.PurchaseRequest(
+            order_id=order_id,
+            account=account,
+            items=[order_pb2.Item(sku=s, quantity=q) for s, q in items.items()],
+            timeout_s=timeout_s,
+        )
+        return await self.shop_api.Purchase(request, timeout=RPC_TIMEOUT_S + timeout_s + 10.0)
+
+    def check(self, *, quiescent: bool = True) -> invariants.Report:
+        """The invariants of DESIGN.md over both services' stores and the shop's log."""
+        return invariants.check(self.wallet_db, self.orders_db, self.shop_db, quiescent=quiescent)
+
+    async def settled(self, timeout_s: float = 20.0) -> invariants.Report:
+        """Waits (bounded) until nothing is in doubt, then returns the full check."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            report = self.check()
+            if report.ok or asyncio.get_running_loop().time() > deadline:
+                return report
+            await asyncio.sleep(0.1)

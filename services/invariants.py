@@ -1,0 +1,123 @@
+"""The invariants of DESIGN.md, checked from the services' own stores and the log.
+
+It reads the SQLite files directly, read-only, as an auditor would (WAL lets it read
+while the services run): the wallet's accounts, holds and ledger, the order service's
+products and orders, both participants' twopc transaction tables, and the shop's
+decision log. Every purchase is one transaction with a wallet branch and an order
+branch, so atomicity is: a transaction debited the wallet exactly when its order was
+confirmed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@contextmanager
+def _read(path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")  # one consistent snapshot of the file
+        yield conn
+    finally:
+        conn.close()
+
+
+@dataclass
+class Report:
+    """What the check found: totals for people, and every violation."""
+
+    deposited: int = 0
+    balances: int = 0
+    spent: int = 0
+    held: int = 0
+    received: int = 0
+    on_hand: int = 0
+    sold: int = 0
+    committed: int = 0
+    in_doubt: int = 0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = True) -> Report:
+    """Checks every invariant; `quiescent` adds "nothing left in doubt" (use it once
+    every process is back and recovery had its time)."""
+    r = Report()
+    bad = r.violations.append
+    with _read(wallet_db) as w, _read(orders_db) as o, _read(log_db) as log:
+        # Conservation and no negatives: money.
+        r.deposited = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'deposit'")
+        r.spent = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'debit'")
+        r.balances = _one(w, "SELECT coalesce(sum(balance), 0) FROM accounts")
+        r.held = _one(w, "SELECT coalesce(sum(amount), 0) FROM holds")
+        if r.deposited != r.balances + r.spent:
+            bad(f"money not conserved: deposited {r.deposited} != balances {r.balances} + spent {r.spent}")
+        for account, balance, held in w.execute(
+            "SELECT a.account, a.balance, coalesce(sum(h.amount), 0) FROM accounts a"
+            " LEFT JOIN holds h ON h.account = a.account GROUP BY a.account"
+        ):
+            if balance < 0 or balance - held < 0:
+                bad(f"negative money at {account}: balance {balance}, held {held}")
+        # Conservation and no negatives: stock.
+        r.received = _one(o, "SELECT coalesce(sum(received), 0) FROM products")
+        r.on_hand = _one(o, "SELECT coalesce(sum(on_hand), 0) FROM products")
+        r.sold = _one(o, "SELECT coalesce(sum(sold), 0) FROM products")
+        for sku, on_hand, reserved, received, sold in o.execute(
+            "SELECT sku, on_hand, reserved, received, sold FROM products"
+        ):
+            if received != on_hand + sold:
+                bad(f"stock of {sku} not conserved: received {received} != on hand {on_hand} + sold {sold}")
+            if on_hand < 0 or reserved < 0 or reserved > on_hand:
+                bad(f"negative stock of {sku}: on hand {on_hand}, reserved {reserved}")
+        # Atomicity: a debit exactly for each confirmed order.
+        debited = {t for (t,) in w.execute("SELECT txn_id FROM ledger WHERE kind = 'debit'")}
+        confirmed = {t for (t,) in o.execute("SELECT txn_id FROM orders WHERE state = 'CONFIRMED'")}
+        r.committed = len(debited & confirmed)
+        for t in sorted(debited - confirmed):
+            bad(f"txn {t}: wallet debited, order {_order_state(o, t)}")
+        for t in sorted(confirmed - debited):
+            bad(f"txn {t}: order confirmed, wallet {_txn_state(w, t)}")
+        # Agreement with the log: a participant committed only what the shop logged.
+        logged = {t for (t,) in log.execute("SELECT txn_id FROM decisions")}
+        for name, db in (("wallet", w), ("orders", o)):
+            for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'"):
+                if t not in logged:
+                    bad(f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
+        # Liveness after healing: nothing in doubt, no reservation left behind.
+        prepared = {t for db in (w, o) for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'PREPARED'")}
+        r.in_doubt = len(prepared)
+        if quiescent:
+            for t in sorted(prepared):
+                bad(f"txn {t} still in doubt (PREPARED) after recovery")
+            if r.held:
+                bad(f"{r.held} still held in the wallet after recovery")
+            pending = _one(o, "SELECT count(*) FROM orders WHERE state = 'PENDING'")
+            if pending:
+                bad(f"{pending} orders still PENDING after recovery")
+            open_commits = _one(log, "SELECT count(*) FROM decisions WHERE ended_at IS NULL")
+            if open_commits:
+                bad(f"{open_commits} logged commits not yet acknowledged by every participant")
+    return r
+
+
+def _one(db: sqlite3.Connection, sql: str) -> int:
+    (value,) = db.execute(sql).fetchone()
+    return int(value)
+
+
+def _order_state(o: sqlite3.Connection, txn_id: str) -> str:
+    row = o.execute("SELECT state FROM orders WHERE txn_id = ?", (txn_id,)).fetchone()
+    return row[0].lower() if row else "absent"
+
+
+def _txn_state(w: sqlite3.Connection, txn_id: str) -> str:
+    row = w.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    return f"{row[0].lower()}, not debited" if row else "not debited"
