@@ -50,7 +50,8 @@ async def main(workdir: Path) -> int:
         for n, scenario in enumerate(scenarios.SCENARIOS, 1):
             show(n, await scenario(c))
         report = await c.settled()
-    print(f"\n{'── Invariants (DESIGN.md), from the services' own files ':─<{WIDTH}}")
+    heading = "── Invariants (DESIGN.md), read from each service's own files "
+    print(f"\n{heading:─<{WIDTH}}")
     print(f"  money: deposited {report.deposited} = balances {report.balances} + spent {report.spent} (cents)")
     print(f"  stock: received {report.received} = on hand {report.on_hand} + sold {report.sold}")
     print(f"  {report.committed} purchases committed at both services; {report.in_doubt} transactions in doubt")
