@@ -123,7 +123,8 @@ async def happy_path(c: Cluster) -> Step:
 async def insufficient_funds(c: Cluster) -> Step:
     step = Step(
         "Insufficient funds",
-        "The wallet voted ABORT, so nothing happened anywhere: the order service released its reservation.",
+        "The wallet voted ABORT, so the shop decided ABORT at once: the order service released whatever it had "
+        "reserved, and no money moved.",
         "bob (3.00 in his wallet) buys a gadget at 12.00",
         await snapshot(c, ["bob"], ["gadget"], []),
     )

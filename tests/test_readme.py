@@ -1,0 +1,64 @@
+"""The README's coordinator example runs exactly as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.order.v1 import order_pb2, order_pb2_grpc
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from twopc.testing import ServiceProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Using the coordinator in your service", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "the README lost its coordinator example"
+    return match.group(1)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    wallet = ServiceProcess("services.wallet", ["--db", str(tmp_path / "w.db")], log_path=tmp_path / "w.log")
+    orders = ServiceProcess("services.order", ["--db", str(tmp_path / "o.db")], log_path=tmp_path / "o.log")
+    yield wallet.start(), orders.start()
+    wallet.stop()
+    orders.stop()
+
+
+async def test_readme_example_runs_as_written(tmp_path: Path, services: tuple[ServiceProcess, ServiceProcess]) -> None:
+    """The example commits a purchase, and a second run of it aborts with the reason."""
+    wallet, orders = services
+    async with grpc.aio.insecure_channel(wallet.address) as w, grpc.aio.insecure_channel(orders.address) as o:
+        await wallet_pb2_grpc.WalletStub(w).OpenAccount(wallet_pb2.OpenAccountRequest(account="alice"), timeout=5)
+        await wallet_pb2_grpc.WalletStub(w).Deposit(
+            wallet_pb2.DepositRequest(account="alice", amount=10_000), timeout=5
+        )
+        await order_pb2_grpc.OrdersStub(o).AddStock(
+            order_pb2.AddStockRequest(sku="widget", quantity=5, unit_price=1_500), timeout=5
+        )
+    script = tmp_path / "example.py"
+    script.write_text(readme_example())
+    env = {**os.environ, "WALLET": wallet.address, "ORDERS": orders.address, "OUTCOME": "127.0.0.1:0"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+
+    def run() -> str:
+        done = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run() == "committed"
+    again = run()  # the same order id again: the order service refuses a second order
+    assert again.startswith("aborted ") and again.endswith("order 'o-42' is already confirmed"), again
