@@ -9,7 +9,7 @@ restart.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,26 +35,55 @@ class Settings:
     log_level: str = "info"
 
 
-class Cluster:
-    """wallet + orders + shop, each its own process, in `workdir`."""
+@dataclass(frozen=True)
+class Host:
+    """Where a service runs: its address, and a command prefix that puts it there
+    (e.g. `ip netns exec NS` for a network namespace of its own)."""
 
-    def __init__(self, workdir: Path, settings: Settings | None = None) -> None:
+    address: str = "127.0.0.1"
+    wrapper: tuple[str, ...] = ()
+
+
+class Cluster:
+    """wallet + orders + shop, each its own process, in `workdir`.
+
+    Args:
+        workdir: where the SQLite files and log files go.
+        settings: timing.
+        hosts: per service name ("wallet", "orders", "shop"), where it runs.
+        shop_args: extra flags for the shop (e.g. `--net-faults`).
+        wallet_module: the wallet's module (tests swap in a deliberately broken one).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        settings: Settings | None = None,
+        *,
+        hosts: Mapping[str, Host] | None = None,
+        shop_args: Sequence[str] = (),
+        wallet_module: str = "services.wallet",
+    ) -> None:
         self.workdir = workdir
         self.settings = s = settings or Settings()
         workdir.mkdir(parents=True, exist_ok=True)
         self.wallet_db, self.orders_db, self.shop_db = (workdir / f"{n}.db" for n in ("wallet", "orders", "shop"))
         common = ["--log-level", s.log_level]
         resolve = ["--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)]
-        self.wallet = ServiceProcess(
-            "services.wallet", ["--db", str(self.wallet_db), *common, *resolve], log_path=workdir / "wallet.log"
-        )
-        self.orders = ServiceProcess(
-            "services.order", ["--db", str(self.orders_db), *common, *resolve], log_path=workdir / "orders.log"
-        )
-        self.shop = ServiceProcess(
+        hosts = hosts or {}
+
+        def process(name: str, module: str, args: list[str]) -> ServiceProcess:
+            host = hosts.get(name, Host())
+            return ServiceProcess(
+                module, args, log_path=workdir / f"{name}.log", host=host.address, wrapper=host.wrapper
+            )
+
+        self.wallet = process("wallet", wallet_module, ["--db", str(self.wallet_db), *common, *resolve])
+        self.orders = process("orders", "services.order", ["--db", str(self.orders_db), *common, *resolve])
+        self.shop = process(
+            "shop",
             "services.shop",
-            ["--db", str(self.shop_db), *common, "--prepare-timeout-s", str(s.prepare_timeout_s)],
-            log_path=workdir / "shop.log",
+            ["--db", str(self.shop_db), *common, "--prepare-timeout-s", str(s.prepare_timeout_s), *shop_args],
         )
         self._channels: list[grpc.aio.Channel] = []
 

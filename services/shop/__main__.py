@@ -12,6 +12,7 @@ from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, TransactionResult, logs, rpc
+from twopc.testing import FaultInjector, NetFaults
 
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
 
@@ -64,8 +65,11 @@ async def serve(args: Any) -> None:
     port = rpc.add_port(server, f"{args.host}:{args.port}", credentials)
     address = f"{args.host}:{port}"
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
+    interceptors = [FaultInjector(NetFaults.parse(args.net_faults))] if args.net_faults else []
     async with (
-        Coordinator(args.db, credentials=credentials, advertise=address, config=config) as coordinator,
+        Coordinator(
+            args.db, credentials=credentials, advertise=address, config=config, interceptors=interceptors
+        ) as coordinator,
         rpc.channel(args.orders, credentials) as orders_channel,
     ):
         coordinator.add_to_server(server)
@@ -84,6 +88,12 @@ def main() -> None:
     p.add_argument("--prepare-timeout-s", type=float, default=2.0, help="phase-1 deadline (default %(default)s)")
     p.add_argument(
         "--phase2-wait-s", type=float, default=5.0, help="wait this long for Commit acks (default %(default)s)"
+    )
+    p.add_argument(
+        "--net-faults",
+        default="",
+        metavar="SPEC",
+        help="testing only: lose/delay/duplicate messages to participants, e.g. lose_reply=0.05,delay=0.1,seed=7",
     )
     args = p.parse_args()
     logs.configure(args.log_format, level=args.log_level)

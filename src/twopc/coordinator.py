@@ -73,6 +73,8 @@ class Coordinator:
         advertise: the address participants should use to reach GetOutcome, when
             it differs from the listening one (a public name, a proxy).
         config: timeouts and retry policy.
+        interceptors: client interceptors for the channels to participants
+            (tracing, auth, or fault injection in tests).
     """
 
     def __init__(
@@ -83,9 +85,11 @@ class Coordinator:
         listen: str | None = None,
         advertise: str | None = None,
         config: CoordinatorConfig | None = None,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self._log: DecisionLog = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
         self._credentials = credentials
+        self._interceptors = tuple(interceptors)
         self._listen = listen
         self._advertise = advertise or ""
         self.config = config or CoordinatorConfig()
@@ -421,7 +425,7 @@ class Coordinator:
     def _stub(self, target: str) -> participant_pb2_grpc.ParticipantAsyncStub:
         stub = self._stubs.get(target)
         if stub is None:
-            self._channels[target] = rpc.channel(target, self._credentials)
+            self._channels[target] = rpc.channel(target, self._credentials, self._interceptors)
             stub = self._stubs[target] = participant_pb2_grpc.ParticipantStub(self._channels[target])
         return stub
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -24,11 +26,13 @@ _CHANNEL_OPTIONS = (
 )
 
 
-def channel(target: str, credentials: Credentials) -> grpc.aio.Channel:
-    """A channel to `target` with the given transport security."""
+def channel(
+    target: str, credentials: Credentials, interceptors: Sequence[Any] = ()
+) -> grpc.aio.Channel:
+    """A channel to `target` with the given transport security and interceptors."""
     if credentials.channel is None:
-        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, credentials.channel, options=_CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials.channel, options=_CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:

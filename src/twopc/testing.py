@@ -1,20 +1,32 @@
-"""Helpers for tests, the demo, chaos runs and benchmarks: real processes.
+"""Helpers for tests, the demo, chaos runs and benchmarks: real processes, real faults.
 
 `ServiceProcess` runs a service as a real child process (the way it runs in
 production), waits for it to announce its port, and lets a test crash it (SIGKILL),
 stall it (SIGSTOP/SIGCONT) and restart it on the same port with the same files.
+
+`FaultInjector` is a gRPC client interceptor that loses, delays and duplicates
+messages at chosen probabilities, for chaos runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import random
 import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
 
 
 class ServiceProcess:
@@ -30,6 +42,9 @@ class ServiceProcess:
         log_path: file that collects the process's logs (appended across restarts).
         env: extra environment, e.g. {"TWOPC_CRASH_AT": "..."}.
         port: the port to bind; 0 picks one, kept for restarts.
+        host: the address to bind and to reach it at.
+        wrapper: a command prefix, e.g. ["ip", "netns", "exec", "ns1"] to run the
+            service as its own host in a network namespace.
     """
 
     def __init__(
@@ -41,6 +56,7 @@ class ServiceProcess:
         env: Mapping[str, str] | None = None,
         port: int = 0,
         host: str = "127.0.0.1",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.module = module
         self.args = list(args)
@@ -48,6 +64,7 @@ class ServiceProcess:
         self.env = dict(env or {})
         self.host = host
         self.port = port
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -58,7 +75,17 @@ class ServiceProcess:
         """Starts the process and waits until it serves. `env` adds to the
         environment for this start only (e.g. to arm a crash point)."""
         full_env = {**os.environ, **self.env, **(env or {})}
-        argv = [sys.executable, "-m", self.module, *self.args, "--host", self.host, "--port", str(self.port)]
+        argv = [
+            *self.wrapper,
+            sys.executable,
+            "-m",
+            self.module,
+            *self.args,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=full_env)
         assert self.proc.stdout is not None
@@ -125,3 +152,95 @@ class ServiceProcess:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.start(env=env)
+
+
+@dataclass(frozen=True)
+class NetFaults:
+    """What a `FaultInjector` does to each unary call, as probabilities.
+
+    Attributes:
+        lose_request: the request never arrives (the caller sees UNAVAILABLE).
+        lose_reply: the request is served but the reply is lost (UNAVAILABLE).
+        delay: the request is held back up to `delay_max_s` first.
+        duplicate: a second copy is delivered later (up to `delay_max_s`).
+        delay_max_s: the longest delay.
+        seed: for the random choices.
+    """
+
+    lose_request: float = 0.0
+    lose_reply: float = 0.0
+    delay: float = 0.0
+    duplicate: float = 0.0
+    delay_max_s: float = 0.5
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, spec: str) -> NetFaults:
+        """Reads "lose_request=0.05,delay=0.1,seed=7" (unnamed fields keep defaults)."""
+        names = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for part in filter(None, spec.split(",")):
+            name, _, value = part.partition("=")
+            if name not in names:
+                raise ValueError(f"unknown fault {name!r}; known: {sorted(names)}")
+            values[name] = int(value) if name == "seed" else float(value)
+        return cls(**values)
+
+
+class FaultInjector(grpc.aio.UnaryUnaryClientInterceptor[Any, Any]):
+    """Loses, delays and duplicates unary calls, as a flaky network would.
+
+    Each injected fault is counted in `counts` and logged as a `net_fault` event.
+    """
+
+    def __init__(self, faults: NetFaults) -> None:
+        self.faults = faults
+        self.counts: Counter[str] = Counter()
+        self._rng = random.Random(faults.seed)
+        self._log = structlog.get_logger("twopc.testing")
+        self._copies: set[asyncio.Task[Any]] = set()
+
+    def _hit(self, kind: str, probability: float, method: str) -> bool:
+        if probability <= 0 or self._rng.random() >= probability:
+            return False
+        self.counts[kind] += 1
+        self._log.info("net_fault", kind=kind, method=method)
+        return True
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        f = self.faults
+        if self._hit("delay", f.delay, name):
+            await asyncio.sleep(self._rng.uniform(0, f.delay_max_s))
+        if self._hit("lose_request", f.lose_request, name):
+            raise _lost(f"chaos: request to {name} lost")
+        if self._hit("duplicate", f.duplicate, name):
+            copy = asyncio.create_task(self._later(continuation, client_call_details, request))
+            self._copies.add(copy)
+            copy.add_done_callback(self._copies.discard)
+        call = await continuation(client_call_details, request)
+        if self._hit("lose_reply", f.lose_reply, name):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+            raise _lost(f"chaos: reply from {name} lost")
+        return call
+
+    async def _later(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> None:
+        await asyncio.sleep(self._rng.uniform(0, self.faults.delay_max_s))
+        with contextlib.suppress(grpc.aio.AioRpcError):  # its answer goes nowhere, as on a real network
+            await (await continuation(details, request))
+
+
+def _lost(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
