@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from twopc import Credentials, InvalidOperation, NotFound, Participant, ParticipantConfig, ParticipantHandler, logs, rpc
+from twopc import Credentials, InvalidOperation, NotFound, Participant, ParticipantConfig, ParticipantHandler, rpc
+from twopc.logs import configure as configure_logs
 
 T = TypeVar("T")
 
@@ -56,7 +57,7 @@ def run_participant(
     args: argparse.Namespace,
 ) -> None:
     """Serves the Participant contract and the service's own API until SIGTERM/SIGINT."""
-    logs.configure(args.log_format, level=args.log_level)
+    configure_logs(args.log_format, level=args.log_level)
     config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
 
     async def serve() -> None:

@@ -11,7 +11,8 @@ from services.common import parser
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, TransactionResult, logs, rpc
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, TransactionResult, rpc
+from twopc.logs import configure as configure_logs
 from twopc.testing import FaultInjector, NetFaults
 
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
@@ -96,7 +97,7 @@ def main() -> None:
         help="testing only: lose/delay/duplicate messages to participants, e.g. lose_reply=0.05,delay=0.1,seed=7",
     )
     args = p.parse_args()
-    logs.configure(args.log_format, level=args.log_level)
+    configure_logs(args.log_format, level=args.log_level)
     asyncio.run(serve(args))
 
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -187,7 +187,13 @@ class NetFaults:
         return cls(**values)
 
 
-class FaultInjector(grpc.aio.UnaryUnaryClientInterceptor[Any, Any]):
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _Interceptor = grpc.aio.UnaryUnaryClientInterceptor
+
+
+class FaultInjector(_Interceptor):
     """Loses, delays and duplicates unary calls, as a flaky network would.
 
     Each injected fault is counted in `counts` and logged as a `net_fault` event.

@@ -14,7 +14,8 @@ import json
 
 from google.protobuf import struct_pb2
 
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, logs, rpc
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, rpc
+from twopc.logs import configure as configure_logs
 
 
 async def main() -> None:
@@ -25,7 +26,7 @@ async def main() -> None:
     parser.add_argument("--run", nargs="*", default=[], metavar="KEY=TARGET")
     parser.add_argument("--timeout-s", type=float, default=3.0)
     args = parser.parse_args()
-    logs.configure("json", level="debug")
+    configure_logs("json", level="debug")
     config = CoordinatorConfig(retry_initial_s=0.05, retry_max_s=0.5)
     async with Coordinator(
         args.db, credentials=Credentials.insecure(), listen=f"{args.host}:{args.port}", config=config

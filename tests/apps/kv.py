@@ -22,7 +22,8 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort, logs, rpc
+from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort, rpc
+from twopc.logs import configure as configure_logs
 
 
 class KV:
@@ -63,7 +64,7 @@ async def main() -> None:
     parser.add_argument("--resolve-interval-s", type=float, default=0.3)
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     args = parser.parse_args()
-    logs.configure(args.log_format, level="debug")
+    configure_logs(args.log_format, level="debug")
     config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
