@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test demo check clean
+.PHONY: help install proto proto-check lint test demo chaos check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,7 +39,13 @@ test: $(STAMP) ## run the test suite (real processes, real SQLite files)
 demo: $(STAMP) ## the purchase scenario with its failures, as separate processes
 	$(PY) -m services.demo
 
-check: lint proto-check test ## everything CI runs
+SEED ?=
+DURATION ?= 60
+CONCURRENCY ?= 8
+chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=)
+	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
+
+check: lint proto-check test ## lint, types, generated-code freshness and tests
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

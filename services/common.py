@@ -55,17 +55,19 @@ def run_participant(
     handler: ParticipantHandler,
     add_api: Callable[[grpc.aio.Server, Participant], None],
     args: argparse.Namespace,
+    participant: type[Participant] = Participant,
 ) -> None:
-    """Serves the Participant contract and the service's own API until SIGTERM/SIGINT."""
+    """Serves the Participant contract and the service's own API until SIGTERM/SIGINT.
+    `participant` lets a test run a deliberately broken helper."""
     configure_logs(args.log_format, level=args.log_level)
     config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
 
     async def serve() -> None:
         credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
-        async with Participant(handler, args.db, credentials=credentials, config=config) as participant:
+        async with participant(handler, args.db, credentials=credentials, config=config) as p:
             server = grpc.aio.server()
-            participant.add_to_server(server)
-            add_api(server, participant)
+            p.add_to_server(server)
+            add_api(server, p)
             await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials)
 
     asyncio.run(serve())

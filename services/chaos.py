@@ -1,0 +1,408 @@
+"""`make chaos`: concurrent purchases under randomized faults, then the checker.
+
+The run starts the wallet, order and shop services as separate processes (each in a
+network namespace of its own when the machine allows it, so they are separate hosts),
+drives concurrent purchases from random buyers, and meanwhile a nemesis injects faults
+at random times:
+
+* SIGKILL of the wallet, the order service or the shop (the coordinator), then a restart;
+* SIGSTOP/SIGCONT pauses of a participant, longer than the prepare deadline;
+* lost requests, lost replies, delayed and duplicated messages between the shop and
+  the participants (a fault-injecting interceptor in the shop, `--net-faults`);
+* a network partition: a participant's host is cut off from the network (its link is
+  taken down), then reconnected. Needs root and `ip netns`; skipped with a message
+  otherwise.
+
+At the end the nemesis stops, every process is brought back, the run waits (bounded)
+for recovery and checks every invariant of DESIGN.md from the services' own stores and
+the shop's log, plus the client's view: a purchase the client saw committed is
+committed at both services, one it saw aborted left no trace, one whose answer it
+never saw is all there or not at all. The same seed gives the same schedule of faults
+and operations (process timing still varies).
+
+    python -m services.chaos --seed 7 --duration-s 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.cluster import Cluster, Host, Settings
+from services.scenarios import outcome
+from twopc.testing import ServiceProcess
+
+KILLS = ("kill_wallet", "kill_orders", "kill_shop")
+PAUSES = ("pause_wallet", "pause_orders")
+PARTITIONS = ("partition_wallet", "partition_orders")
+NET_KINDS = ("lose_request", "lose_reply", "delay", "duplicate")
+SCARCE_SKU = "scarce"
+
+
+@dataclass(frozen=True)
+class Options:
+    seed: int
+    duration_s: float = 60.0
+    concurrency: int = 8
+    accounts: int = 8
+    skus: int = 5
+    prepare_timeout_s: float = 1.0
+    recovery_timeout_s: float = 60.0
+    partitions: bool = True
+    net_faults: str = "lose_request=0.02,lose_reply=0.02,delay=0.05,duplicate=0.05,delay_max_s=0.3"
+    wallet_module: str = "services.wallet"
+    workdir: str = ""
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    kind: str
+    length_s: float
+
+
+@dataclass
+class Purchase:
+    order_id: str
+    account: str
+    items: dict[str, int]
+    seen: str = ""  # committed / aborted / unknown, as the client saw it
+    txn_id: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Result:
+    options: dict[str, Any]
+    purchases: dict[str, int] = field(default_factory=dict)
+    unknown_resolved: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    recovery_s: float | None = None
+    totals: dict[str, int] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+
+def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]:
+    """The nemesis' plan: every kind at least once (in random order), then random
+    kinds, one fault at a time with gaps between them."""
+    first = list(kinds)
+    rng.shuffle(first)
+    faults: list[Fault] = []
+    t = 1.0
+    while t < opts.duration_s - 2.0:
+        kind = first.pop() if first else rng.choice(kinds)
+        if kind.startswith("pause"):
+            length = opts.prepare_timeout_s + rng.uniform(0.5, 2.0)
+        elif kind.startswith("partition"):
+            length = rng.uniform(1.0, 4.0)
+        else:
+            length = rng.uniform(0.2, 2.0)  # downtime before the restart
+        faults.append(Fault(round(t, 2), kind, round(length, 2)))
+        t += length + rng.uniform(0.5, 2.5)
+    return faults
+
+
+class Network:
+    """A bridge and one network namespace per service: separate hosts on this machine.
+
+    Addresses are in 10.231.N.0/24 inside namespaces this run creates and deletes; no
+    traffic leaves the machine. A partition takes a host's link down.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        tag = os.getpid() % 250
+        self.bridge = f"tpc{tag}br"
+        self.hosts = {n: (f"tpc{tag}-{n}", f"tpc{tag}v{i}", f"10.231.{tag}.{i + 2}") for i, n in enumerate(names)}
+        self.gateway = f"10.231.{tag}.1"
+
+    @staticmethod
+    def available() -> tuple[bool, str]:
+        if os.geteuid() != 0:
+            return False, "partitions need root (network namespaces)"
+        if shutil.which("ip") is None:
+            return False, "partitions need iproute2's `ip`"
+        probe = f"tpcprobe{os.getpid()}"
+        ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return ok, "" if ok else "`ip netns add` is not permitted here"
+
+    def up(self) -> None:
+        self.down()
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for ns, veth, address in self.hosts.values():
+            _ip("netns", "add", ns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", veth, "master", self.bridge, "up")
+            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+
+    def host(self, name: str) -> Host:
+        ns, _, address = self.hosts[name]
+        return Host(address, ("ip", "netns", "exec", ns))
+
+    def cut(self, name: str) -> None:
+        _ip("link", "set", self.hosts[name][1], "down")
+
+    def heal(self, name: str) -> None:
+        _ip("link", "set", self.hosts[name][1], "up")
+
+    def down(self) -> None:
+        for ns, veth, _ in self.hosts.values():
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class Nemesis:
+    """Runs the fault schedule against the cluster, one fault at a time."""
+
+    def __init__(self, c: Cluster, network: Network | None) -> None:
+        self.c, self.network = c, network
+        self.counts: Counter[str] = Counter()
+        self.active: tuple[str, ServiceProcess | None] | None = None
+
+    def _proc(self, kind: str) -> ServiceProcess:
+        return {"wallet": self.c.wallet, "orders": self.c.orders, "shop": self.c.shop}[kind.split("_", 1)[1]]
+
+    async def run(self, faults: list[Fault], started: float) -> None:
+        for fault in faults:
+            await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
+            await self.inject(fault.kind)
+            await asyncio.sleep(fault.length_s)
+            await self.heal()
+
+    async def inject(self, kind: str) -> None:
+        proc = self._proc(kind)
+        if kind in KILLS:
+            proc.kill()
+        elif kind in PAUSES:
+            proc.pause()
+        else:
+            assert self.network is not None
+            self.network.cut(kind.split("_", 1)[1])
+        self.active = (kind, proc)
+        self.counts[kind] += 1
+
+    async def heal(self) -> None:
+        if self.active is None:
+            return
+        kind, proc = self.active
+        self.active = None
+        if kind in KILLS:
+            assert proc is not None
+            await asyncio.to_thread(proc.restart)
+        elif kind in PAUSES:
+            assert proc is not None
+            proc.resume()
+        elif self.network is not None:
+            self.network.heal(kind.split("_", 1)[1])
+
+
+async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[str], until: float) -> list[Purchase]:
+    """`concurrency` buyers, each with its own seeded stream of purchases."""
+    history: list[Purchase] = []
+    plenty = [s for s in skus if s != SCARCE_SKU]
+
+    async def buyer(worker: int) -> None:
+        rng = random.Random(f"{opts.seed}-buyer-{worker}")
+        n = 0
+        while time.monotonic() < until:
+            n += 1
+            picked = rng.sample(plenty, rng.randint(1, min(3, len(plenty))))
+            if rng.random() < 0.05:  # now and then the scarce product, bound to run out
+                picked.append(SCARCE_SKU)
+            p = Purchase(f"w{worker}-{n}", rng.choice(accounts), {s: rng.randint(1, 3) for s in picked})
+            history.append(p)
+            try:
+                r = await c.purchase(p.order_id, p.account, p.items, timeout_s=opts.prepare_timeout_s)
+                p.seen, p.txn_id, p.reason = outcome(r).lower(), r.txn_id, r.reason
+            except grpc.aio.AioRpcError as e:
+                p.seen, p.reason = "unknown", e.code().name
+                await asyncio.sleep(0.2)  # the shop may be down: do not spin
+            await asyncio.sleep(rng.uniform(0, 0.02))
+
+    await asyncio.gather(*(buyer(w) for w in range(opts.concurrency)))
+    return history
+
+
+def check_client_view(c: Cluster, history: list[Purchase], result: Result) -> None:
+    """What the client saw against what the services hold."""
+    wallet = sqlite3.connect(f"file:{c.wallet_db}?mode=ro", uri=True)
+    orders = sqlite3.connect(f"file:{c.orders_db}?mode=ro", uri=True)
+    try:
+        debited = {t for (t,) in wallet.execute("SELECT txn_id FROM ledger WHERE kind = 'debit'")}
+        placed = {o: (s, t) for o, s, t in orders.execute("SELECT order_id, state, txn_id FROM orders")}
+    finally:
+        wallet.close()
+        orders.close()
+    resolved: Counter[str] = Counter()
+    for p in history:
+        state, txn = placed.get(p.order_id, ("ABSENT", ""))
+        if p.seen == "committed" and not (state == "CONFIRMED" and txn == p.txn_id and p.txn_id in debited):
+            result.violations.append(f"{p.order_id} (txn {p.txn_id}): client saw COMMITTED, order is {state}")
+        elif p.seen == "aborted" and (state == "CONFIRMED" or p.txn_id in debited):
+            result.violations.append(f"{p.order_id} (txn {p.txn_id}): client saw ABORTED, but it left a trace")
+        elif p.seen == "unknown":
+            resolved["committed" if state == "CONFIRMED" else "aborted"] += 1
+    result.unknown_resolved = dict(resolved)
+
+
+def count_net_faults(shop_log: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for line in shop_log.read_text(errors="replace").splitlines():
+        if '"net_fault"' in line:
+            try:
+                counts[json.loads(line)["kind"]] += 1
+            except (ValueError, KeyError):
+                continue
+    return counts
+
+
+async def run(opts: Options) -> Result:
+    rng = random.Random(opts.seed)
+    workdir = Path(opts.workdir or f"var/chaos-{opts.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = Result(options=asdict(opts) | {"workdir": str(workdir)})
+    kinds = [*KILLS, *PAUSES]
+    network = None
+    if opts.partitions:
+        ok, why = Network.available()
+        if ok:
+            network = Network(["wallet", "orders", "shop"])
+            kinds += PARTITIONS
+        else:
+            result.skipped.append(f"partition: {why}")
+    else:
+        result.skipped.append("partition: disabled by --no-partitions")
+    faults = schedule(rng, opts, kinds)
+    net_faults = f"{opts.net_faults},seed={opts.seed}"
+    settings = Settings(prepare_timeout_s=opts.prepare_timeout_s, log_level="info")
+    hosts = {n: network.host(n) for n in ("wallet", "orders", "shop")} if network else None
+    accounts = [f"buyer{i}" for i in range(opts.accounts)]
+    skus = [*(f"sku{i}" for i in range(opts.skus - 1)), SCARCE_SKU]
+    try:
+        if network:
+            network.up()
+        cluster = Cluster(
+            workdir, settings, hosts=hosts, shop_args=["--net-faults", net_faults], wallet_module=opts.wallet_module
+        )
+        async with cluster as c:
+            for i, account in enumerate(accounts):  # some buyers are poor: purchases fail for funds
+                await c.open_account(account, 1_000 if i % 4 == 0 else rng.randint(200_000, 2_000_000))
+            for sku in skus:  # one scarce product: purchases fail for stock
+                await c.add_stock(sku, 5 if sku == SCARCE_SKU else 100_000, rng.randint(100, 2_000))
+            progress(f"chaos: seed {opts.seed}, {opts.duration_s:.0f} s, {len(faults)} faults planned, in {workdir}")
+            started = time.monotonic()
+            nemesis = Nemesis(c, network)
+            nemesis_task = asyncio.create_task(nemesis.run(faults, started))
+            history = await workload(c, opts, accounts, skus, started + opts.duration_s)
+            nemesis_task.cancel()
+            await asyncio.gather(nemesis_task, return_exceptions=True)
+            await nemesis.heal()  # bring back whatever was down at the end
+            for proc in (c.wallet, c.orders, c.shop):
+                if not proc.running:
+                    await asyncio.to_thread(proc.restart)
+            progress("chaos: nemesis stopped, every process back; waiting for recovery")
+            healed = time.monotonic()
+            report = await c.settled(opts.recovery_timeout_s)
+            result.recovery_s = round(time.monotonic() - healed, 2) if report.ok else None
+            result.violations += report.violations
+            result.totals = {
+                k: getattr(report, k) for k in ("deposited", "balances", "spent", "received", "on_hand", "sold")
+            } | {"in_doubt": report.in_doubt, "committed_at_both": report.committed}
+            check_client_view(c, history, result)
+            result.purchases = dict(Counter(p.seen for p in history))
+            result.faults = dict(nemesis.counts) | dict(count_net_faults(workdir / "shop.log"))
+    finally:
+        if network:
+            network.down()
+    return result
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def render(result: Result) -> str:
+    lines = ["", "chaos report", "------------"]
+    p = result.purchases
+    lines.append(
+        f"purchases: {p.get('committed', 0)} committed, {p.get('aborted', 0)} aborted, "
+        f"{p.get('unknown', 0)} unknown to the client"
+        + (f" (afterwards {result.unknown_resolved})" if result.unknown_resolved else "")
+    )
+    lines.append("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(result.faults.items())))
+    for skipped in result.skipped:
+        lines.append(f"skipped: {skipped}")
+    recovery = f"{result.recovery_s} s" if result.recovery_s is not None else "NOT reached"
+    lines.append(f"recovery after healing: {recovery}")
+    t = result.totals
+    if t:
+        lines.append(
+            f"money: deposited {t['deposited']} = balances {t['balances']} + spent {t['spent']}; "
+            f"stock: received {t['received']} = on hand {t['on_hand']} + sold {t['sold']}; in doubt {t['in_doubt']}"
+        )
+    if result.violations:
+        lines.append(f"VIOLATIONS ({len(result.violations)}):")
+        lines += [f"  {v}" for v in result.violations[:50]]
+    else:
+        lines.append("no violations: atomic, conserved, nothing negative, agrees with the log, nothing in doubt")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m services.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=None, help="random by default; printed for reproduction")
+    p.add_argument("--duration-s", type=float, default=Options.duration_s)
+    p.add_argument("--concurrency", type=int, default=Options.concurrency)
+    p.add_argument("--accounts", type=int, default=Options.accounts)
+    p.add_argument("--skus", type=int, default=Options.skus)
+    p.add_argument("--no-partitions", action="store_true", help="skip network partitions")
+    p.add_argument("--net-faults", default=Options.net_faults, help="probabilities for the shop's interceptor")
+    p.add_argument("--wallet-module", default=Options.wallet_module, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default="")
+    p.add_argument("--json", type=Path, default=None, help="where to write the report as JSON")
+    a = p.parse_args()
+    seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
+    opts = Options(
+        seed=seed,
+        duration_s=a.duration_s,
+        concurrency=a.concurrency,
+        accounts=a.accounts,
+        skus=max(2, a.skus),
+        partitions=not a.no_partitions,
+        net_faults=a.net_faults,
+        wallet_module=a.wallet_module,
+        workdir=a.workdir,
+    )
+    result = asyncio.run(run(opts))
+    print(render(result))
+    json_path = a.json or Path(result.options["workdir"]) / "report.json"
+    json_path.write_text(json.dumps(asdict(result), indent=2))
+    print(f"report: {json_path}   reproduce: make chaos SEED={seed} DURATION={a.duration_s:g}")
+    sys.exit(1 if result.violations or result.recovery_s is None else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""A deliberately broken wallet, to prove the chaos checker can fail.
+
+It breaks DESIGN.md rule 1: a transaction it prepared more than 0.3 s ago is aborted
+on its own, without asking the coordinator. Its Commit handling is slow (0.5 s), so
+every committed purchase hits that window: the shop has logged COMMIT and the order
+service confirms the order, while this wallet has already released the hold.
+
+Run: python -m tests.apps.broken_wallet --db wallet.db  (the wallet's flags)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from services.common import participant_parser, run_participant
+from services.wallet.service import WalletApi, WalletHandler
+from services.wallet.v1 import wallet_pb2_grpc
+from twopc import Participant
+from twopc.participant import ABORTED
+from twopc.v1 import participant_pb2
+
+GIVE_UP_AFTER_S = 0.3
+
+
+class ImpatientParticipant(Participant):
+    """Aborts prepared transactions on its own: what 2PC forbids."""
+
+    async def __aenter__(self) -> ImpatientParticipant:
+        await super().__aenter__()
+        self._rogue = asyncio.create_task(self._give_up_forever())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._rogue.cancel()
+        await super().__aexit__(*exc)
+
+    async def _give_up_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            for txn_id, _ in await self.in_doubt(GIVE_UP_AFTER_S):
+                await self.apply(txn_id, ABORTED)
+
+    async def Commit(self, request: participant_pb2.CommitRequest, context: Any) -> participant_pb2.CommitResponse:  # noqa: N802
+        await asyncio.sleep(0.5)
+        return await super().Commit(request, context)
+
+
+if __name__ == "__main__":
+    args = participant_parser("python -m tests.apps.broken_wallet", __doc__.split("\n\n")[0]).parse_args()
+    run_participant(
+        WalletHandler(),
+        lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
+        args,
+        ImpatientParticipant,
+    )
