@@ -11,7 +11,16 @@ from services.common import parser
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, TransactionResult, rpc
+from twopc import (
+    Branch,
+    Coordinator,
+    CoordinatorConfig,
+    CoordinatorFailedError,
+    Credentials,
+    Outcome,
+    TransactionResult,
+    rpc,
+)
 from twopc.logs import configure as configure_logs
 from twopc.testing import FaultInjector, NetFaults
 
@@ -25,6 +34,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
         self, coordinator: Coordinator, wallet: str, orders: str, orders_api: order_pb2_grpc.OrdersAsyncStub
     ) -> None:
         self.coordinator, self.wallet, self.orders, self.orders_api = coordinator, wallet, orders, orders_api
+        self.failed = asyncio.Event()
 
     async def Purchase(  # noqa: N802 - the RPC's name
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -47,7 +57,12 @@ class Shop(shop_pb2_grpc.ShopServicer):
                 name="orders",
             ),
         ]
-        result: TransactionResult = await self.coordinator.run(branches, timeout_s=request.timeout_s or None)
+        try:
+            result: TransactionResult = await self.coordinator.run(branches, timeout_s=request.timeout_s or None)
+        except CoordinatorFailedError as e:
+            # Fail-stop (DESIGN.md rule 8): answer nothing more; a restart recovers from disk.
+            self.failed.set()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log failed: {e}")
         return shop_pb2.PurchaseResponse(
             txn_id=result.txn_id,
             outcome=_OUTCOME[result.outcome],
@@ -78,8 +93,14 @@ async def serve(args: Any) -> None:
         shop_pb2_grpc.add_ShopServicer_to_server(shop, server)
         await server.start()
         rpc.announce_ready(address)
-        await rpc.until_signalled()
+        signalled = asyncio.create_task(rpc.until_signalled())
+        failed = asyncio.create_task(shop.failed.wait())
+        await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        failed.cancel()
         await server.stop(grace=1.0)
+    if shop.failed.is_set():
+        raise SystemExit("the decision log failed: stopping so that a restart recovers from disk")
 
 
 def main() -> None:
