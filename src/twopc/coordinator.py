@@ -370,13 +370,15 @@ class Coordinator:
         return {t for t, r in zip(targets, results, strict=True) if r is None}
 
     async def _deliver(self, txn_id: str, target: str, method: str, stop: Any) -> None:
-        """One phase-2 message, retried with exponential backoff and jitter.
+        """One phase-2 message, retried with exponential backoff and full jitter.
+
+        The first attempt goes out directly; the retry machinery is only built once
+        it failed, so the common case costs one RPC and nothing else.
 
         Raises:
             _RefusedError: the participant answered FAILED_PRECONDITION.
             grpc.aio.AioRpcError: the last failure, once `stop` gives up.
         """
-        log = _log.bind(txn_id=txn_id, branch=target)
         stub = self._stub(target)
         timeout = self.config.rpc_timeout_s
         send: Callable[[], Awaitable[object]]
@@ -387,36 +389,41 @@ class Coordinator:
             abort = participant_pb2.AbortRequest(txn_id=txn_id)
             send = lambda: stub.Abort(abort, timeout=timeout)  # noqa: E731
 
-        def before_sleep(state: Any) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            log.info(
-                "phase2_retry",
-                method=method,
-                attempt=state.attempt_number,
-                error=rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error),
-            )
+        async def attempt() -> None:
+            self.messages_sent += 1
+            try:
+                await send()
+            except grpc.aio.AioRpcError as e:
+                if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                    # A refused Commit is a protocol violation; a refused Abort is
+                    # how a one-phase participant says it already committed.
+                    report = _log.error if method == "Commit" else _log.info
+                    report("phase2_refused", txn_id=txn_id, branch=target, method=method, error=rpc.describe(e))
+                    raise _RefusedError(rpc.describe(e)) from e
+                raise
 
-        async for attempt in AsyncRetrying(
-            # Full jitter: concurrent retries to one recovering participant spread out.
-            wait=wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
-            stop=stop,
-            retry=self._retry_on,
-            reraise=True,
-            before_sleep=before_sleep,
-        ):
-            with attempt:
-                self.messages_sent += 1
-                try:
-                    await send()
-                except grpc.aio.AioRpcError as e:
-                    if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                        # A refused Commit is a protocol violation; a refused Abort
-                        # is how a one-phase participant says it already committed.
-                        report = log.error if method == "Commit" else log.info
-                        report("phase2_refused", method=method, error=rpc.describe(e))
-                        raise _RefusedError(rpc.describe(e)) from e
-                    raise
-        log.debug("acknowledged", method=method)
+        try:
+            await attempt()
+        except grpc.aio.AioRpcError as first:
+            log = _log.bind(txn_id=txn_id, branch=target, method=method)
+            log.info("phase2_retry", attempt=1, error=rpc.describe(first))
+
+            def before_sleep(state: Any) -> None:
+                error = state.outcome.exception() if state.outcome else None
+                described = rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error)
+                log.info("phase2_retry", attempt=state.attempt_number + 1, error=described)
+
+            async for retry in AsyncRetrying(
+                # Full jitter: concurrent retries to one recovering participant spread out.
+                wait=wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
+                stop=stop,
+                retry=self._retry_on,
+                reraise=True,
+                before_sleep=before_sleep,
+            ):
+                with retry:
+                    await attempt()
+        _log.debug("acknowledged", txn_id=txn_id, branch=target, method=method)
         if method == "Commit":
             crash_point("coordinator.after_first_commit")
 

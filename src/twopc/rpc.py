@@ -26,9 +26,7 @@ _CHANNEL_OPTIONS = (
 )
 
 
-def channel(
-    target: str, credentials: Credentials, interceptors: Sequence[Any] = ()
-) -> grpc.aio.Channel:
+def channel(target: str, credentials: Credentials, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
     """A channel to `target` with the given transport security and interceptors."""
     if credentials.channel is None:
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors)
