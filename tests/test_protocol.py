@@ -281,3 +281,27 @@ async def test_run_rejects_misuse(coordinator: Coordinator, start_kv: Callable[.
     with pytest.raises(ValueError, match="same target"):
         await coordinator.run([kv.branch(), kv.branch()])
     assert coordinator.messages_sent == 0
+
+
+async def test_caller_cancelled_during_the_decision_write_still_commits(
+    coordinator: Coordinator, start_kv: Callable[..., Kv], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that goes away while the COMMIT record is being written (its RPC was
+    cancelled) must not orphan the decision: it reaches disk, so the coordinator still
+    delivers it, and GetOutcome never answers ABORTED for it."""
+    a, b = start_kv("a"), start_kv("b")
+    slow_commit = SqliteStore._commit
+
+    def slow(self: SqliteStore, conn: sqlite3.Connection) -> None:
+        time.sleep(0.5)  # on the store's thread: the fsync takes a while
+        slow_commit(self, conn)
+
+    monkeypatch.setattr(SqliteStore, "_commit", slow)
+    run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-cancel"))
+    await eventually(lambda: a.state("t-cancel") == b.state("t-cancel") == "PREPARED", what="both prepared")
+    await asyncio.sleep(0.1)  # the votes are in: the decision is being written
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert coordinator.outcome("t-cancel") != coordinator_pb2.OUTCOME_ABORTED
+    await eventually(lambda: a.state("t-cancel") == b.state("t-cancel") == "COMMITTED", what="commit delivered")

@@ -206,25 +206,41 @@ class Coordinator:
             raise ValueError("timeout_s must be > 0")
         log = _log.bind(txn_id=txn_id)
         self._in_flight.add(txn_id)
+        decision: asyncio.Task[TransactionResult] | None = None
         try:
             if len(branches) == 1 and self.config.one_phase:
                 return await self._one_phase(txn_id, branches[0], timeout, log)
             votes = await self._phase1(txn_id, branches, timeout, log)
+            decision = self._spawn(self._decide(txn_id, votes, log))
+        finally:
+            if decision is None:
+                self._in_flight.discard(txn_id)
+        # The votes are in: the decision is taken and carried out even if our caller
+        # goes away now. A cancelled caller must not orphan a COMMIT on its way to disk.
+        return await asyncio.shield(decision)
+
+    async def _decide(self, txn_id: str, votes: list[BranchResult], log: Any) -> TransactionResult:
+        """Makes the decision durable (for a commit) and starts phase 2."""
+        reason = ""
+        try:
+            crash_point("coordinator.before_decision")
             if all(v.vote in _YES for v in votes):
-                crash_point("coordinator.before_decision")
+                outcome = Outcome.COMMITTED
                 targets = tuple(v.target for v in votes if v.vote is Vote.COMMIT)
                 if targets:
                     await self._log_commit(txn_id, targets, log)
                 log.info("decided", outcome="commit", targets=targets)
                 crash_point("coordinator.after_commit_logged")
-                return await self._finish(txn_id, Outcome.COMMITTED, votes, targets)
-            crash_point("coordinator.before_decision")
-            targets = tuple(v.target for v in votes if v.vote is not Vote.READ_ONLY)
-            reason = next(f"{v.name}: {v.reason}" for v in votes if v.vote not in _YES and v.reason != _CANCELLED)
-            log.info("decided", outcome="abort", reason=reason)
-            return await self._finish(txn_id, Outcome.ABORTED, votes, targets, reason)
+            else:
+                outcome = Outcome.ABORTED
+                targets = tuple(v.target for v in votes if v.vote is not Vote.READ_ONLY)
+                reason = next(f"{v.name}: {v.reason}" for v in votes if v.vote not in _YES and v.reason != _CANCELLED)
+                log.info("decided", outcome="abort", reason=reason)
         finally:
+            # No await between the log write returning and this line: GetOutcome
+            # moves from PENDING straight to COMMITTED.
             self._in_flight.discard(txn_id)
+        return await self._finish(txn_id, outcome, votes, targets, reason)
 
     async def _log_commit(self, txn_id: str, targets: tuple[str, ...], log: Any) -> None:
         try:
@@ -236,8 +252,6 @@ class Coordinator:
             self._uncertain.add(txn_id)
             log.critical("decision_write_failed", error=str(e))
             raise CoordinatorFailedError(f"decision log failed: {e}") from e
-        # No await between these two lines and the `finally` above: GetOutcome
-        # moves from PENDING to COMMITTED without a gap.
         self._committed[txn_id] = targets
 
     async def _finish(
