@@ -87,13 +87,16 @@ class ParticipantConfig:
             (with jitter); PENDING or an unreachable coordinator waits this long.
         rpc_timeout_s: deadline of each GetOutcome call.
         retention_s: decided transactions (and abort tombstones) are kept this long,
-            so late duplicates are still recognised, then purged.
+            so late duplicates are still recognised, then purged. Keep it longer
+            than the longest coordinator outage: a coordinator that lost an END
+            (power loss) re-sends Commit at its restart, and a purged transaction
+            would refuse it as never prepared.
     """
 
     in_doubt_after_s: float = 10.0
     resolve_interval_s: float = 2.0
     rpc_timeout_s: float = 2.0
-    retention_s: float = 24 * 3600.0
+    retention_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         _positive(

@@ -321,11 +321,13 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 log.info("in_doubt_unreachable", error=rpc.describe(e))
                 continue
             log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
-            if reply.outcome == coordinator_pb2.OUTCOME_COMMITTED:
-                await self.apply(txn_id, COMMITTED)
-            elif reply.outcome == coordinator_pb2.OUTCOME_ABORTED:
-                await self.apply(txn_id, ABORTED)
-            else:
+            decided = {coordinator_pb2.OUTCOME_COMMITTED: COMMITTED, coordinator_pb2.OUTCOME_ABORTED: ABORTED}
+            if reply.outcome not in decided:
+                continue  # PENDING: ask again next round
+            try:
+                await self.apply(txn_id, decided[reply.outcome])
+            except _RefusedError as e:  # only if the protocol was broken elsewhere
+                log.error("in_doubt_refused", error=str(e))
                 continue
             resolved += 1
         return resolved

@@ -1,0 +1,148 @@
+"""The protocol's state machine, checked exhaustively on a small model (tests/model).
+
+Each check explores every reachable state of `tests.model.twopc_model.Model` by BFS.
+The lower bounds on explored states are about two thirds of what was measured, so
+that a change which silently prunes the model (a transition that no longer fires)
+fails here instead of passing vacuously.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.model.twopc_model import (
+    ABORTED,
+    COMMITTED,
+    LOG_COMMIT,
+    Model,
+    Report,
+    check,
+    replay,
+)
+
+CRASH_POINTS = {
+    "coordinator.before_decision",
+    "coordinator.after_commit_logged",
+    "coordinator.after_first_commit",
+    "participant.after_prepare_durable@p0",
+    "participant.after_prepare_durable@p1",
+}
+
+
+@pytest.fixture(scope="module")
+def two() -> Report:
+    """The real protocol with 2 participants and the default bounds."""
+    return check(Model(2))
+
+
+def coordinator_crashes(trace: tuple[str, ...]) -> list[int]:
+    """Positions of the coordinator's crash steps in `trace`."""
+    names = {"coordinator.crash", "coordinator.power_loss"} | {p for p in CRASH_POINTS if p.startswith("coordinator.")}
+    return [k for k, step in enumerate(trace) if step in names]
+
+
+def test_two_participants_safe_and_live(two: Report) -> None:
+    """2 participants: no reachable state breaks a property, and every one can terminate."""
+    assert two.violation is None
+    assert two.stuck is None and two.stuck_states == 0
+    assert two.states > 20_000  # measured: 33,627
+    assert two.terminal_states > 0
+
+
+def test_two_participants_exercise_every_fault_and_outcome(two: Report) -> None:
+    """The search takes every crash point, power loss and outcome, and never a refused phase 2."""
+    assert two.steps >= CRASH_POINTS
+    assert {"coordinator.power_loss", "p0.power_loss", "coordinator.restart", "p1.restart"} <= two.steps
+    assert {"p0.apply_outcome:COMMITTED", "p0.apply_outcome:ABORTED", "coordinator.outcome(p1):PENDING"} <= two.steps
+    assert {"coordinator.log_end", "coordinator.abort_give_up", "p1.prepare(repeat):ABORT"} <= two.steps
+    assert not {s for s in two.steps if s.endswith(":refused")}
+
+
+def test_three_participants_safe_and_live() -> None:
+    """3 participants (no duplication, to stay fast): no violation, every state can terminate."""
+    report = check(Model(3, max_dups=0))
+    assert report.violation is None
+    assert report.stuck is None and report.stuck_states == 0
+    assert report.states > 150_000  # measured: 220,372
+
+
+def test_read_only_voter_safe_and_live() -> None:
+    """A READ_ONLY voter among 3 leaves phase 2 without breaking safety or liveness."""
+    report = check(Model(3, read_only=1, max_dups=0))
+    assert report.violation is None and report.stuck is None
+    assert report.states > 50_000  # measured: 86,463
+    assert "p2.prepare:READ_ONLY" in report.steps
+    assert not {s for s in report.steps if s.startswith(("p2.commit", "coordinator.retry_commit(p2)"))}
+
+
+def test_commit_before_log_breaks_agreement() -> None:
+    """Commit sent before the decision is durable: a participant commits what the log never held."""
+    model = Model(2, bug="commit_before_log")
+    v = check(model).violation
+    assert v is not None and v.prop == "agreement"
+    assert "coordinator.send_commits" in v.trace and "coordinator.log_commit" not in v.trace
+    assert v.trace[-1] in {"p0.commit:ok", "p1.commit:ok"}
+    assert not v.state.ever_logged_commit and COMMITTED in {p.row for p in v.state.parts}
+    assert replay(model, v.trace) == v.state
+
+
+def test_commit_before_log_crash_breaks_atomicity() -> None:
+    """Commit before log, then a coordinator crash: the decision is lost and the other side aborts."""
+    model = Model(2, bug="commit_before_log")
+    v = check(model, properties=("atomicity",)).violation
+    assert v is not None and v.prop == "atomicity"
+    (crash,) = coordinator_crashes(v.trace)
+    assert v.trace.index("coordinator.send_commits") < crash < v.trace.index("coordinator.restart")
+    assert "coordinator.log_commit" not in v.trace[:crash]
+    assert {"p0.apply_outcome:ABORTED", "p1.apply_outcome:ABORTED"} & set(v.trace)
+    assert replay(model, v.trace) == v.state
+
+
+def test_outcome_aborted_in_flight_breaks_atomicity() -> None:
+    """GetOutcome saying ABORTED during phase 1: the asker aborts, then the coordinator commits."""
+    model = Model(2, bug="outcome_aborted_in_flight")
+    v = check(model).violation
+    assert v is not None and v.prop == "atomicity"
+    answer = next(k for k, s in enumerate(v.trace) if s.startswith("coordinator.outcome(") and s.endswith(":ABORTED"))
+    assert answer < v.trace.index("coordinator.log_commit")
+    assert {p.row for p in v.state.parts} == {COMMITTED, ABORTED}
+    assert replay(model, v.trace) == v.state
+
+
+def test_liveness_check_catches_a_commit_that_can_never_end() -> None:
+    """The liveness pass is not vacuous: with the GetOutcome bug a refused Commit leaves COMMIT without END."""
+    report = check(Model(2, bug="outcome_aborted_in_flight", max_dups=0, max_coordinator_crashes=1), properties=())
+    assert report.stuck is not None and report.stuck_states > 0
+    assert report.stuck.state.coord.log == LOG_COMMIT
+    assert ABORTED in {p.row for p in report.stuck.state.parts}
+
+
+def test_cancelled_run_keeps_every_property() -> None:
+    """A caller cancelling `Coordinator.run` (in phase 1; after the votes it is shielded)
+    breaks nothing, and every state can still terminate."""
+    report = check(Model(2, cancel_run=True))
+    assert report.violation is None and report.stuck is None
+    assert report.states > 20_000
+
+
+def test_orphaned_decision_on_cancel_breaks_atomicity() -> None:
+    """The code before the shield: cancelling `run` during the COMMIT write orphans the
+    record, GetOutcome says ABORTED, yet recovery commits."""
+    model = Model(2, cancel_run=True, bug="orphan_on_cancel")
+    v = check(model).violation
+    assert v is not None and v.prop == "atomicity"
+    cancel = v.trace.index("coordinator.run_cancelled")
+    assert v.trace[cancel - 1] == "coordinator.log_submit"
+    assert any(s.startswith("coordinator.outcome(") and s.endswith(":ABORTED") for s in v.trace[cancel:])
+    assert "coordinator.restart" in v.trace[cancel:]
+    assert replay(model, v.trace) == v.state
+
+
+def test_model_refuses_unknown_settings() -> None:
+    """A misspelt bug or property fails loudly instead of checking the real protocol by mistake."""
+    with pytest.raises(ValueError, match="unknown bug"):
+        Model(2, bug="commit_before_logg")
+    with pytest.raises(ValueError, match="unknown properties"):
+        check(Model(2), properties=("atomicty",))
+    with pytest.raises(ValueError, match="n_participants"):
+        Model(1)
