@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -221,7 +222,7 @@ class Nemesis:
 
 
 async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[str], until: float) -> list[Purchase]:
-    """`concurrency` buyers, each with its own seeded stream of purchases."""
+    """`concurrency` buyers, each with its own seeded stream of purchases and deposits."""
     history: list[Purchase] = []
     plenty = [s for s in skus if s != SCARCE_SKU]
 
@@ -230,6 +231,10 @@ async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[st
         n = 0
         while time.monotonic() < until:
             n += 1
+            if rng.random() < 0.1:  # money keeps coming in, beside the holds
+                with contextlib.suppress(grpc.aio.AioRpcError):  # the wallet may be down: skip it
+                    await c.deposit(rng.choice(accounts), rng.randint(5_000, 50_000))
+                continue
             picked = rng.sample(plenty, rng.randint(1, min(3, len(plenty))))
             if rng.random() < 0.05:  # now and then the scarce product, bound to run out
                 picked.append(SCARCE_SKU)

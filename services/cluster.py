@@ -122,7 +122,10 @@ class Cluster:
 
     async def open_account(self, account: str, deposit: int) -> None:
         await self.wallet_api.OpenAccount(wallet_pb2.OpenAccountRequest(account=account), timeout=RPC_TIMEOUT_S)
-        await self.wallet_api.Deposit(wallet_pb2.DepositRequest(account=account, amount=deposit), timeout=RPC_TIMEOUT_S)
+        await self.deposit(account, deposit)
+
+    async def deposit(self, account: str, amount: int) -> None:
+        await self.wallet_api.Deposit(wallet_pb2.DepositRequest(account=account, amount=amount), timeout=RPC_TIMEOUT_S)
 
     async def add_stock(self, sku: str, quantity: int, unit_price: int) -> None:
         request = order_pb2.AddStockRequest(sku=sku, quantity=quantity, unit_price=unit_price)
