@@ -25,7 +25,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
@@ -59,7 +59,6 @@ class StoreStats:
 _STOP = object()
 
 
-@dataclass
 class SqliteStore:
     """One SQLite file, one writer thread, group commit.
 
@@ -68,13 +67,14 @@ class SqliteStore:
         schema: SQL script run at open; use `CREATE TABLE IF NOT EXISTS`.
     """
 
-    path: str | os.PathLike[str]
-    schema: str = ""
-    stats: StoreStats = field(default_factory=StoreStats)
-    _queue: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue, repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
-    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-    _failure: BaseException | None = field(default=None, repr=False)
+    def __init__(self, path: str | os.PathLike[str], schema: str = "") -> None:
+        self.path = path
+        self.schema = schema
+        self.stats = StoreStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: BaseException | None = None
 
     async def open(self) -> None:
         """Starts the writer thread, opens the file and applies the schema."""
