@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
+from tenacity import stop_never
 
 from tests.conftest import FAST, INSECURE, Kv, eventually, op
 from twopc import Coordinator, CoordinatorFailedError, Outcome, Vote
@@ -305,3 +306,33 @@ async def test_caller_cancelled_during_the_decision_write_still_commits(
         await run
     assert coordinator.outcome("t-cancel") != coordinator_pb2.OUTCOME_ABORTED
     await eventually(lambda: a.state("t-cancel") == b.state("t-cancel") == "COMMITTED", what="commit delivered")
+
+
+async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
+    """A cancellation that lands inside a retried Commit (close(), shutdown) ends the
+    delivery instead of being retried like an RPC failure. A stub stands in for the
+    participant only to hold the second attempt open at the moment of the cancel."""
+    release = asyncio.Event()
+
+    class FlakyThenStuck:
+        calls = 0
+
+        async def Commit(self, request: object, timeout: float) -> None:  # noqa: N802 - the RPC's name
+            FlakyThenStuck.calls += 1
+            code = grpc.StatusCode.UNAVAILABLE if FlakyThenStuck.calls == 1 else grpc.StatusCode.FAILED_PRECONDITION
+            if FlakyThenStuck.calls > 1:
+                await release.wait()  # held open until the test is over
+            raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "stub", None)
+
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
+        c._stubs["stuck:1"] = FlakyThenStuck()  # type: ignore[assignment]
+        delivery = asyncio.create_task(c._deliver("t1", "stuck:1", "Commit", stop_never))
+        try:
+            await eventually(lambda: FlakyThenStuck.calls == 2, what="the retried attempt")
+            delivery.cancel()
+            done, _ = await asyncio.wait({delivery}, timeout=5.0)
+            assert done and delivery.cancelled(), "the cancelled delivery went on retrying"
+            assert FlakyThenStuck.calls == 2
+        finally:
+            release.set()  # ends a wrongly retried delivery
+            await asyncio.gather(delivery, return_exceptions=True)

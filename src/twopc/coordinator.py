@@ -101,7 +101,9 @@ class Coordinator:
         self._uncertain: set[str] = set()  # decision write failed: only the disk knows
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed: BaseException | None = None
-        self._retry_on = retry_if_exception(lambda e: not isinstance(e, _RefusedError))
+        # Only RPC failures are retried: a refusal cannot change, and a cancellation
+        # (close(), a cancelled caller) must propagate, not be retried.
+        self._retry_on = retry_if_exception(lambda e: isinstance(e, grpc.aio.AioRpcError))
         self.messages_sent = 0
 
     # --- lifecycle ---------------------------------------------------------------
