@@ -231,7 +231,7 @@ class Coordinator:
                 targets = tuple(v.target for v in votes if v.vote is Vote.COMMIT)
                 if targets:
                     await self._log_commit(txn_id, targets, log)
-                log.info("decided", outcome="commit", targets=targets)
+                log.debug("decided", outcome="commit", targets=targets)
                 crash_point("coordinator.after_commit_logged")
             else:
                 outcome = Outcome.ABORTED
@@ -368,14 +368,18 @@ class Coordinator:
         if not targets:  # every branch was read-only: nothing was logged
             return acked
         if len(acked) == len(targets):
-            await self._log.log_end(txn_id)
-            del self._committed[txn_id]
-            _log.info("ended", txn_id=txn_id)
+            # END is not forced and nobody waits for it: it rides with the next sync.
+            self._spawn(self._end(txn_id))
         else:
             # Only a refusal (a protocol violation, logged in _deliver) gets here.
             # The record stays: an operator must look, and recovery will try again.
             _log.error("commit_not_acknowledged", txn_id=txn_id, missing=sorted(set(targets) - acked))
         return acked
+
+    async def _end(self, txn_id: str) -> None:
+        await self._log.log_end(txn_id)
+        del self._committed[txn_id]
+        _log.debug("ended", txn_id=txn_id)
 
     async def _finish_abort(self, txn_id: str, targets: Sequence[str]) -> set[str]:
         """Delivers Abort for a while: afterwards GetOutcome's ABORTED covers it."""

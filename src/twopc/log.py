@@ -8,8 +8,8 @@ that participants acknowledge again. A record without END after a restart is a
 commit still to deliver (rule 4). No record means aborted.
 
 Ended records stay on disk for `retention_s` (an audit trail that invariant checkers
-read to verify that every participant commit was logged), then are purged when the
-log opens. The coordinator keeps nothing in memory for them.
+read to verify that every participant commit was logged), then are purged, at open
+and every few thousand ENDs. The coordinator keeps nothing in memory for them.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class SqliteDecisionLog:
     def __init__(self, path: str | os.PathLike[str], *, retention_s: float = 7 * 24 * 3600.0) -> None:
         self.store = SqliteStore(path, schema=_SCHEMA)
         self.retention_s = retention_s
+        self._ends = 0
 
     async def open(self) -> list[CommitRecord]:
         await self.store.open()
@@ -99,9 +100,15 @@ class SqliteDecisionLog:
 
     async def log_end(self, txn_id: str) -> None:
         now = time.time()
-        await self.store.write(
-            lambda c: c.execute("UPDATE decisions SET ended_at = ? WHERE txn_id = ?", (now, txn_id)), durable=False
-        )
+        self._ends += 1
+        purge = self._ends % 4096 == 0  # now and then, drop ended records past retention
+
+        def end(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE decisions SET ended_at = ? WHERE txn_id = ?", (now, txn_id))
+            if purge:
+                c.execute("DELETE FROM decisions WHERE ended_at < ?", (now - self.retention_s,))
+
+        await self.store.write(end, durable=False)
 
     async def close(self) -> None:
         await self.store.close()

@@ -178,14 +178,20 @@ class SqliteStore:
             return
         changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
+        alone = len(batch) == 1  # a job alone in its transaction needs no savepoint
         for t in batch:
-            conn.execute("SAVEPOINT job")
+            if not alone:
+                conn.execute("SAVEPOINT job")
             try:
                 t.result = t.fn(conn)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 t.error = e
+                if alone:
+                    conn.execute("ROLLBACK")
+                    return
                 conn.execute("ROLLBACK TO job")
-            conn.execute("RELEASE job")
+            if not alone:
+                conn.execute("RELEASE job")
         try:
             self._commit(conn)
         except sqlite3.Error as e:
