@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test demo chaos check clean
+.PHONY: help install proto proto-check lint test demo chaos bench check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ DURATION ?= 60
 CONCURRENCY ?= 8
 chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=)
 	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
+
+bench: $(STAMP) ## twopc against the floor of its own message pattern, measured in one run
+	$(PY) -m bench $(BENCH_ARGS)
 
 check: lint proto-check test ## lint, types, generated-code freshness and tests
 

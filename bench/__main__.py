@@ -1,0 +1,484 @@
+"""`python -m bench`: twopc against the floor of its own message pattern.
+
+For each concurrency, and each number of branches N, the floor of N trivial servers
+is measured first, then twopc over N participants right after it: the wallet and
+order services (N = 2) and N durable participants. twopc runs twice per case: "ack"
+(`phase2_wait_s` at its default: `run` returns once the Commits are acknowledged,
+the same two round trips the floor waits for) and "commit-point" (`phase2_wait_s=0`:
+`run` returns once the decision is durable; phase 2 goes on in the background, and
+the time to drain it counts in the phase's elapsed time). Targets are judged on ack.
+
+`--memory` instead runs many transactions and compares resident memory after the
+baseline count with the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google.protobuf
+import grpc
+
+from bench import durable, shop
+from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
+from bench.floor import FloorClient
+from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, logs
+
+INSECURE = Credentials.insecure()
+PHASE2_WAIT_S = {"ack": CoordinatorConfig().phase2_wait_s, "commit-point": 0.0}
+TEXTBOOK = {
+    "coordinator_fsyncs_per_commit": 1,
+    "coordinator_fsyncs_per_abort": 0,
+    "coordinator_fsyncs_one_phase": 0,
+    "participant_fsyncs_per_txn": 2,
+    "participant_fsyncs_read_only": 0,
+    "coordinator_messages_per_txn": "2N requests (4N counting replies)",
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+# --- phases ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One measured phase. Ratios compare with the floor of the same N and concurrency;
+    per-transaction counts are per committed transaction."""
+
+    concurrency: int
+    system: str
+    branches: int
+    phase2: str
+    committed: int
+    aborted: int
+    errors: int
+    elapsed_s: float
+    tps: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    tps_ratio: float | None = None
+    p50_ratio: float | None = None
+    coordinator_fsyncs_per_txn: float | None = None
+    participant_fsyncs_per_txn: float | None = None  # mean over the participants
+    messages_per_txn: float | None = None
+    cpu_ms_per_txn: float | None = None  # user + system, this process and the servers together
+    first_error: str = ""
+
+    @classmethod
+    def of(cls, run: Run, *, concurrency: int, system: str, branches: int, phase2: str) -> Row:
+        return cls(
+            concurrency=concurrency,
+            system=system,
+            branches=branches,
+            phase2=phase2,
+            committed=run.committed,
+            aborted=run.aborted,
+            errors=run.errors,
+            elapsed_s=round(run.elapsed_s, 3),
+            tps=round(run.tps, 1),
+            p50_ms=round(run.percentile_ms(0.50), 3),
+            p99_ms=round(run.percentile_ms(0.99), 3),
+            max_ms=round(run.percentile_ms(1.0), 3),
+            first_error=run.first_error,
+        )
+
+    def cpu(self, before: list[float], after: list[float]) -> None:
+        if self.committed:
+            self.cpu_ms_per_txn = round(1000 * (sum(after) - sum(before)) / self.committed, 3)
+
+    def compare(self, floor: Row) -> None:
+        self.tps_ratio = round(self.tps / floor.tps, 3) if floor.tps else None
+        self.p50_ratio = round(self.p50_ms / floor.p50_ms, 3) if floor.p50_ms else None
+
+
+@dataclass
+class Settings:
+    duration_s: float
+    warmup_s: float
+    concurrency: list[int]
+    branches: list[int]
+    phase2: list[str]
+    log_level: str
+    coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
+
+
+async def floor_phase(servers: Sequence[Service], concurrency: int, s: Settings) -> Row:
+    client = FloorClient([x.address for x in servers], durable.operation())
+    try:
+        await drive(client.txn, concurrency=concurrency, duration_s=s.warmup_s)
+        cpu = _cpu(servers)
+        run = await drive(client.txn, concurrency=concurrency, duration_s=s.duration_s)
+        row = Row.of(run, concurrency=concurrency, system="floor", branches=len(servers), phase2="-")
+        row.cpu(cpu, _cpu(servers))
+    finally:
+        await client.close()
+    return row
+
+
+def _cpu(servers: Sequence[Service]) -> list[float]:
+    return [cpu_s(), *(cpu_s(x.pid) for x in servers)]
+
+
+async def twopc_phase(
+    system: str,
+    participants: Sequence[Service],
+    branches: Callable[[int], list[Branch]],
+    concurrency: int,
+    phase2: str,
+    s: Settings,
+    log_path: Path,
+) -> Row:
+    config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
+    async with Coordinator(log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config) as coordinator:
+
+        async def txn(i: int) -> bool:
+            return (await coordinator.run(branches(i))).committed
+
+        await drive(txn, concurrency=concurrency, duration_s=s.warmup_s, drain=drained(coordinator))
+        syncs, messages = coordinator.log_syncs, coordinator.messages_sent
+        before = [await p.syncs() for p in participants]
+        cpu = _cpu(participants)
+        run = await drive(txn, concurrency=concurrency, duration_s=s.duration_s, drain=drained(coordinator))
+        row = Row.of(run, concurrency=concurrency, system=system, branches=len(participants), phase2=phase2)
+        row.cpu(cpu, _cpu(participants))
+        after = [await p.syncs() for p in participants]
+        if run.committed:
+            row.coordinator_fsyncs_per_txn = round((coordinator.log_syncs - syncs) / run.committed, 3)
+            row.messages_per_txn = round((coordinator.messages_sent - messages) / run.committed, 3)
+            if all(b is not None and a is not None for a, b in zip(after, before, strict=True)):
+                total = sum(a - b for a, b in zip(after, before, strict=True) if a is not None and b is not None)
+                row.participant_fsyncs_per_txn = round(total / run.committed / len(participants), 3)
+    return row
+
+
+def _label(row: Row) -> str:
+    return f"{row.system} x{row.branches}" + ("" if row.phase2 == "-" else f" ({row.phase2})")
+
+
+async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
+    """Starts the processes, runs every phase in order, and returns the results."""
+    n_max = max(s.branches)
+    why_no_shop = shop.missing()
+    floors = fleet.floors(max(n_max, 2))
+    durables = fleet.durables(n_max)
+    the_shop: shop.Shop | None = None
+    shop_services: list[Service] = []
+    if why_no_shop:
+        progress(f"wallet+order: skipped ({why_no_shop})")
+    else:
+        shop_services, the_shop = await fleet.shop(max(s.concurrency))
+    progress(f"started {len(fleet.services)} processes in {fleet.workdir}")
+
+    sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
+    per_size = {n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None)) + 1 for n in sizes}
+    total = len(s.concurrency) * sum(per_size.values())
+    rows: list[Row] = []
+    op = durable.operation()
+
+    def done(row: Row) -> None:
+        rows.append(row)
+        ratio = "" if row.tps_ratio is None else f"  x{row.tps_ratio:.2f} floor txn/s, x{row.p50_ratio:.2f} floor p50"
+        bad = f"  ({row.aborted} aborted, {row.errors} errors: {row.first_error})" if row.aborted or row.errors else ""
+        progress(
+            f"[{len(rows)}/{total}] c={row.concurrency:<3} {_label(row):<36} {row.tps:8.1f} txn/s  "
+            f"p50 {row.p50_ms:7.2f} ms  p99 {row.p99_ms:7.2f} ms{ratio}{bad}"
+        )
+
+    for c in s.concurrency:
+        for n in sizes:
+            floor = await floor_phase(floors[:n], c, s)
+            done(floor)
+            cases: list[tuple[str, Sequence[Service], Callable[[int], list[Branch]]]] = []
+            if n == 2 and the_shop is not None:
+                cases.append(("wallet+order", shop_services, the_shop.purchase))
+            if n in s.branches:
+                cases.append(("durable", durables[:n], fixed_branches(durables[:n], op)))
+            for system, participants, branches in cases:
+                for phase2 in s.phase2:
+                    log = fleet.workdir / f"decisions-{len(rows)}.db"
+                    row = await twopc_phase(system, participants, branches, c, phase2, s, log)
+                    row.compare(floor)
+                    done(row)
+    return {
+        "rows": [asdict(r) for r in rows],
+        "targets": targets_met(rows),
+        "skipped": {"wallet+order": why_no_shop} if why_no_shop else {},
+    }
+
+
+def targets_met(rows: list[Row]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on the ack rows (same round trips as the floor)."""
+
+    def find(system: str, c: int, n: int) -> Row | None:
+        return next((r for r in rows if (r.system, r.concurrency, r.branches, r.phase2) == (system, c, n, "ack")), None)
+
+    out: list[dict[str, Any]] = []
+    cs = sorted({r.concurrency for r in rows})
+    if not cs:
+        return out
+    hi, lo = (64 if 64 in cs else cs[-1]), (1 if 1 in cs else cs[0])
+    row = find("wallet+order", hi, 2)
+    value = row.tps_ratio if row else None
+    out.append({"target": f"c={hi} wallet+order txn/s >= 0.7x floor", "value": value, "met": _ok(value, 0.7, None)})
+    row = find("wallet+order", lo, 2)
+    value = row.p50_ratio if row else None
+    out.append({"target": f"c={lo} wallet+order p50 <= 1.5x floor p50", "value": value, "met": _ok(value, None, 1.5)})
+    for c in cs:
+        two, eight = find("durable", c, 2), find("durable", c, 8)
+        if two and eight and two.tps_ratio is not None and eight.tps_ratio is not None:
+            out.append(
+                {
+                    "target": f"c={c} durable x8 txn/s ratio >= x2 ratio - 0.2 ({two.tps_ratio:.2f} - 0.2)",
+                    "value": eight.tps_ratio,
+                    "met": eight.tps_ratio >= two.tps_ratio - 0.2,
+                }
+            )
+    return out
+
+
+def _ok(value: float | None, at_least: float | None, at_most: float | None) -> bool | None:
+    if value is None:
+        return None
+    return (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
+
+
+def table(result: dict[str, Any]) -> str:
+    """The results as a fixed-width table, with the textbook figures beside them."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    head = (
+        f"{'conc':>4}  {'system':<13}{'N':>2}  {'phase2':<12}{'txn/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'x txn/s':>9}{'x p50':>7}{'coord fsync':>13}{'part fsync':>12}{'msgs':>11}{'cpu ms':>8}{'abort/err':>11}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in (Row(**x) for x in result["rows"]):
+        book = r.system != "floor"
+        lines.append(
+            f"{r.concurrency:>4}  {r.system:<13}{r.branches:>2}  {r.phase2:<12}{r.tps:>9.1f}{r.p50_ms:>9.2f}"
+            f"{r.p99_ms:>9.2f}{r.max_ms:>9.2f}{num(r.tps_ratio, '.2f'):>9}{num(r.p50_ratio, '.2f'):>7}"
+            f"{num(r.coordinator_fsyncs_per_txn, '.2f') + (' (1)' if book else ''):>13}"
+            f"{num(r.participant_fsyncs_per_txn, '.2f') + (' (2)' if book else ''):>12}"
+            f"{num(r.messages_per_txn, '.1f') + (f' ({2 * r.branches})' if book else ''):>11}"
+            f"{num(r.cpu_ms_per_txn, '.2f'):>8}"
+            f"{f'{r.aborted}/{r.errors}':>11}"
+        )
+    lines += [
+        "",
+        "x txn/s, x p50: against the floor row just above (same N, same concurrency).",
+        "fsync and message counts are per committed transaction: coordinator = forced decision-log writes;",
+        "part = forced writes per participant (mean); msgs = requests the coordinator sent. In brackets, the",
+        "textbook presumed-abort figures: coordinator 1 per commit (0 per abort, 0 one-phase), participant 2",
+        "(0 read-only), 2N requests (4N messages with replies). Group commit shows as fewer than the book.",
+        "cpu ms: CPU time (user + system) per committed transaction, client or coordinator and servers together;",
+        "on a machine short of cores, txn/s ratios follow the inverse ratio of this figure.",
+        "phase2: ack = run() returns after the Commit acks (default phase2_wait_s, the floor's pattern);",
+        "commit-point = phase2_wait_s=0, phase 2 in the background, its drain counted in the elapsed time.",
+    ]
+    for what, why in result.get("skipped", {}).items():
+        lines.append(f"SKIPPED {what}: {why}")
+    for t in result.get("targets", []):
+        met = {True: "MET", False: "NOT MET", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"target {t['target']}: {value} {met}")
+    return "\n".join(lines)
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+async def memory(fleet: Fleet, *, txns: int, baseline: int, concurrency: int) -> dict[str, Any]:
+    """Runs `txns` transactions; RSS of the coordinator (this process) and of each
+    participant after `baseline` transactions and after all, sampled every `baseline`."""
+    why_no_shop = shop.missing()
+    branches: Callable[[int], list[Branch]]
+    if why_no_shop:
+        progress(f"memory: wallet+order {why_no_shop}; using 2 durable participants")
+        participants = fleet.durables(2)
+        branches = fixed_branches(participants, durable.operation())
+        system = "durable x2"
+    else:
+        participants, the_shop = await fleet.shop(concurrency)
+        branches = the_shop.purchase
+        system = "wallet+order"
+    samples: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    async def sample(done: int) -> None:
+        rss = {"coordinator": rss_kb()} | {p.name: rss_kb(p.pid) for p in participants}
+        samples.append({"txns": done, "elapsed_s": round(time.perf_counter() - started, 1), "rss_kb": rss})
+        progress(f"memory: {done} txns, {samples[-1]['elapsed_s']} s, RSS KiB {rss}")
+
+    async with Coordinator(fleet.workdir / "decisions-memory.db", credentials=INSECURE, listen="127.0.0.1:0") as coord:
+
+        async def txn(i: int) -> bool:
+            return (await coord.run(branches(i))).committed
+
+        run = await drive_count(txn, concurrency=concurrency, total=txns, every=baseline, sample=sample)
+    first = next(x for x in samples if x["txns"] == baseline)
+    last = samples[-1]
+    growth = {k: round(last["rss_kb"][k] / v - 1, 4) for k, v in first["rss_kb"].items()}
+    return {
+        "system": system,
+        "concurrency": concurrency,
+        "txns": txns,
+        "baseline_txns": baseline,
+        "committed": run.committed,
+        "aborted": run.aborted,
+        "errors": run.errors,
+        "tps": round(run.tps, 1),
+        "samples": samples,
+        "growth": growth,
+        "within_10_percent": all(g <= 0.10 for g in growth.values()),
+    }
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
+def machine(workdir: Path) -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpc": grpc.__version__,
+        "protobuf": google.protobuf.__version__,
+        "sqlite": sqlite3.sqlite_version,
+        "git": _git("describe", "--always", "--dirty"),
+        "fsync_us": round(_fsync_us(workdir), 1),
+        "loadavg_at_start": os.getloadavg(),  # other work on the machine skews every figure
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _fsync_us(workdir: Path, n: int = 100) -> float:
+    """What one 4 KiB write + fsync costs on the disk under `workdir` (context for the
+    durable figures)."""
+    path = workdir / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        started = time.perf_counter()
+        for _ in range(n):
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        return (time.perf_counter() - started) / n * 1e6
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def _ints(text: str) -> list[int]:
+    values = sorted({int(x) for x in text.split(",") if x.strip()})
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration-s", type=float, default=5.0, help="measured time per phase (default 5)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured load before each phase (default 1)")
+    p.add_argument("--concurrency", type=_ints, default=[1, 64], help="callers in flight, e.g. 1,64 (default)")
+    p.add_argument("--branches", type=_ints, default=[2, 4, 8], help="durable participants, e.g. 2,4,8 (default)")
+    p.add_argument(
+        "--phase2",
+        default="ack,commit-point",
+        help="twopc modes: ack (default phase2_wait_s) and/or commit-point (phase2_wait_s=0); default both",
+    )
+    p.add_argument("--quick", action="store_true", help="1 s phases, 0.25 s warm-up (memory: 10k/1k txns)")
+    p.add_argument("--json", type=Path, help="results file (default bench/results/latest.json, or memory.json)")
+    p.add_argument("--log-level", default="info", help="twopc log level in every process (logs go to the workdir)")
+    p.add_argument("--workdir", type=Path, help="keep databases and process logs here (default: a temp dir, removed)")
+    m = p.add_argument_group("memory mode")
+    m.add_argument("--memory", action="store_true", help="measure RSS growth instead of throughput")
+    m.add_argument("--memory-txns", type=int, default=100_000, help="transactions in all (default 100000)")
+    m.add_argument("--memory-baseline", type=int, default=10_000, help="RSS baseline after this many (default 10000)")
+    m.add_argument("--memory-concurrency", type=int, default=64, help="callers in flight (default 64)")
+    args = p.parse_args(argv)
+    args.phase2 = [x.strip() for x in args.phase2.split(",") if x.strip()]
+    if not args.phase2 or set(args.phase2) - set(PHASE2_WAIT_S):
+        p.error(f"--phase2 takes {' and/or '.join(PHASE2_WAIT_S)}")
+    if args.quick:
+        args.duration_s, args.warmup_s = 1.0, 0.25
+        args.memory_txns, args.memory_baseline = 10_000, 1_000
+    if args.memory_txns % args.memory_baseline:
+        p.error("--memory-txns must be a multiple of --memory-baseline (RSS is sampled every baseline)")
+    return args
+
+
+async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
+    result: dict[str, Any] = {"machine": machine(fleet.workdir), "textbook": TEXTBOOK}
+    if (load := result["machine"]["loadavg_at_start"][0]) > 1.0:
+        progress(f"note: load average {load:.1f} before starting: other work on this machine will skew the figures")
+    if args.memory:
+        result["settings"] = {k: getattr(args, k) for k in ("memory_txns", "memory_baseline", "memory_concurrency")}
+        result["memory"] = await memory(
+            fleet, txns=args.memory_txns, baseline=args.memory_baseline, concurrency=args.memory_concurrency
+        )
+    else:
+        settings = Settings(
+            args.duration_s, args.warmup_s, args.concurrency, args.branches, args.phase2, args.log_level
+        )
+        result["settings"] = asdict(settings)
+        result |= await benchmark(fleet, settings)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    return result
+
+
+def memory_report(m: dict[str, Any]) -> str:
+    first = next(x for x in m["samples"] if x["txns"] == m["baseline_txns"])
+    last = m["samples"][-1]
+    lines = [
+        f"memory: {m['system']}, {m['txns']} txns at concurrency {m['concurrency']} "
+        f"({m['committed']} committed, {m['aborted']} aborted, {m['errors']} errors, {m['tps']} txn/s)",
+        f"{'process':<14}{'RSS KiB @' + str(first['txns']):>18}{'RSS KiB @' + str(last['txns']):>18}{'growth':>9}",
+    ]
+    for name, growth in m["growth"].items():
+        lines.append(f"{name:<14}{first['rss_kb'][name]:>18}{last['rss_kb'][name]:>18}{growth:>9.1%}")
+    lines.append(f"within 10%: {'yes' if m['within_10_percent'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    with workdir(args.workdir) as wd, open(wd / "coordinator.log", "w") as coordinator_log:
+        logs.configure("json", level=args.log_level, stream=coordinator_log)
+        fleet = Fleet(wd, args.log_level, probe=not args.memory)
+        fleet.stop_on_signals(remove_workdir=args.workdir is None)
+        try:
+            result = asyncio.run(main(args, fleet))
+        finally:
+            fleet.close()
+    out = args.json or RESULTS / ("memory.json" if args.memory else "latest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(memory_report(result["memory"]) if args.memory else table(result))
+    progress(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    run()
