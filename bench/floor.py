@@ -39,6 +39,13 @@ class _Trivial(participant_pb2_grpc.ParticipantServicer):
     ) -> participant_pb2.AbortResponse:
         return participant_pb2.AbortResponse()
 
+    async def CommitMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.CommitManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.CommitManyResponse:
+        # The floor client sends one Commit per transaction: the plain message pattern.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor does not batch")
+        raise AssertionError("unreachable")
+
 
 class FloorClient:
     """Sends Prepare to every target at once, then Commit to every target at once.

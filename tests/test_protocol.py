@@ -318,6 +318,10 @@ async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
     class FlakyThenStuck:
         calls = 0
 
+        async def CommitMany(self, request: object, timeout: float) -> None:  # noqa: N802 - the RPC's name
+            unimplemented = grpc.StatusCode.UNIMPLEMENTED
+            raise grpc.aio.AioRpcError(unimplemented, grpc.aio.Metadata(), grpc.aio.Metadata(), "", None)
+
         async def Commit(self, request: object, timeout: float) -> None:  # noqa: N802 - the RPC's name
             FlakyThenStuck.calls += 1
             code = grpc.StatusCode.UNAVAILABLE if FlakyThenStuck.calls == 1 else grpc.StatusCode.FAILED_PRECONDITION

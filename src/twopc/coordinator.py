@@ -18,6 +18,7 @@ protocol is presumed-abort 2PC (DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -95,6 +96,7 @@ class Coordinator:
         self.config = config or CoordinatorConfig()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
+        self._batchers: dict[str, _CommitBatcher] = {}
         self._server: grpc.aio.Server | None = None
         self._in_flight: set[str] = set()  # in phase 1 here: GetOutcome says PENDING
         self._committed: dict[str, tuple[str, ...]] = {}  # logged, no END yet
@@ -422,11 +424,18 @@ class Coordinator:
                     raise _RefusedError(rpc.describe(e)) from e
                 raise
 
+        first = attempt
+        if method == "Commit":
+            batcher = self._batchers.get(target)
+            if batcher is None:
+                batcher = self._batchers[target] = _CommitBatcher(self, target)
+            if batcher.supported:
+                first = functools.partial(batcher.commit, txn_id)
         try:
-            await attempt()
-        except grpc.aio.AioRpcError as first:
+            await first()
+        except grpc.aio.AioRpcError as first_error:
             log = _log.bind(txn_id=txn_id, branch=target, method=method)
-            log.info("phase2_retry", attempt=1, error=rpc.describe(first))
+            log.info("phase2_retry", attempt=1, error=rpc.describe(first_error))
 
             def before_sleep(state: Any) -> None:
                 error = state.outcome.exception() if state.outcome else None
@@ -469,6 +478,79 @@ class Coordinator:
         if txn_id in self._in_flight or txn_id in self._uncertain:
             return coordinator_pb2.OUTCOME_PENDING
         return coordinator_pb2.OUTCOME_ABORTED
+
+
+class _CommitBatcher:
+    """Commits bound for one participant, sent as one CommitMany while an earlier
+    batch is in flight. There is no timer: a lone Commit goes out at once, and under
+    load the Commits that queue meanwhile share a message (and the participant's
+    fsync). A participant without CommitMany (UNIMPLEMENTED) gets Commit one by one.
+    """
+
+    def __init__(self, coordinator: Coordinator, target: str) -> None:
+        self._coordinator = coordinator
+        self._target = target
+        self._pending: dict[str, asyncio.Future[None]] = {}
+        self._sender: asyncio.Task[None] | None = None
+        self.supported = True
+
+    async def commit(self, txn_id: str) -> None:
+        """Returns once `txn_id` is committed at the participant.
+
+        Raises:
+            _RefusedError: the participant refused it.
+            grpc.aio.AioRpcError: the batch's message failed.
+        """
+        future = self._pending.get(txn_id)
+        if future is None:
+            future = self._pending[txn_id] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_consume)
+        if self._sender is None:
+            self._sender = self._coordinator._spawn(self._send())
+        await asyncio.shield(future)
+
+    async def _send(self) -> None:
+        stub = self._coordinator._stub(self._target)
+        batch: dict[str, asyncio.Future[None]] = {}
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, {}
+                self._coordinator.messages_sent += 1
+                request = participant_pb2.CommitManyRequest(txn_ids=list(batch))
+                try:
+                    reply = await stub.CommitMany(request, timeout=self._coordinator.config.rpc_timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    self.supported = e.code() is not grpc.StatusCode.UNIMPLEMENTED
+                    _settle(batch, e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - every waiter hears of it
+                    _settle(batch, e)
+                    continue
+                for txn_id, reason in reply.refused.items():
+                    refused = batch.pop(txn_id, None)
+                    if refused is not None:
+                        _log.error("phase2_refused", txn_id=txn_id, branch=self._target, method="Commit", error=reason)
+                        _settle({txn_id: refused}, _RefusedError(reason))
+                _settle(batch, None)
+        finally:
+            self._sender = None
+            for future in (*batch.values(), *self._pending.values()):
+                future.cancel()
+
+
+def _settle(futures: dict[str, asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures.values():
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Marks a batch future's error as seen: its waiter may have been cancelled."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _OutcomeServicer(coordinator_pb2_grpc.CoordinatorServicer):

@@ -210,6 +210,24 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         await self._decide(request.txn_id, COMMITTED, context)
         return participant_pb2.CommitResponse()
 
+    async def CommitMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.CommitManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.CommitManyResponse:
+        if not request.txn_ids or not all(request.txn_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_ids are required")
+        crash_point("participant.before_commit")
+        # Queued together, the commits land in one store batch: one fsync for all.
+        results = await asyncio.gather(*(self.apply(t, COMMITTED) for t in request.txn_ids), return_exceptions=True)
+        refused: dict[str, str] = {}
+        for txn_id, result in zip(request.txn_ids, results, strict=True):
+            if isinstance(result, _RefusedError):
+                refused[txn_id] = str(result)
+            elif isinstance(result, DurabilityError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+        return participant_pb2.CommitManyResponse(refused=refused)
+
     async def Abort(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.AbortResponse:

@@ -1,7 +1,7 @@
 """A deliberately broken wallet, to prove the chaos checker can fail.
 
 It breaks DESIGN.md rule 1: a transaction it prepared more than 0.3 s ago is aborted
-on its own, without asking the coordinator. Its Commit handling is slow (0.5 s), so
+on its own, without asking the coordinator. Its Commit handling (one by one or batched) is slow (0.5 s), so
 every committed purchase hits that window: the shop has logged COMMIT and the order
 service confirms the order, while this wallet has already released the hold.
 
@@ -44,6 +44,12 @@ class ImpatientParticipant(Participant):
     async def Commit(self, request: participant_pb2.CommitRequest, context: Any) -> participant_pb2.CommitResponse:  # noqa: N802
         await asyncio.sleep(0.5)
         return await super().Commit(request, context)
+
+    async def CommitMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.CommitManyRequest, context: Any
+    ) -> participant_pb2.CommitManyResponse:
+        await asyncio.sleep(0.5)
+        return await super().CommitMany(request, context)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ class ParticipantStub:
                 request_serializer=twopc_dot_v1_dot_participant__pb2.AbortRequest.SerializeToString,
                 response_deserializer=twopc_dot_v1_dot_participant__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.CommitMany = channel.unary_unary(
+                '/twopc.v1.Participant/CommitMany',
+                request_serializer=twopc_dot_v1_dot_participant__pb2.CommitManyRequest.SerializeToString,
+                response_deserializer=twopc_dot_v1_dot_participant__pb2.CommitManyResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -100,6 +105,21 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitMany(self, request, context):
+        """Phase 2, commit, for several transactions in one message: exactly what Commit
+        does, for each. A coordinator sends it to batch the Commits that queue up for one
+        participant while an earlier batch is in flight; one local transaction (and one
+        fsync) can then apply them all. Optional: a participant that answers
+        UNIMPLEMENTED gets Commit one by one. Status codes:
+        OK                 every transaction not listed in `refused` is committed,
+        durably.
+        INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+        UNAVAILABLE        try again later (the coordinator retries one by one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +137,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=twopc_dot_v1_dot_participant__pb2.AbortRequest.FromString,
                     response_serializer=twopc_dot_v1_dot_participant__pb2.AbortResponse.SerializeToString,
+            ),
+            'CommitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitMany,
+                    request_deserializer=twopc_dot_v1_dot_participant__pb2.CommitManyRequest.FromString,
+                    response_serializer=twopc_dot_v1_dot_participant__pb2.CommitManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -200,6 +225,33 @@ class Participant:
             '/twopc.v1.Participant/Abort',
             twopc_dot_v1_dot_participant__pb2.AbortRequest.SerializeToString,
             twopc_dot_v1_dot_participant__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/CommitMany',
+            twopc_dot_v1_dot_participant__pb2.CommitManyRequest.SerializeToString,
+            twopc_dot_v1_dot_participant__pb2.CommitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,17 @@ class ParticipantStub:
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later.
     """
+    CommitMany: _grpc.UnaryUnaryMultiCallable[_participant_pb2.CommitManyRequest, _participant_pb2.CommitManyResponse]
+    """Phase 2, commit, for several transactions in one message: exactly what Commit
+    does, for each. A coordinator sends it to batch the Commits that queue up for one
+    participant while an earlier batch is in flight; one local transaction (and one
+    fsync) can then apply them all. Optional: a participant that answers
+    UNIMPLEMENTED gets Commit one by one. Status codes:
+      OK                 every transaction not listed in `refused` is committed,
+                         durably.
+      INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+      UNAVAILABLE        try again later (the coordinator retries one by one).
+    """
 
 @_typing.type_check_only
 class ParticipantAsyncStub(ParticipantStub):
@@ -116,6 +127,17 @@ class ParticipantAsyncStub(ParticipantStub):
                            after a one-phase Prepare). Nothing changed.
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later.
+    """
+    CommitMany: _aio.UnaryUnaryMultiCallable[_participant_pb2.CommitManyRequest, _participant_pb2.CommitManyResponse]  # type: ignore[assignment]
+    """Phase 2, commit, for several transactions in one message: exactly what Commit
+    does, for each. A coordinator sends it to batch the Commits that queue up for one
+    participant while an earlier batch is in flight; one local transaction (and one
+    fsync) can then apply them all. Optional: a participant that answers
+    UNIMPLEMENTED gets Commit one by one. Status codes:
+      OK                 every transaction not listed in `refused` is committed,
+                         durably.
+      INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+      UNAVAILABLE        try again later (the coordinator retries one by one).
     """
 
 class ParticipantServicer(metaclass=_abc_1.ABCMeta):
@@ -169,6 +191,23 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
                                after a one-phase Prepare). Nothing changed.
           INVALID_ARGUMENT     missing txn_id.
           UNAVAILABLE          try again later.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitMany(
+        self,
+        request: _participant_pb2.CommitManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_participant_pb2.CommitManyResponse, _abc.Awaitable[_participant_pb2.CommitManyResponse]]:
+        """Phase 2, commit, for several transactions in one message: exactly what Commit
+        does, for each. A coordinator sends it to batch the Commits that queue up for one
+        participant while an earlier batch is in flight; one local transaction (and one
+        fsync) can then apply them all. Optional: a participant that answers
+        UNIMPLEMENTED gets Commit one by one. Status codes:
+          OK                 every transaction not listed in `refused` is committed,
+                             durably.
+          INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+          UNAVAILABLE        try again later (the coordinator retries one by one).
         """
 
 def add_ParticipantServicer_to_server(servicer: ParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
