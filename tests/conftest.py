@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import any_pb2, struct_pb2
 
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
 from twopc.testing import ServiceProcess
+from twopc.v1 import participant_pb2
 
 INSECURE = Credentials.insecure()
 FAST = CoordinatorConfig(prepare_timeout_s=3.0, rpc_timeout_s=1.0, retry_initial_s=0.05, retry_max_s=0.3)
@@ -24,6 +25,13 @@ def op(**fields: Any) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(fields)
     return s
+
+
+def prepare_request(txn_id: str, **fields: object) -> participant_pb2.PrepareRequest:
+    """A Prepare of a kv operation (key "k", amount 1 unless `fields` say otherwise)."""
+    operation = any_pb2.Any()
+    operation.Pack(op(**({"key": "k", "amount": 1} | fields)))
+    return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation)
 
 
 def rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -77,9 +85,10 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
     """Starts kv participant processes; all are stopped at the end of the test."""
     started: list[ServiceProcess] = []
 
-    def start(name: str = "kv", env: dict[str, str] | None = None) -> Kv:
+    def start(name: str = "kv", env: dict[str, str] | None = None, args: Sequence[str] = ()) -> Kv:
         db = tmp_path / f"{name}-{len(started)}.db"
-        proc = ServiceProcess("tests.apps.kv", ["--db", str(db)], log_path=tmp_path / f"{db.stem}.log", env=env).start()
+        argv = ["--db", str(db), *args]
+        proc = ServiceProcess("tests.apps.kv", argv, log_path=tmp_path / f"{db.stem}.log", env=env).start()
         started.append(proc)
         return Kv(proc, db)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import Kv, eventually, rows
+from tests.conftest import FAST, INSECURE, Kv, eventually, rows
 from twopc import Coordinator, Outcome
 from twopc.testing import ServiceProcess
 
@@ -54,17 +55,22 @@ async def test_coordinator_killed_after_logging_commit_finishes_on_restart(
     tmp_path: Path, start_kv: Callable[..., Kv], coordinator_proc: Callable[..., ServiceProcess]
 ) -> None:
     """Coordinator SIGKILLed after the COMMIT is durable, before any Commit: both stay
-    prepared, and the restarted coordinator commits both from its log."""
-    a, b = start_kv("a"), start_kv("b")
+    prepared, and the restarted coordinator's recovery commits both from its log and
+    ends the record."""
+    # The participants would not ask GetOutcome for 10 minutes: only recovery re-driving
+    # the logged decision can commit them. (Waiting while the coordinator is down is
+    # pinned by test_participant_in_doubt_learns_aborted_after_coordinator_restart.)
+    patient = ["--in-doubt-after-s", "600"]
+    a, b = start_kv("a", args=patient), start_kv("b", args=patient)
     proc = coordinator_proc(a, b, crash_at="coordinator.after_commit_logged")
     assert proc.wait(20) == -9
     txn = txn_of(a)
-    await asyncio.sleep(1.5)  # past in_doubt_after_s: they ask, nobody answers, they wait
     assert a.state(txn) == b.state(txn) == "PREPARED" and a.applied() == b.applied() == []
     assert logged(tmp_path) == [txn]
     recover(proc)
     await eventually(lambda: a.state(txn) == b.state(txn) == "COMMITTED", what="recovery commits both")
     assert len(a.applied()) == len(b.applied()) == 1 and a.reserved() == b.reserved() == []
+    await eventually(lambda: logged(tmp_path) == [], what="END after recovery")
 
 
 async def test_coordinator_killed_after_first_commit_finishes_the_rest(
@@ -103,20 +109,23 @@ async def test_participant_in_doubt_learns_aborted_after_coordinator_restart(
 
 
 async def test_participant_killed_before_answering_resolves_to_abort(
-    start_kv: Callable[..., Kv], coordinator: Coordinator
+    tmp_path: Path, start_kv: Callable[..., Kv]
 ) -> None:
     """Participant SIGKILLed with its prepare durable but its vote unsent: the
-    coordinator aborts; the restarted participant still holds the reservation until
-    GetOutcome tells it ABORTED."""
+    coordinator aborts and soon stops sending Abort; the restarted participant still
+    holds the reservation until GetOutcome tells it ABORTED."""
     a = start_kv("a")
     b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.after_prepare_durable"})
-    result = await coordinator.run([a.branch(), b.branch()])
-    assert result.outcome is Outcome.ABORTED and result.branches[1].vote is None
-    assert b.proc.wait(10) == -9
-    assert b.state(result.txn_id) == "PREPARED"
-    b.proc.env.pop("TWOPC_CRASH_AT")
-    b.proc.restart()
-    await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="in-doubt resolution at b")
+    brief_abort = replace(FAST, abort_retry_s=0.3)  # Abort must not outlive b's restart
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=brief_abort) as c:
+        result = await c.run([a.branch(), b.branch()])
+        assert result.outcome is Outcome.ABORTED and result.branches[1].vote is None
+        assert b.proc.wait(10) == -9
+        assert await c.wait_idle(10), "the coordinator kept retrying Abort"
+        assert b.state(result.txn_id) == "PREPARED"
+        b.proc.env.pop("TWOPC_CRASH_AT")
+        b.proc.restart()  # no Abort will come now: only asking GetOutcome resolves it
+        await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="in-doubt resolution at b")
     assert b.reserved() == [] and b.applied() == []
 
 
@@ -145,6 +154,28 @@ async def test_participant_killed_after_voting_yes_commits_after_restart(
     assert result.outcome is Outcome.COMMITTED
     await eventually(lambda: a.state(txn) == "COMMITTED", what="Commit at the restarted participant")
     assert (txn, "k", 5) in a.applied() and a.reserved() == []
+
+
+async def test_commit_is_retried_until_a_crashed_participant_acknowledges(
+    tmp_path: Path, start_kv: Callable[..., Kv]
+) -> None:
+    """Participant SIGKILLed when Commit arrives, before applying it: the coordinator
+    retries Commit until the restarted participant acknowledges, then forgets it."""
+    a = start_kv("a")
+    # After its restart b would not ask GetOutcome for 10 minutes: only a retried
+    # Commit can finish it.
+    b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.before_commit"}, args=["--in-doubt-after-s", "600"])
+    at_commit_point = replace(FAST, phase2_wait_s=0)  # run returns before the Commits are answered
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=at_commit_point) as c:
+        result = await c.run([a.branch(), b.branch()])
+        assert result.outcome is Outcome.COMMITTED
+        await eventually(lambda: not b.proc.running, what="b killed by the first Commit")
+        assert b.proc.wait(0) == -9 and b.state(result.txn_id) == "PREPARED"
+        b.proc.env.pop("TWOPC_CRASH_AT")
+        b.proc.restart()
+        await eventually(lambda: b.state(result.txn_id) == "COMMITTED", what="retried Commit at b")
+        assert await c.wait_idle(10), "Commit delivery did not finish"
+    assert a.state(result.txn_id) == "COMMITTED" and len(b.applied()) == 1 and b.reserved() == []
 
 
 def test_crash_points_refuse_unknown_names(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 from tenacity import stop_never
 
-from tests.conftest import FAST, INSECURE, Kv, eventually, op
+from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
 from twopc import Coordinator, CoordinatorFailedError, Outcome, Vote
 from twopc.store import SqliteStore
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
@@ -22,12 +22,6 @@ from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, par
 def stub(kv: Kv) -> tuple[grpc.aio.Channel, participant_pb2_grpc.ParticipantAsyncStub]:
     ch = grpc.aio.insecure_channel(kv.target)
     return ch, participant_pb2_grpc.ParticipantStub(ch)
-
-
-def prepare_request(txn_id: str, **fields: object) -> participant_pb2.PrepareRequest:
-    operation = any_pb2.Any()
-    operation.Pack(op(**({"key": "k", "amount": 1} | fields)))
-    return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation)
 
 
 async def test_happy_path_commits_every_branch(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
