@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
+from structlog.testing import capture_logs
 from tenacity import stop_never
 
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
@@ -251,22 +252,57 @@ async def test_get_outcome_answers_per_rule_5(coordinator: Coordinator, start_kv
     """GetOutcome: PENDING during phase 1, ABORTED for unknown txns, INVALID_ARGUMENT
     without an id."""
     a, b = start_kv("a"), start_kv("b")
-    b.proc.pause()
     async with grpc.aio.insecure_channel(coordinator.address) as ch:
         get = coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome
+        b.proc.pause()
         run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-pending", timeout_s=2.0))
-        await eventually(lambda: a.state("t-pending") == "PREPARED", what="a prepared")
-        pending = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
-        assert pending.outcome == coordinator_pb2.OUTCOME_PENDING
         try:
-            assert (await run).outcome is Outcome.ABORTED  # b stays stopped past the deadline
+            await eventually(lambda: a.state("t-pending") == "PREPARED", what="a prepared")
+            pending = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
+            assert pending.outcome == coordinator_pb2.OUTCOME_PENDING
+            result = await run  # b stays stopped past the deadline
         finally:
+            run.cancel()  # a no-op once it has ended; otherwise a check failed
+            await asyncio.gather(run, return_exceptions=True)
             b.proc.resume()
+        assert result.outcome is Outcome.ABORTED
         after = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
         assert after.outcome == coordinator_pb2.OUTCOME_ABORTED
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(coordinator_pb2.GetOutcomeRequest(), timeout=5)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_participant_in_doubt_keeps_asking_while_the_outcome_is_pending(
+    coordinator: Coordinator, start_kv: Callable[..., Kv]
+) -> None:
+    """A participant in doubt that hears PENDING (the other branch has not voted) holds
+    its reservation and asks again; it commits when the decision comes (rule 6)."""
+    a, b = start_kv("a"), start_kv("b")
+    b.proc.pause()
+    with capture_logs() as events:
+        run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-wait", timeout_s=20.0))
+        try:
+            await eventually(lambda: a.state("t-wait") == "PREPARED", what="a prepared")
+
+            def answers() -> list[str]:
+                return [e["outcome"] for e in events if e["event"] == "outcome_asked" and e["txn_id"] == "t-wait"]
+
+            # kv asks once prepared for 1 s, then every 0.3 s or so. A second question
+            # means the answer to the first was applied: by holding on.
+            await eventually(
+                lambda: len(answers()) >= 2 or a.state("t-wait") != "PREPARED", what="a to ask GetOutcome twice"
+            )
+            assert answers()[:2] == ["OUTCOME_PENDING", "OUTCOME_PENDING"]
+            assert a.state("t-wait") == "PREPARED" and len(a.reserved()) == 1
+        except BaseException:
+            run.cancel()  # a failed check must not leave the transaction running
+            raise
+        finally:
+            b.proc.resume()
+            await asyncio.gather(run, return_exceptions=True)
+    assert run.result().outcome is Outcome.COMMITTED
+    await eventually(lambda: a.state("t-wait") == b.state("t-wait") == "COMMITTED", what="both commit")
 
 
 async def test_run_rejects_misuse(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
