@@ -1,0 +1,125 @@
+"""The participant helper's guarantees, seen through its RPCs and its store.
+
+The kv participant runs in this process, served by its own gRPC server on port 0 and
+called through a real channel, so a test can read the helper's store counters and
+make its store fail as a disk would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.apps.kv import KV
+from tests.conftest import INSECURE, prepare_request, rows
+from twopc import Participant, rpc
+from twopc.v1 import participant_pb2, participant_pb2_grpc
+
+
+@dataclass
+class Local:
+    """A kv participant served in this process, a stub to call it, and its file."""
+
+    participant: Participant
+    stub: participant_pb2_grpc.ParticipantAsyncStub
+    db: Path
+
+    async def syncs_of(self, call: Awaitable[object]) -> int:
+        """How many synced store commits `call` cost before it answered."""
+        before = self.participant.store.stats.syncs
+        await call
+        return self.participant.store.stats.syncs - before
+
+    def reserved(self) -> list[tuple[object, ...]]:
+        return rows(self.db, "SELECT txn_id, key, amount FROM reserved")
+
+    def txns(self) -> list[tuple[object, ...]]:
+        return rows(self.db, "SELECT txn_id, state FROM twopc_txn")
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Local]:
+    """A kv participant served in this process on port 0, with a stub connected to it."""
+    db = tmp_path / "kv.db"
+    async with Participant(KV(), str(db), credentials=INSECURE) as participant:
+        server = grpc.aio.server()
+        participant.add_to_server(server)
+        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                yield Local(participant, participant_pb2_grpc.ParticipantStub(ch), db)
+        finally:
+            await server.stop(None)
+
+
+def eio_once(local: Local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes the next commit of the participant's store fail as SQLite does on EIO."""
+
+    def fail(conn: sqlite3.Connection) -> None:
+        monkeypatch.undo()  # the disk works again: the store must still refuse
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(local.participant.store, "_commit", fail)
+
+
+async def test_prepare_and_commit_are_synced_abort_and_read_only_are_not(local: Local) -> None:
+    """A fresh Prepare voting COMMIT and a Commit each cost one fsync before they
+    answer (rules 1, 7); a repeated Prepare, a READ_ONLY vote and an Abort cost none."""
+    p = local.stub
+    assert await local.syncs_of(p.Prepare(prepare_request("t1"), timeout=5)) == 1
+    assert await local.syncs_of(p.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5)) == 1
+    assert await local.syncs_of(p.Prepare(prepare_request("t2"), timeout=5)) == 1
+    assert await local.syncs_of(p.Prepare(prepare_request("t2"), timeout=5)) == 0  # repeated: no work
+    assert await local.syncs_of(p.Prepare(prepare_request("t3", behave="read_only"), timeout=5)) == 0
+    # Presumed abort: a lost Abort only means the transaction is resolved again.
+    assert await local.syncs_of(p.Abort(participant_pb2.AbortRequest(txn_id="t2"), timeout=5)) == 0
+    assert await local.syncs_of(p.Abort(participant_pb2.AbortRequest(txn_id="t4"), timeout=5)) == 0  # tombstone
+    assert sorted(local.txns()) == [("t1", "COMMITTED"), ("t2", "ABORTED"), ("t4", "ABORTED")]
+
+
+async def test_prepare_whose_deadline_passes_in_the_store_queue_reserves_nothing(local: Local) -> None:
+    """A Prepare still inside its deadline when it arrives, but queued behind slow work
+    until the deadline passed, reserves nothing and records nothing."""
+    store = local.participant.store
+    release = threading.Event()
+    # The service's own business API shares the store: one slow write holds its thread.
+    slow = asyncio.create_task(store.write(lambda db: release.wait(10)))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await local.stub.Prepare(prepare_request("t-late"), timeout=0.2)
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+        await slow
+    # The store runs its work in order: once this read returns, the late Prepare has run.
+    await store.read(lambda db: None)
+    assert local.reserved() == [] and local.txns() == []
+
+
+async def test_failed_store_commit_stops_the_participant(local: Local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Prepare whose commit fails (EIO) gets UNAVAILABLE and leaves nothing on disk;
+    the store then refuses all work, even once the disk answers again (rule 8)."""
+    p = local.stub
+    eio_once(local, monkeypatch)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await p.Prepare(prepare_request("t1"), timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert local.participant.store.failed
+    later: list[Awaitable[object]] = [
+        p.Prepare(prepare_request("t2"), timeout=5),
+        p.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5),
+        p.Abort(participant_pb2.AbortRequest(txn_id="t1"), timeout=5),
+    ]
+    for call in later:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
+    assert local.reserved() == [] and local.txns() == []
