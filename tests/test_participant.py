@@ -117,9 +117,19 @@ async def test_failed_store_commit_stops_the_participant(local: Local, monkeypat
         p.Prepare(prepare_request("t2"), timeout=5),
         p.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5),
         p.Abort(participant_pb2.AbortRequest(txn_id="t1"), timeout=5),
+        p.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t1", "t2"]), timeout=5),
     ]
     for call in later:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
     assert local.reserved() == [] and local.txns() == []
+
+
+async def test_commit_many_is_one_synced_batch(local: Local) -> None:
+    """CommitMany applies its transactions in one store batch: one fsync for them all."""
+    for txn in ("t1", "t2", "t3"):
+        await local.stub.Prepare(prepare_request(txn), timeout=5)
+    request = participant_pb2.CommitManyRequest(txn_ids=["t1", "t2", "t3"])
+    assert await local.syncs_of(local.stub.CommitMany(request, timeout=5)) == 1
+    assert sorted(local.txns()) == [("t1", "COMMITTED"), ("t2", "COMMITTED"), ("t3", "COMMITTED")]

@@ -216,16 +216,10 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if not request.txn_ids or not all(request.txn_ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_ids are required")
         crash_point("participant.before_commit")
-        # Queued together, the commits land in one store batch: one fsync for all.
-        results = await asyncio.gather(*(self.apply(t, COMMITTED) for t in request.txn_ids), return_exceptions=True)
-        refused: dict[str, str] = {}
-        for txn_id, result in zip(request.txn_ids, results, strict=True):
-            if isinstance(result, _RefusedError):
-                refused[txn_id] = str(result)
-            elif isinstance(result, DurabilityError):
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {result}")
-            elif isinstance(result, BaseException):
-                raise result
+        try:
+            refused = await self.store.write(functools.partial(self._commit_many_tx, list(request.txn_ids)))
+        except DurabilityError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         return participant_pb2.CommitManyResponse(refused=refused)
 
     async def Abort(  # noqa: N802 - the RPC's name
@@ -298,6 +292,17 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self.handler.commit(db, txn_id)
         db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (COMMITTED, time.time(), txn_id))
         return True
+
+    def _commit_many_tx(self, txn_ids: list[str], db: sqlite3.Connection) -> dict[str, str]:
+        """Commits each in one local transaction (one fsync); returns the refused ones."""
+        refused: dict[str, str] = {}
+        for txn_id in txn_ids:
+            try:  # a refusal changes nothing; any other error rolls back the whole job
+                if self._commit_tx(txn_id, db):
+                    _log.debug("decided", txn_id=txn_id, state=COMMITTED)
+            except _RefusedError as e:
+                refused[txn_id] = str(e)
+        return refused
 
     def _abort_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
