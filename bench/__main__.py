@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import sqlite3
@@ -47,6 +48,13 @@ TEXTBOOK = {
     "coordinator_messages_per_txn": "2N requests (4N counting replies)",
 }
 RESULTS = Path(__file__).parent / "results"
+# Textbook presumed-abort figures per transaction for the other paths: coordinator forced
+# writes, forced writes per participant (mean), requests sent.
+PATHS = {
+    "one-phase": (0, 1, 1),  # one Prepare(one_phase) that commits: one participant write, no log
+    "read-only": (1, 1, 3),  # the updater writes twice, the reader never; no Commit to the reader
+    "abort": (0, 0.5, 4),  # the yes-voter forces its prepare only; aborts are not forced or logged
+}
 
 
 # --- phases ----------------------------------------------------------------------------
@@ -155,12 +163,13 @@ async def twopc_phase(
         row = Row.of(run, concurrency=concurrency, system=system, branches=len(participants), phase2=phase2)
         row.cpu(cpu, _cpu(participants))
         after = [await p.syncs() for p in participants]
-        if run.committed:
-            row.coordinator_fsyncs_per_txn = round((coordinator.log_syncs - syncs) / run.committed, 3)
-            row.messages_per_txn = round((coordinator.messages_sent - messages) / run.committed, 3)
+        txns = run.committed + run.aborted  # the abort path's rows count aborted transactions
+        if txns:
+            row.coordinator_fsyncs_per_txn = round((coordinator.log_syncs - syncs) / txns, 3)
+            row.messages_per_txn = round((coordinator.messages_sent - messages) / txns, 3)
             if all(b is not None and a is not None for a, b in zip(after, before, strict=True)):
                 total = sum(a - b for a, b in zip(after, before, strict=True) if a is not None and b is not None)
-                row.participant_fsyncs_per_txn = round(total / run.committed / len(participants), 3)
+                row.participant_fsyncs_per_txn = round(total / txns / len(participants), 3)
     return row
 
 
@@ -184,9 +193,9 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
 
     sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
     per_size = {n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None)) + 1 for n in sizes}
-    total = len(s.concurrency) * sum(per_size.values())
+    total = len(s.concurrency) * sum(per_size.values()) + len(PATHS)
     rows: list[Row] = []
-    op = durable.operation()
+    op, ro, no = durable.operation(), durable.operation(vote="read_only"), durable.operation(vote="abort")
 
     def done(row: Row) -> None:
         rows.append(row)
@@ -212,6 +221,14 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                     row = await twopc_phase(system, participants, branches, c, phase2, s, log)
                     row.compare(floor)
                     done(row)
+    # The other paths of the protocol, one at a time, for their forced writes and messages.
+    for system, participants, branches in (
+        ("one-phase", durables[:1], fixed_branches(durables[:1], op)),
+        ("read-only", durables[:2], lambda i: [Branch(durables[0].address, op), Branch(durables[1].address, ro)]),
+        ("abort", durables[:2], lambda i: [Branch(durables[0].address, op), Branch(durables[1].address, no)]),
+    ):
+        quick = Settings(**(asdict(s) | {"duration_s": max(1.0, s.duration_s / 2)}))
+        done(await twopc_phase(system, participants, branches, 1, "ack", quick, fleet.workdir / f"{system}.db"))
     return {
         "rows": [asdict(r) for r in rows],
         "targets": targets_met(rows),
@@ -259,7 +276,7 @@ def table(result: dict[str, Any]) -> str:
     """The results as a fixed-width table, with the textbook figures beside them."""
 
     def num(v: float | None, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+        return "-" if v is None or math.isnan(v) else format(v, fmt)
 
     head = (
         f"{'conc':>4}  {'system':<13}{'N':>2}  {'phase2':<12}{'txn/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
@@ -267,23 +284,28 @@ def table(result: dict[str, Any]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in (Row(**x) for x in result["rows"]):
-        book = r.system != "floor"
+        coord, part, msgs = (f" ({b})" for b in PATHS.get(r.system, (1, 2, 2 * r.branches)))
+        if r.system == "floor":
+            coord = part = msgs = ""
         lines.append(
-            f"{r.concurrency:>4}  {r.system:<13}{r.branches:>2}  {r.phase2:<12}{r.tps:>9.1f}{r.p50_ms:>9.2f}"
-            f"{r.p99_ms:>9.2f}{r.max_ms:>9.2f}{num(r.tps_ratio, '.2f'):>9}{num(r.p50_ratio, '.2f'):>7}"
-            f"{num(r.coordinator_fsyncs_per_txn, '.2f') + (' (1)' if book else ''):>13}"
-            f"{num(r.participant_fsyncs_per_txn, '.2f') + (' (2)' if book else ''):>12}"
-            f"{num(r.messages_per_txn, '.1f') + (f' ({2 * r.branches})' if book else ''):>11}"
+            f"{r.concurrency:>4}  {r.system:<13}{r.branches:>2}  {r.phase2:<12}{r.tps:>9.1f}{num(r.p50_ms, '.2f'):>9}"
+            f"{num(r.p99_ms, '.2f'):>9}{num(r.max_ms, '.2f'):>9}"
+            f"{num(r.tps_ratio, '.2f'):>9}{num(r.p50_ratio, '.2f'):>7}"
+            f"{num(r.coordinator_fsyncs_per_txn, '.2f') + coord:>13}"
+            f"{num(r.participant_fsyncs_per_txn, '.2f') + part:>12}"
+            f"{num(r.messages_per_txn, '.1f') + msgs:>11}"
             f"{num(r.cpu_ms_per_txn, '.2f'):>8}"
             f"{f'{r.aborted}/{r.errors}':>11}"
         )
     lines += [
         "",
         "x txn/s, x p50: against the floor row just above (same N, same concurrency).",
-        "fsync and message counts are per committed transaction: coordinator = forced decision-log writes;",
+        "fsync and message counts are per transaction: coordinator = forced decision-log writes;",
         "part = forced writes per participant (mean); msgs = requests the coordinator sent. In brackets, the",
         "textbook presumed-abort figures: coordinator 1 per commit (0 per abort, 0 one-phase), participant 2",
         "(0 read-only), 2N requests (4N messages with replies). Group commit shows as fewer than the book.",
+        "one-phase, read-only (one of two branches votes READ_ONLY) and abort (one of two votes ABORT): the",
+        "protocol's other paths at one in flight, with their own textbook figures (participant: the mean of two).",
         "cpu ms: CPU time (user + system) per committed transaction, client or coordinator and servers together;",
         "on a machine short of cores, txn/s ratios follow the inverse ratio of this figure.",
         "phase2: ack = run() returns after the Commit acks (default phase2_wait_s, the floor's pattern);",

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, Participant, Vote, logs, rpc
+from twopc import Credentials, Participant, Vote, VoteAbort, logs, rpc
 
 
 class Reserve:
@@ -31,6 +31,11 @@ class Reserve:
     """
 
     def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+        vote = operation["vote"] if "vote" in operation else "commit"  # noqa: SIM401 - Struct has no .get
+        if vote == "read_only":
+            return Vote.READ_ONLY
+        if vote == "abort":
+            raise VoteAbort("told to abort")
         db.execute("INSERT INTO reserved VALUES (?, ?)", (txn_id, int(operation["amount"])))
         return Vote.COMMIT
 
@@ -42,10 +47,11 @@ class Reserve:
         db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
 
 
-def operation(amount: int = 1) -> struct_pb2.Struct:
-    """The operation a `Reserve` participant accepts."""
+def operation(amount: int = 1, vote: str = "commit") -> struct_pb2.Struct:
+    """The operation a `Reserve` participant accepts; `vote` may be "read_only" or
+    "abort" to take those paths of the protocol."""
     op = struct_pb2.Struct()
-    op.update({"amount": amount})
+    op.update({"amount": amount, "vote": vote})
     return op
 
 
