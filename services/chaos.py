@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -45,7 +44,7 @@ import grpc
 
 from services.cluster import Cluster, Host, Settings
 from services.scenarios import outcome
-from twopc.testing import ServiceProcess
+from twopc.testing import ServiceProcess, query
 
 KILLS = ("kill_wallet", "kill_orders", "kill_shop")
 PAUSES = ("pause_wallet", "pause_orders")
@@ -254,14 +253,8 @@ async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[st
 
 def check_client_view(c: Cluster, history: list[Purchase], result: Result) -> None:
     """What the client saw against what the services hold."""
-    wallet = sqlite3.connect(f"file:{c.wallet_db}?mode=ro", uri=True)
-    orders = sqlite3.connect(f"file:{c.orders_db}?mode=ro", uri=True)
-    try:
-        debited = {t for (t,) in wallet.execute("SELECT txn_id FROM ledger WHERE kind = 'debit'")}
-        placed = {o: (s, t) for o, s, t in orders.execute("SELECT order_id, state, txn_id FROM orders")}
-    finally:
-        wallet.close()
-        orders.close()
+    debited = {t for (t,) in query(c.wallet_db, "SELECT txn_id FROM ledger WHERE kind = 'debit'")}
+    placed = {o: (s, t) for o, s, t in query(c.orders_db, "SELECT order_id, state, txn_id FROM orders")}
     resolved: Counter[str] = Counter()
     for p in history:
         state, txn = placed.get(p.order_id, ("ABSENT", ""))

@@ -20,7 +20,7 @@ from services import invariants
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc.testing import ServiceProcess
+from twopc.testing import ServiceProcess, wait_until
 
 RPC_TIMEOUT_S = 5.0
 
@@ -166,9 +166,12 @@ class Cluster:
 
     async def settled(self, timeout_s: float = 20.0) -> invariants.Report:
         """Waits (bounded) until nothing is in doubt, then returns the full check."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
+        report = self.check()
+
+        def ok() -> bool:
+            nonlocal report
             report = self.check()
-            if report.ok or asyncio.get_running_loop().time() > deadline:
-                return report
-            await asyncio.sleep(0.1)
+            return report.ok
+
+        await wait_until(ok, timeout_s, interval_s=0.1)
+        return report

@@ -11,20 +11,10 @@ confirmed.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-@contextmanager
-def _read(path: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        conn.execute("BEGIN")  # one consistent snapshot of the file
-        yield conn
-    finally:
-        conn.close()
+from twopc.testing import snapshot
 
 
 @dataclass
@@ -52,7 +42,7 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = T
     every process is back and recovery had its time)."""
     r = Report()
     bad = r.violations.append
-    with _read(wallet_db) as w, _read(orders_db) as o, _read(log_db) as log:
+    with snapshot(wallet_db) as w, snapshot(orders_db) as o, snapshot(log_db) as log:
         # Conservation and no negatives: money.
         r.deposited = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'deposit'")
         r.spent = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'debit'")

@@ -9,7 +9,6 @@ steps for people; the tests assert on them.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +17,11 @@ import grpc
 
 from services.cluster import Cluster
 from services.shop.v1 import shop_pb2
+from twopc.testing import query, wait_until
 
 ACCOUNTS = {"alice": 10_000, "bob": 300, "carol": 5_000}  # cents
 PRODUCTS = {"widget": (10, 1_500), "gadget": (5, 1_200), "gizmo": (2, 700), "lamp": (1, 2_000)}  # (stock, price)
+TIMEOUT_S = 20.0  # the longest a scenario waits for recovery to show
 
 
 async def seed(c: Cluster) -> None:
@@ -88,23 +89,6 @@ async def _buy(
     return response
 
 
-async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def _on_disk(db: object, sql: str, *params: object) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 # --- the scenarios ---------------------------------------------------------------
 
 
@@ -129,7 +113,7 @@ async def insufficient_funds(c: Cluster) -> Step:
         await snapshot(c, ["bob"], ["gadget"], []),
     )
     r = await _buy(c, step, "order-2", "bob", {"gadget": 1})
-    await _until(lambda: _released(c, "gadget", "order-2"))
+    await wait_until(lambda: _released(c, "gadget", "order-2"), TIMEOUT_S)
     step.after = await snapshot(c, ["bob"], ["gadget"], ["order-2"])
     step.events.append(f"the shop said {outcome(r)}: {r.reason}")
     return step
@@ -143,7 +127,7 @@ async def out_of_stock(c: Cluster) -> Step:
         await snapshot(c, ["carol"], ["gizmo"], []),
     )
     r = await _buy(c, step, "order-3", "carol", {"gizmo": 3})
-    await _until(lambda: _no_hold(c, "carol"))
+    await wait_until(lambda: _no_hold(c, "carol"), TIMEOUT_S)
     step.after = await snapshot(c, ["carol"], ["gizmo"], ["order-3"])
     step.events.append(f"the shop said {outcome(r)}: {r.reason}")
     return step
@@ -162,7 +146,7 @@ async def slow_wallet(c: Cluster) -> Step:
     try:
         r = await _buy(c, step, "order-4", "alice", {"widget": 1}, timeout_s=1.0)
         step.events.append(f"the shop said {outcome(r)} after {step.elapsed_s:.1f} s: {r.reason}")
-        await _until(lambda: _released(c, "widget", "order-4"))
+        await wait_until(lambda: _released(c, "widget", "order-4"), TIMEOUT_S)
         reserved = (await c.stock("widget")).reserved
         step.events.append(
             f"order service: reservation released while the wallet is still stopped ({reserved} reserved)"
@@ -170,7 +154,7 @@ async def slow_wallet(c: Cluster) -> Step:
     finally:
         c.wallet.resume()
     step.events.append("wallet resumed with SIGCONT")
-    await _until(lambda: _tombstoned(c, r.txn_id))
+    await wait_until(lambda: _tombstoned(c, r.txn_id), TIMEOUT_S)
     step.after = await snapshot(c, ["alice"], ["widget"], ["order-4"])
     return step
 
@@ -186,13 +170,13 @@ async def participant_crash(c: Cluster) -> Step:
     await asyncio.to_thread(c.orders.restart, env={"TWOPC_CRASH_AT": "participant.before_commit"})
     purchase = asyncio.create_task(_buy(c, step, "order-5", "alice", {"gadget": 1}))
     await asyncio.to_thread(c.orders.wait, 20)
-    state = _on_disk(c.orders_db, "SELECT state FROM orders WHERE order_id = 'order-5'")
+    state = query(c.orders_db, "SELECT state FROM orders WHERE order_id = 'order-5'")
     step.events.append(f"order service killed (SIGKILL) after voting yes; on its disk the order is {state[0][0]}")
     await asyncio.to_thread(c.orders.restart)
     step.events.append("order service restarted")
     r = await purchase
     step.events.append(f"the shop said {outcome(r)} after {step.elapsed_s:.1f} s")
-    await _until(lambda: _order_is(c, "order-5", "confirmed"))
+    await wait_until(lambda: _order_is(c, "order-5", "confirmed"), TIMEOUT_S)
     step.after = await snapshot(c, ["alice"], ["gadget"], ["order-5"])
     return step
 
@@ -216,8 +200,8 @@ async def coordinator_crash(c: Cluster) -> Step:
     step.events.append(f"meanwhile: alice has {_money(held)} held, order-6 is {await c.order_state('order-6')}")
     await asyncio.to_thread(c.shop.restart)
     step.events.append("shop restarted: recovery re-drives the logged COMMIT")
-    await _until(lambda: _order_is(c, "order-6", "confirmed"))
-    await _until(lambda: _no_hold(c, "alice"))
+    await wait_until(lambda: _order_is(c, "order-6", "confirmed"), TIMEOUT_S)
+    await wait_until(lambda: _no_hold(c, "alice"), TIMEOUT_S)
     step.after = await snapshot(c, ["alice"], ["gizmo"], ["order-6"])
     return step
 
@@ -238,8 +222,8 @@ async def race_for_last_unit(c: Cluster) -> Step:
     step.responses.extend(results)
     for who, r in zip(("alice", "carol"), results, strict=True):
         step.events.append(f"{who}: {outcome(r)}{': ' + r.reason if r.reason else ''}")
-    await _until(lambda: _no_hold(c, "alice"))
-    await _until(lambda: _no_hold(c, "carol"))
+    await wait_until(lambda: _no_hold(c, "alice"), TIMEOUT_S)
+    await wait_until(lambda: _no_hold(c, "carol"), TIMEOUT_S)
     step.after = await snapshot(c, ["alice", "carol"], ["lamp"], ["order-7a", "order-7c"])
     return step
 
@@ -274,5 +258,5 @@ async def _order_is(c: Cluster, order_id: str, state: str) -> bool:
 
 
 async def _tombstoned(c: Cluster, txn_id: str) -> bool:
-    rows = _on_disk(c.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
+    rows = query(c.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
     return bool(rows) and rows[0][0] == "ABORTED"

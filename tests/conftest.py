@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +10,7 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
-from twopc.testing import ServiceProcess
+from twopc.testing import ServiceProcess, query, wait_until
 from twopc.v1 import participant_pb2
 
 INSECURE = Credentials.insecure()
@@ -34,27 +31,15 @@ def prepare_request(txn_id: str, **fields: object) -> participant_pb2.PrepareReq
     return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation)
 
 
-def rows(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """Reads a service's SQLite file as another process would (WAL allows it)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def txn_state(db: Path, txn_id: str) -> str | None:
-    found = rows(db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
+    found = query(db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
     return found[0][0] if found else None
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
     """Polls `check` until it holds, failing after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.05)
+    if not await wait_until(check, timeout_s):
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 class Kv:
@@ -71,10 +56,10 @@ class Kv:
         return Branch(self.target, op(**({"key": "k", "amount": 1} | fields)), name=self.db.stem)
 
     def reserved(self) -> list[tuple[Any, ...]]:
-        return rows(self.db, "SELECT txn_id, key, amount FROM reserved")
+        return query(self.db, "SELECT txn_id, key, amount FROM reserved")
 
     def applied(self) -> list[tuple[Any, ...]]:
-        return rows(self.db, "SELECT txn_id, key, amount FROM applied")
+        return query(self.db, "SELECT txn_id, key, amount FROM applied")
 
     def state(self, txn_id: str) -> str | None:
         return txn_state(self.db, txn_id)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import FAST, INSECURE, Kv, eventually, rows
+from tests.conftest import FAST, INSECURE, Kv, eventually
 from twopc import Coordinator, Outcome
-from twopc.testing import ServiceProcess
+from twopc.testing import ServiceProcess, query
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def recover(proc: ServiceProcess) -> None:
 
 def logged(tmp_path: Path) -> list[str]:
     """The COMMIT records without END in the coordinator's decision log."""
-    return [t for (t,) in rows(tmp_path / "decisions.db", "SELECT txn_id FROM decisions WHERE ended_at IS NULL")]
+    return [t for (t,) in query(tmp_path / "decisions.db", "SELECT txn_id FROM decisions WHERE ended_at IS NULL")]
 
 
 def txn_of(kv: Kv) -> str:

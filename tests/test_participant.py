@@ -18,8 +18,9 @@ import grpc
 import pytest
 
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, prepare_request, rows
+from tests.conftest import INSECURE, prepare_request
 from twopc import Participant, rpc
+from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 
@@ -38,10 +39,10 @@ class Local:
         return self.participant.store.stats.syncs - before
 
     def reserved(self) -> list[tuple[object, ...]]:
-        return rows(self.db, "SELECT txn_id, key, amount FROM reserved")
+        return query(self.db, "SELECT txn_id, key, amount FROM reserved")
 
     def txns(self) -> list[tuple[object, ...]]:
-        return rows(self.db, "SELECT txn_id, state FROM twopc_txn")
+        return query(self.db, "SELECT txn_id, state FROM twopc_txn")
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import rows
 from twopc import DurabilityError, SqliteStore
+from twopc.testing import query
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)"
 
@@ -34,7 +34,7 @@ def insert(x: int) -> Callable[[sqlite3.Connection], int]:
 
 def on_disk(store: SqliteStore) -> list[int]:
     """What another connection reads from the store's file."""
-    return [x for (x,) in rows(Path(store.path), "SELECT x FROM t ORDER BY x")]
+    return [x for (x,) in query(Path(store.path), "SELECT x FROM t ORDER BY x")]
 
 
 async def test_job_that_raises_is_rolled_back_alone(store: SqliteStore) -> None:

@@ -6,21 +6,26 @@ stall it (SIGSTOP/SIGCONT) and restart it on the same port with the same files.
 
 `FaultInjector` is a gRPC client interceptor that loses, delays and duplicates
 messages at chosen probabilities, for chaos runs.
+
+`snapshot` and `query` read a service's SQLite file the way an auditor in another
+process would; `wait_until` polls a condition with a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import random
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,3 +255,37 @@ class FaultInjector(_Interceptor):
 
 def _lost(details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+@contextlib.contextmanager
+def snapshot(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
+    """A read-only, consistent view of a store's SQLite file, opened as another process
+    would open it (WAL lets it read while the service writes)."""
+    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")  # one snapshot for every query in the block
+        yield conn
+    finally:
+        conn.close()
+
+
+def query(path: str | os.PathLike[str], sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query against a store's file, read-only."""
+    with snapshot(path) as db:
+        return db.execute(sql, params).fetchall()
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]], timeout_s: float, *, interval_s: float = 0.05
+) -> bool:
+    """Polls `check` (plain or async) until it holds; False once `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval_s)
