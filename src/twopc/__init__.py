@@ -11,7 +11,6 @@ from twopc.errors import (
     InvalidOperation,
     NotFound,
     OutcomeUnknownError,
-    ProtocolViolationError,
     TwoPCError,
     VoteAbort,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "Participant",
     "ParticipantConfig",
     "ParticipantHandler",
-    "ProtocolViolationError",
     "SqliteDecisionLog",
     "SqliteStore",
     "TransactionResult",

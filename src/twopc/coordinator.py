@@ -315,20 +315,19 @@ class Coordinator:
             txn_id=txn_id, coordinator=self._advertise, operation=operation, one_phase=one_phase
         )
         timeout = deadline - asyncio.get_running_loop().time()
-        log = _log.bind(txn_id=txn_id, branch=branch.label)
         if timeout <= 0:
             return BranchResult(branch.label, branch.target, None, "deadline passed before Prepare was sent")
         self.messages_sent += 1
         try:
             reply = await self._stub(branch.target).Prepare(request, timeout=timeout)
         except grpc.aio.AioRpcError as e:
-            log.info("prepare_failed", error=rpc.describe(e))
+            _log.info("prepare_failed", txn_id=txn_id, branch=branch.label, error=rpc.describe(e))
             return BranchResult(branch.label, branch.target, None, rpc.describe(e))
         vote = _VOTES.get(reply.vote)
         if vote is None:
-            log.warning("prepare_bad_vote", vote=reply.vote)
+            _log.warning("prepare_bad_vote", txn_id=txn_id, branch=branch.label, vote=reply.vote)
             return BranchResult(branch.label, branch.target, None, f"unspecified vote {reply.vote}")
-        log.debug("voted", vote=vote.value, reason=reply.reason)
+        _log.debug("voted", txn_id=txn_id, branch=branch.label, vote=vote.value, reason=reply.reason)
         return BranchResult(branch.label, branch.target, vote, reply.reason if vote is Vote.ABORT else "")
 
     # --- one-phase commit ----------------------------------------------------------

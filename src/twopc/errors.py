@@ -2,7 +2,9 @@
 
 An aborted transaction is a result (`TransactionResult.outcome`), never an exception.
 Exceptions are for what a caller cannot treat as an ordinary outcome: a durable write
-that failed, a protocol violation, an outcome nobody can know yet, or misuse.
+that failed, an outcome nobody can know yet, or misuse. (A participant that breaks the
+protocol, e.g. refuses a Commit it prepared, is logged as an error: there is no caller
+to raise it to, since phase 2 runs in the background.)
 """
 
 from __future__ import annotations
@@ -32,10 +34,6 @@ class OutcomeUnknownError(TwoPCError):
         super().__init__(f"outcome of {txn_id} unknown: {reason}")
         self.txn_id = txn_id
         self.reason = reason
-
-
-class ProtocolViolationError(TwoPCError):
-    """A peer broke the protocol (e.g. refused Commit of a transaction it prepared)."""
 
 
 class VoteAbort(TwoPCError):  # noqa: N818 - it is a vote, not an error condition

@@ -131,10 +131,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         config: ParticipantConfig | None = None,
     ) -> None:
         self.handler = handler
-        schema = _SCHEMA + handler.schema
-        self.store = store if isinstance(store, SqliteStore) else SqliteStore(store, schema=schema)
-        if isinstance(store, SqliteStore):
-            self.store.schema = schema + store.schema
+        self.store = SqliteStore(store) if isinstance(store, str) else store
+        self.store.schema = _SCHEMA + handler.schema + self.store.schema  # all applied when it opens
         self.config = config or ParticipantConfig()
         self._credentials = credentials
         self._types = {t.DESCRIPTOR.full_name: t for t in handler.operations}
@@ -162,8 +160,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     async def Prepare(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.PrepareResponse:
-        log = _log.bind(txn_id=request.txn_id)
-        if not request.txn_id:
+        txn_id = request.txn_id
+        if not txn_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
         if not request.HasField("operation"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation is required")
@@ -180,7 +178,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         prepare = functools.partial(
-            self._prepare_tx, request.txn_id, request.coordinator, operation, deadline, request.one_phase
+            self._prepare_tx, txn_id, request.coordinator, operation, deadline, request.one_phase
         )
         try:
             vote, reason, fresh = await self.store.write(prepare)
@@ -191,16 +189,16 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         except NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except DurabilityError as e:
-            log.critical("prepare_write_failed", error=str(e))
+            _log.critical("prepare_write_failed", txn_id=txn_id, error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
-        except Exception as e:
-            log.exception("prepare_raised")
+        except Exception as e:  # noqa: BLE001 - a bug in the service's prepare is INTERNAL, not a crash
+            _log.exception("prepare_raised", txn_id=txn_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {e!r}")
         if fresh and vote is Vote.COMMIT and not request.one_phase:
             crash_point("participant.after_prepare_durable")
         # Happy-path events are debug: at info they cost more than the fsync they log.
-        report = log.info if vote is Vote.ABORT else log.debug
-        report("prepared", vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=not fresh)
+        report = _log.info if vote is Vote.ABORT else _log.debug
+        report("prepared", txn_id=txn_id, vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=not fresh)
         return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
 
     async def Commit(  # noqa: N802 - the RPC's name

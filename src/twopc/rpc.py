@@ -49,11 +49,6 @@ def describe(error: grpc.aio.AioRpcError) -> str:
     return f"{error.code().name}: {error.details() or 'no details'}"
 
 
-def code(error: BaseException) -> grpc.StatusCode | None:
-    """The status code of an RPC failure, None for anything else."""
-    return error.code() if isinstance(error, grpc.aio.AioRpcError) else None
-
-
 async def serve_until_signalled(
     server: grpc.aio.Server, address: str, credentials: Credentials, *, grace_s: float = 1.0
 ) -> None:
