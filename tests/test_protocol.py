@@ -181,7 +181,9 @@ async def test_bad_requests_get_invalid_argument_and_change_nothing(start_kv: Ca
 
 
 async def test_prepare_past_its_deadline_reserves_nothing(start_kv: Callable[..., Kv]) -> None:
-    """A Prepare that reaches the participant after its deadline reserves nothing."""
+    """End to end, a Prepare that reaches a stalled participant after its deadline reserves
+    nothing (gRPC drops it before dispatch; the helper's own check, for one that expires
+    in the store's queue, is pinned in test_participant.py)."""
     kv = start_kv()
     ch, p = stub(kv)
     async with ch:
