@@ -15,10 +15,9 @@ import asyncio
 import sqlite3
 from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, Participant, Vote, VoteAbort, logs, rpc
+from twopc import Credentials, Participant, Vote, VoteAbort, logs
 
 
 class Reserve:
@@ -65,9 +64,7 @@ async def main() -> None:
     logs.configure("json", level=args.log_level)
     credentials = Credentials.insecure()
     async with Participant(Reserve(), args.db, credentials=credentials) as participant:
-        server = grpc.aio.server()
-        participant.add_to_server(server)
-        await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials, grace_s=0.5)
+        await participant.serve(f"{args.host}:{args.port}", grace_s=0.5)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = grpc.aio.server()
+    server = rpc.server()
     participant_pb2_grpc.add_ParticipantServicer_to_server(_Trivial(), server)
     await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", Credentials.insecure(), grace_s=0.2)
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from twopc import Credentials, InvalidOperation, NotFound, Participant, ParticipantConfig, ParticipantHandler, rpc
+from twopc import Credentials, InvalidOperation, NotFound, Participant, ParticipantConfig, ParticipantHandler
 from twopc.logs import configure as configure_logs
 
 T = TypeVar("T")
@@ -65,10 +65,7 @@ def run_participant(
     async def serve() -> None:
         credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
         async with participant(handler, args.db, credentials=credentials, config=config) as p:
-            server = grpc.aio.server()
-            p.add_to_server(server)
-            add_api(server, p)
-            await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials)
+            await p.serve(f"{args.host}:{args.port}", services=[lambda server: add_api(server, p)])
 
     asyncio.run(serve())
 

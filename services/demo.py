@@ -36,7 +36,7 @@ def show(n: int, step: Step) -> None:
         say("…", event)
     for r in step.responses:
         votes = ", ".join(f"{b.name} {b.vote or 'no vote'}" for b in r.branches)
-        say("shop:", f"{outcome(r)} ({votes}), txn {r.txn_id[:8]}")
+        say("shop:", f"{outcome(r)} ({votes}), txn {r.txn_id.rsplit(':', 1)[-1][:8]}")
     if step.after is not None:
         say("after:", step.after.describe())
     say("why:", step.why)

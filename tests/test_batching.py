@@ -72,7 +72,7 @@ class _NoBatching(participant_pb2_grpc.ParticipantServicer):
 @pytest.fixture
 async def old_participant() -> AsyncIterator[tuple[str, _NoBatching]]:
     servicer = _NoBatching()
-    server = grpc.aio.server()
+    server = rpc.server()
     participant_pb2_grpc.add_ParticipantServicer_to_server(servicer, server)
     port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
     await server.start()

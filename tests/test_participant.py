@@ -50,7 +50,7 @@ async def local(tmp_path: Path) -> AsyncIterator[Local]:
     """A kv participant served in this process on port 0, with a stub connected to it."""
     db = tmp_path / "kv.db"
     async with Participant(KV(), str(db), credentials=INSECURE) as participant:
-        server = grpc.aio.server()
+        server = rpc.server()
         participant.add_to_server(server)
         port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
         await server.start()

@@ -34,8 +34,8 @@ async def test_happy_path_commits_every_branch(coordinator: Coordinator, start_k
     assert a.applied() == [(result.txn_id, "x", 3)] and b.applied() == [(result.txn_id, "y", 4)]
     assert a.reserved() == [] and b.reserved() == []
     assert a.state(result.txn_id) == b.state(result.txn_id) == "COMMITTED"
-    forgotten = coordinator_pb2.OUTCOME_ABORTED  # after END, presumed abort: nothing kept in memory
-    await eventually(lambda: coordinator.outcome(result.txn_id) == forgotten, what="END")
+    await eventually(lambda: result.txn_id not in coordinator._committed, what="END")
+    assert await coordinator.outcome(result.txn_id) is Outcome.COMMITTED  # the ended record is kept
 
 
 async def test_one_abort_vote_aborts_all(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
@@ -237,13 +237,14 @@ async def test_failed_decision_fsync_sends_no_commit(
     async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST) as c:
         monkeypatch.setattr(SqliteStore, "_commit", eio)
         with pytest.raises(CoordinatorFailedError):
-            await c.run([a.branch(), b.branch()], txn_id="t-eio")
+            await c.run([a.branch(), b.branch()])
+        ((t, *_),) = a.reserved()
         await asyncio.sleep(0.5)  # time for a wrongly sent Commit or Abort to land
-        assert a.state("t-eio") == b.state("t-eio") == "PREPARED"
+        assert a.state(t) == b.state(t) == "PREPARED"
         assert a.applied() == [] and b.applied() == []
         async with grpc.aio.insecure_channel(c.address) as ch:
             reply = await coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome(
-                coordinator_pb2.GetOutcomeRequest(txn_id="t-eio"), timeout=5
+                coordinator_pb2.GetOutcomeRequest(txn_id=t), timeout=5
             )
         assert reply.outcome == coordinator_pb2.OUTCOME_PENDING
         with pytest.raises(CoordinatorFailedError):
@@ -257,10 +258,11 @@ async def test_get_outcome_answers_per_rule_5(coordinator: Coordinator, start_kv
     async with grpc.aio.insecure_channel(coordinator.address) as ch:
         get = coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome
         b.proc.pause()
+        t = coordinator.global_id("t-pending")
         run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-pending", timeout_s=2.0))
         try:
-            await eventually(lambda: a.state("t-pending") == "PREPARED", what="a prepared")
-            pending = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
+            await eventually(lambda: a.state(t) == "PREPARED", what="a prepared")
+            pending = await get(coordinator_pb2.GetOutcomeRequest(txn_id=t), timeout=5)
             assert pending.outcome == coordinator_pb2.OUTCOME_PENDING
             result = await run  # b stays stopped past the deadline
         finally:
@@ -268,7 +270,7 @@ async def test_get_outcome_answers_per_rule_5(coordinator: Coordinator, start_kv
             await asyncio.gather(run, return_exceptions=True)
             b.proc.resume()
         assert result.outcome is Outcome.ABORTED
-        after = await get(coordinator_pb2.GetOutcomeRequest(txn_id="t-pending"), timeout=5)
+        after = await get(coordinator_pb2.GetOutcomeRequest(txn_id=t), timeout=5)
         assert after.outcome == coordinator_pb2.OUTCOME_ABORTED
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await get(coordinator_pb2.GetOutcomeRequest(), timeout=5)
@@ -282,21 +284,20 @@ async def test_participant_in_doubt_keeps_asking_while_the_outcome_is_pending(
     its reservation and asks again; it commits when the decision comes (rule 6)."""
     a, b = start_kv("a"), start_kv("b")
     b.proc.pause()
+    t = coordinator.global_id("t-wait")
     with capture_logs() as events:
         run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-wait", timeout_s=20.0))
         try:
-            await eventually(lambda: a.state("t-wait") == "PREPARED", what="a prepared")
+            await eventually(lambda: a.state(t) == "PREPARED", what="a prepared")
 
             def answers() -> list[str]:
-                return [e["outcome"] for e in events if e["event"] == "outcome_asked" and e["txn_id"] == "t-wait"]
+                return [e["outcome"] for e in events if e["event"] == "outcome_asked" and e["txn_id"] == t]
 
             # kv asks once prepared for 1 s, then every 0.3 s or so. A second question
             # means the answer to the first was applied: by holding on.
-            await eventually(
-                lambda: len(answers()) >= 2 or a.state("t-wait") != "PREPARED", what="a to ask GetOutcome twice"
-            )
+            await eventually(lambda: len(answers()) >= 2 or a.state(t) != "PREPARED", what="a to ask GetOutcome twice")
             assert answers()[:2] == ["OUTCOME_PENDING", "OUTCOME_PENDING"]
-            assert a.state("t-wait") == "PREPARED" and len(a.reserved()) == 1
+            assert a.state(t) == "PREPARED" and len(a.reserved()) == 1
         except BaseException:
             run.cancel()  # a failed check must not leave the transaction running
             raise
@@ -304,7 +305,7 @@ async def test_participant_in_doubt_keeps_asking_while_the_outcome_is_pending(
             b.proc.resume()
             await asyncio.gather(run, return_exceptions=True)
     assert run.result().outcome is Outcome.COMMITTED
-    await eventually(lambda: a.state("t-wait") == b.state("t-wait") == "COMMITTED", what="both commit")
+    await eventually(lambda: a.state(t) == b.state(t) == "COMMITTED", what="both commit")
 
 
 async def test_run_rejects_misuse(coordinator: Coordinator, start_kv: Callable[..., Kv]) -> None:
@@ -331,14 +332,15 @@ async def test_caller_cancelled_during_the_decision_write_still_commits(
         slow_commit(self, conn)
 
     monkeypatch.setattr(SqliteStore, "_commit", slow)
+    t = coordinator.global_id("t-cancel")
     run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-cancel"))
-    await eventually(lambda: a.state("t-cancel") == b.state("t-cancel") == "PREPARED", what="both prepared")
+    await eventually(lambda: a.state(t) == b.state(t) == "PREPARED", what="both prepared")
     await asyncio.sleep(0.1)  # the votes are in: the decision is being written
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
-    assert coordinator.outcome("t-cancel") != coordinator_pb2.OUTCOME_ABORTED
-    await eventually(lambda: a.state("t-cancel") == b.state("t-cancel") == "COMMITTED", what="commit delivered")
+    assert await coordinator.outcome(t) is not Outcome.ABORTED
+    await eventually(lambda: a.state(t) == b.state(t) == "COMMITTED", what="commit delivered")
 
 
 async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
@@ -350,11 +352,11 @@ async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
     class FlakyThenStuck:
         calls = 0
 
-        async def CommitMany(self, request: object, timeout: float) -> None:  # noqa: N802 - the RPC's name
+        async def CommitMany(self, request: object, timeout: float, wait_for_ready: bool) -> None:  # noqa: N802
             unimplemented = grpc.StatusCode.UNIMPLEMENTED
             raise grpc.aio.AioRpcError(unimplemented, grpc.aio.Metadata(), grpc.aio.Metadata(), "", None)
 
-        async def Commit(self, request: object, timeout: float) -> None:  # noqa: N802 - the RPC's name
+        async def Commit(self, request: object, timeout: float, wait_for_ready: bool) -> None:  # noqa: N802
             FlakyThenStuck.calls += 1
             code = grpc.StatusCode.UNAVAILABLE if FlakyThenStuck.calls == 1 else grpc.StatusCode.FAILED_PRECONDITION
             if FlakyThenStuck.calls > 1:
@@ -363,7 +365,7 @@ async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
 
     async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
         c._stubs["stuck:1"] = FlakyThenStuck()  # type: ignore[assignment]
-        delivery = asyncio.create_task(c._deliver("t1", "stuck:1", "Commit", stop_never))
+        delivery = asyncio.create_task(c._deliver("t1", "stuck:1", "stuck", "Commit", stop_never, set()))
         try:
             await eventually(lambda: FlakyThenStuck.calls == 2, what="the retried attempt")
             delivery.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -9,8 +10,8 @@ import grpc
 
 def _positive(**values: float) -> None:
     for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class CoordinatorConfig:
         one_phase: with a single branch, use one-phase commit (no log write).
         shutdown_grace_s: on close, how long background phase-2 work may finish
             before it is cancelled (committed work resumes on the next start).
+        max_commit_batch: the most transactions one CommitMany carries.
+        recovery_concurrency: how many logged commits recovery re-drives at once.
     """
 
     prepare_timeout_s: float = 5.0
@@ -61,16 +64,20 @@ class CoordinatorConfig:
     phase2_wait_s: float = 5.0
     one_phase: bool = True
     shutdown_grace_s: float = 1.0
+    max_commit_batch: int = 256
+    recovery_concurrency: int = 64
 
     def __post_init__(self) -> None:
         _positive(
+            max_commit_batch=self.max_commit_batch,
+            recovery_concurrency=self.recovery_concurrency,
             prepare_timeout_s=self.prepare_timeout_s,
             rpc_timeout_s=self.rpc_timeout_s,
             retry_initial_s=self.retry_initial_s,
             retry_max_s=self.retry_max_s,
             abort_retry_s=self.abort_retry_s,
         )
-        if self.phase2_wait_s < 0 or self.shutdown_grace_s < 0:
+        if not (0 <= self.phase2_wait_s < math.inf and 0 <= self.shutdown_grace_s < math.inf):
             raise ValueError("phase2_wait_s and shutdown_grace_s must be >= 0")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")

@@ -1,7 +1,7 @@
 """The coordinator: phase 1, the commit point, phase 2, recovery and GetOutcome.
 
 One `Coordinator` runs many transactions concurrently over reused channels. The
-protocol is presumed-abort 2PC (DESIGN.md):
+protocol is presumed-abort 2PC (docs/design.md):
 
 * Phase 1 sends every Prepare at once under the transaction's deadline. The first
   ABORT vote, error or expired deadline decides ABORT at once and cancels the rest.
@@ -12,13 +12,15 @@ protocol is presumed-abort 2PC (DESIGN.md):
   exponential backoff and jitter; Commits are retried without end, across restarts.
 * On start, every COMMIT in the log without END is delivered again (recovery).
 * `GetOutcome` answers participants in doubt: COMMITTED for a logged decision,
-  PENDING while the transaction is still in phase 1 here, ABORTED otherwise.
+  PENDING while the transaction is still in phase 1 here, ABORTED otherwise; and
+  UNAVAILABLE until the log is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import itertools
+import math
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -32,9 +34,16 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_n
 
 from twopc import rpc
 from twopc.config import CoordinatorConfig, Credentials
-from twopc.errors import CoordinatorFailedError, DurabilityError, OutcomeUnknownError
+from twopc.errors import (
+    ClosedError,
+    CoordinatorFailedError,
+    DuplicateTransactionError,
+    DurabilityError,
+    OutcomeUnknownError,
+    TwoPCError,
+)
 from twopc.faults import crash_point
-from twopc.log import DecisionLog, SqliteDecisionLog
+from twopc.log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -47,6 +56,16 @@ _VOTES = {
 }
 _YES = (Vote.COMMIT, Vote.READ_ONLY)
 _CANCELLED = "cancelled: another branch decided abort"
+_PB_OUTCOME = {
+    Outcome.COMMITTED: coordinator_pb2.OUTCOME_COMMITTED,
+    Outcome.ABORTED: coordinator_pb2.OUTCOME_ABORTED,
+    Outcome.PENDING: coordinator_pb2.OUTCOME_PENDING,
+}
+# A Commit answered with one of these is a participant that cannot apply what it
+# prepared (a bug, corrupted state), not a passing network fault.
+_BROKEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
+MAX_LOCAL_ID = 128
+"""The longest local transaction id `run` accepts, in characters."""
 
 
 class _RefusedError(Exception):
@@ -64,16 +83,24 @@ class Coordinator:
             result = await coordinator.run([Branch("wallet:50051", debit),
                                             Branch("orders:50052", place_order)])
 
+    A process that serves its own API beside GetOutcome (as a shop serves Purchase)
+    calls `serve` instead of giving `listen`.
+
+    Every decision log has an id (`Coordinator.id`), and a transaction's id on the
+    wire is `"<coordinator id>:<local id>"` (`TransactionResult.txn_id`): two
+    coordinators can never mean different transactions by one id at a participant.
+
     Args:
-        log: the decision log, or the path of its SQLite file.
+        log: the decision log, or the path of its SQLite file. A log has one owner:
+            a second coordinator on the same file fails to start (StoreInUseError).
         credentials: transport security for channels and the GetOutcome server.
         listen: address to serve GetOutcome on ("host:port", port 0 for any), on a
-            server of the coordinator's own. Or serve it on yours (`add_to_server`).
-            Either way, keep the address across restarts: participants in doubt
-            ask the address they were given in Prepare.
+            server of the coordinator's own. Or serve it on yours (`serve`, or
+            `add_to_server`). Either way, keep the address across restarts:
+            participants in doubt ask the address they were given in Prepare.
         advertise: the address participants should use to reach GetOutcome, when
             it differs from the listening one (a public name, a proxy).
-        config: timeouts and retry policy.
+        config: timeouts, retry policy and bounds.
         interceptors: client interceptors for the channels to participants
             (tracing, auth, or fault injection in tests).
     """
@@ -98,17 +125,28 @@ class Coordinator:
         self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
         self._batchers: dict[str, _CommitBatcher] = {}
         self._server: grpc.aio.Server | None = None
-        self._in_flight: set[str] = set()  # in phase 1 here: GetOutcome says PENDING
+        self._in_flight: set[str] = set()  # in phase 1, or its decision being written: PENDING
         self._committed: dict[str, tuple[str, ...]] = {}  # logged, no END yet
         self._uncertain: set[str] = set()  # decision write failed: only the disk knows
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._failed: BaseException | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # phase 2, END, recovery: cancelled by close()
+        self._decisions: set[asyncio.Task[Any]] = set()  # never cancelled: a started decision finishes
+        self._quiet = asyncio.Event()  # set by close() once nothing is in phase 1 or deciding
+        self._open = False  # the log is read: GetOutcome may answer
+        self._closing = False  # close() has begun: run() refuses
+        self._stopped = False  # background work is cancelled: nothing new may start
+        self._failure: BaseException | None = None
+        self._failed = asyncio.Event()
         # Only RPC failures are retried: a refusal cannot change, and a cancellation
         # (close(), a cancelled caller) must propagate, not be retried.
         self._retry_on = retry_if_exception(lambda e: isinstance(e, grpc.aio.AioRpcError))
         self.messages_sent = 0
 
     # --- lifecycle ---------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The coordinator's id: its decision log's, stable across restarts."""
+        return self._log.id
 
     @property
     def address(self) -> str:
@@ -120,30 +158,81 @@ class Coordinator:
         """Forced writes of the decision log so far."""
         return self._log.syncs
 
+    @property
+    def failure(self) -> BaseException | None:
+        """The fatal error that stopped this coordinator (a failed decision write),
+        or None. Once set, the process must restart so recovery reads the disk."""
+        return self._failure
+
+    async def wait_failed(self) -> BaseException:
+        """Returns the fatal error once the coordinator has failed: an embedding
+        process awaits it beside its own work and restarts when it returns
+        (`serve` does this)."""
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
+
     async def __aenter__(self) -> Coordinator:
         pending = await self._log.open()
-        for record in pending:
-            self._committed[record.txn_id] = record.targets
-        if self._listen is not None:
-            self._server = grpc.aio.server()
-            self.add_to_server(self._server)
-            port = rpc.add_port(self._server, self._listen, self._credentials)
-            await self._server.start()
-            if not self._advertise:
-                self._advertise = f"{self._listen.rsplit(':', 1)[0]}:{port}"
+        try:
+            for record in pending:
+                self._committed[record.txn_id] = record.targets
+            if self._listen is not None:
+                self._server = rpc.server()
+                self.add_to_server(self._server)
+                port = rpc.add_port(self._server, self._listen, self._credentials)
+                await self._server.start()
+                if not self._advertise:
+                    self._advertise = f"{self._listen.rsplit(':', 1)[0]}:{port}"
+        except BaseException:
+            await self._log.close()
+            raise
+        self._open = True
         # Recovery runs beside new work: those transactions are already decided and
         # GetOutcome already knows them, so nothing new can contradict them.
-        for record in pending:
-            _log.info("recovery_redrive", txn_id=record.txn_id, targets=record.targets)
-            self._spawn(self._finish_commit(record.txn_id, record.targets))
-        _log.info("coordinator_started", address=self._advertise, recovering=len(pending))
+        if pending:
+            self._spawn(self._recover(pending))
+        _log.info("coordinator_started", id=self.id, address=self._advertise, recovering=len(pending))
         return self
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serves GetOutcome on the caller's own server (instead of `listen`); pass
-        that server's address as `advertise`. Call it after entering the context,
-        so the log is read before the first question is answered."""
+        that server's address as `advertise`. GetOutcome answers UNAVAILABLE until
+        the coordinator is entered (its log read) and after it is closed."""
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_OutcomeServicer(self), server)
+
+    async def serve(
+        self, address: str, *, services: Sequence[Callable[[grpc.aio.Server], None]] = (), grace_s: float = 1.0
+    ) -> None:
+        """Serves GetOutcome and the caller's `services` on `address` until SIGTERM or
+        SIGINT, the usual way to run a coordinator in a process of its own.
+
+        Binds exclusively, advertises the bound address to participants (unless
+        `advertise` was given), prints `READY host:port` once serving, and stops
+        the server gracefully on a signal.
+
+        Args:
+            address: "host:port" to listen on (port 0 for any free one).
+            services: functions that add the process's own servicers to the server
+                (e.g. `lambda s: add_ShopServicer_to_server(shop, s)`).
+            grace_s: how long in-flight RPCs may finish once stopping.
+
+        Raises:
+            CoordinatorFailedError: the decision log failed; restart the process.
+        """
+
+        def bound(where: str) -> None:
+            if not self._advertise:
+                self._advertise = where
+
+        await rpc.serve(
+            address,
+            self._credentials,
+            [self.add_to_server, *services],
+            failed=self.wait_failed,
+            on_bound=bound,
+            grace_s=grace_s,
+        )
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -151,15 +240,31 @@ class Coordinator:
         await self.close()
 
     async def close(self) -> None:
-        """Stops: lets phase 2 finish for up to `shutdown_grace_s`, then cancels it
-        (logged commits resume on the next start), and closes channels and the log."""
+        """Stops, in an order that never contradicts the log.
+
+        New `run`s are refused at once (ClosedError). Transactions in phase 1 finish
+        it (each within its own deadline) and decide; a decision whose write has
+        started always finishes, so GetOutcome can never answer ABORTED for a
+        COMMIT on disk. Phase 2 then gets `shutdown_grace_s` before it is
+        cancelled (logged commits resume on the next start). GetOutcome is served
+        to the end; then channels and the log close.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._in_flight:
+            await self._quiet.wait()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_grace_s)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait({*self._tasks, *self._decisions}, timeout=self.config.shutdown_grace_s)
+        self._stopped = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Their phase 2 is done or cancelled: the callers get their results now.
+        await asyncio.gather(*self._decisions, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(grace=None)
+        self._open = False
         for ch in self._channels.values():
             await ch.close(None)
         self._channels.clear()
@@ -186,7 +291,11 @@ class Coordinator:
         Args:
             branches: one per participant (distinct targets), at least one.
             timeout_s: the phase-1 deadline; `config.prepare_timeout_s` by default.
-            txn_id: the transaction's id; a random UUID by default. Never reuse one.
+            txn_id: the transaction's local id; a random UUID by default. Its global
+                id is `"<coordinator id>:<txn_id>"`. Never reuse one: a reuse this
+                coordinator can see (running, or logged COMMIT) raises
+                DuplicateTransactionError, but an aborted transaction is forgotten
+                (presumed abort), so its reuse cannot be detected.
 
         Returns:
             The outcome with each branch's vote and reason. An abort is a result.
@@ -194,36 +303,121 @@ class Coordinator:
         Raises:
             CoordinatorFailedError: the decision log failed (now or earlier); the
                 coordinator sends nothing more and must be restarted to recover.
+            ClosedError: the coordinator is not open, or is closing.
+            DuplicateTransactionError: `txn_id` is running or was committed here.
             OutcomeUnknownError: one branch (one-phase commit) never answered and
                 could not be reached to settle the outcome.
-            ValueError: no branches, or two branches with the same target.
+            ValueError: no branches, two branches with the same target, a bad
+                timeout or txn_id.
         """
-        if self._failed is not None:
-            raise CoordinatorFailedError(f"decision log failed: {self._failed}")
+        if self._failure is not None:
+            raise CoordinatorFailedError(f"decision log failed: {self._failure}")
+        if self._closing or not self._open:
+            raise ClosedError("the coordinator is closed" if self._closing else "enter the coordinator first")
         if not branches:
             raise ValueError("a transaction needs at least one branch")
         if len({b.target for b in branches}) != len(branches):
             raise ValueError("two branches name the same target; give each participant one branch")
-        txn_id = txn_id or uuid.uuid4().hex
         timeout = self.config.prepare_timeout_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise ValueError("timeout_s must be > 0")
-        log = _log.bind(txn_id=txn_id)
-        self._in_flight.add(txn_id)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout!r}")
+        if txn_id is None:
+            gid = f"{self.id}:{uuid.uuid4().hex}"
+        else:
+            if not txn_id or len(txn_id) > MAX_LOCAL_ID:
+                raise ValueError(f"txn_id must be 1 to {MAX_LOCAL_ID} characters")
+            gid = self.global_id(txn_id)
+            # A caller's own id may be a retry: refuse it before any message if it
+            # was committed here (the record stays on disk for the log's retention).
+            if gid not in self._in_flight and gid not in self._committed and await self._logged(gid):
+                raise DuplicateTransactionError(gid, "committed")
+        if gid in self._in_flight or gid in self._uncertain:
+            raise DuplicateTransactionError(gid, "running")
+        if gid in self._committed:
+            raise DuplicateTransactionError(gid, "committed")
+        log = _log.bind(txn_id=gid)
+        self._in_flight.add(gid)
         decision: asyncio.Task[TransactionResult] | None = None
         try:
             if len(branches) == 1 and self.config.one_phase:
-                return await self._one_phase(txn_id, branches[0], timeout, log)
-            votes = await self._phase1(txn_id, branches, timeout, log)
-            decision = self._spawn(self._decide(txn_id, votes, log))
+                return await self._one_phase(gid, branches[0], timeout, log)
+            votes = await self._phase1(gid, branches, timeout, log)
+            decision = asyncio.create_task(self._decide(gid, votes, log))
+            self._decisions.add(decision)
+            decision.add_done_callback(self._decisions.discard)
+        except asyncio.CancelledError:
+            # Abandoned before any decision: release every branch now rather than
+            # leave reservations held until the participants ask GetOutcome.
+            log.info("run_cancelled", branches=[b.label for b in branches])
+            if not self._stopped:
+                alone = len(branches) == 1 and self.config.one_phase
+                self._spawn(self._finish_abort(gid, [(b.target, b.label) for b in branches], set(), one_phase=alone))
+            raise
         finally:
             if decision is None:
-                self._in_flight.discard(txn_id)
+                self._leave(gid)
         # The votes are in: the decision is taken and carried out even if our caller
         # goes away now. A cancelled caller must not orphan a COMMIT on its way to disk.
         return await asyncio.shield(decision)
 
-    async def _decide(self, txn_id: str, votes: list[BranchResult], log: Any) -> TransactionResult:
+    def global_id(self, txn_id: str) -> str:
+        """The global id of a local one (`run`'s `txn_id`); a global id is returned
+        as it is."""
+        prefix = f"{self.id}:"
+        return txn_id if txn_id.startswith(prefix) else prefix + txn_id
+
+    async def outcome(self, txn_id: str) -> Outcome:
+        """What became of a transaction, as this coordinator knows it.
+
+        Args:
+            txn_id: the global id (`TransactionResult.txn_id`) or the local one.
+
+        Returns:
+            COMMITTED if the COMMIT decision is logged: for as long as its record is
+            kept (the log's retention, 7 days by default, after every participant
+            acknowledged). PENDING while it is in phase 1 here, or while a failed
+            decision write leaves only the disk knowing (ask after a restart).
+            ABORTED otherwise: decided abort, never seen, or a commit whose record
+            is past retention (presumed abort).
+
+        Raises:
+            CoordinatorFailedError: the decision log failed; restart to ask again.
+            ClosedError: the coordinator is closed.
+        """
+        gid = self.global_id(txn_id)
+        known = self._known(gid)
+        if known is not None:
+            return known
+        return Outcome.COMMITTED if await self._logged(gid) else Outcome.ABORTED
+
+    async def _logged(self, gid: str) -> bool:
+        """Whether the log holds a COMMIT for `gid`, ended or not."""
+        try:
+            return await self._log.find(gid) is not None
+        except DurabilityError as e:
+            self._fail(e)
+            raise CoordinatorFailedError(f"decision log failed: {e}") from e
+
+    def _fail(self, error: BaseException) -> None:
+        if self._failure is None:
+            self._failure = error
+            self._failed.set()
+
+    def _known(self, gid: str) -> Outcome | None:
+        """The outcome from memory alone, or None if only the log can tell."""
+        if gid in self._committed:
+            return Outcome.COMMITTED
+        if gid in self._in_flight or gid in self._uncertain:
+            return Outcome.PENDING
+        return None
+
+    def _leave(self, gid: str) -> None:
+        """`gid` has decided: GetOutcome stops answering PENDING for it."""
+        self._in_flight.discard(gid)
+        if self._closing and not self._in_flight:
+            self._quiet.set()
+
+    async def _decide(self, gid: str, votes: list[BranchResult], log: Any) -> TransactionResult:
         """Makes the decision durable (for a commit) and starts phase 2."""
         reason = ""
         try:
@@ -232,7 +426,7 @@ class Coordinator:
                 outcome = Outcome.COMMITTED
                 targets = tuple(v.target for v in votes if v.vote is Vote.COMMIT)
                 if targets:
-                    await self._log_commit(txn_id, targets, log)
+                    await self._log_commit(gid, targets, log)
                 log.debug("decided", outcome="commit", targets=targets)
                 crash_point("coordinator.after_commit_logged")
             else:
@@ -243,24 +437,28 @@ class Coordinator:
         finally:
             # No await between the log write returning and this line: GetOutcome
             # moves from PENDING straight to COMMITTED.
-            self._in_flight.discard(txn_id)
-        return await self._finish(txn_id, outcome, votes, targets, reason)
+            self._leave(gid)
+        return await self._finish(gid, outcome, votes, targets, reason)
 
-    async def _log_commit(self, txn_id: str, targets: tuple[str, ...], log: Any) -> None:
+    async def _log_commit(self, gid: str, targets: tuple[str, ...], log: Any) -> None:
         try:
-            await self._log.log_commit(txn_id, targets)
+            fresh = await self._log.log_commit(gid, targets)
         except DurabilityError as e:
             # Rule 8: the record may or may not be on disk. Send nothing, neither
             # Commit nor Abort; GetOutcome says PENDING; a restart decides from disk.
-            self._failed = e
-            self._uncertain.add(txn_id)
+            self._fail(e)
+            self._uncertain.add(gid)
             log.critical("decision_write_failed", error=str(e))
             raise CoordinatorFailedError(f"decision log failed: {e}") from e
-        self._committed[txn_id] = targets
+        if not fresh:
+            # Logged before (an id reused past the checks in run()): that decision
+            # stands and is delivered by whoever logged it; send nothing.
+            raise DuplicateTransactionError(gid, "committed")
+        self._committed[gid] = targets
 
     async def _finish(
         self,
-        txn_id: str,
+        gid: str,
         outcome: Outcome,
         votes: list[BranchResult],
         targets: tuple[str, ...],
@@ -269,27 +467,27 @@ class Coordinator:
         """Starts phase 2 in the background; for a commit, waits up to `phase2_wait_s`
         for it so the caller reads its own writes. An abort returns at once: the
         branches that did not answer are likely the slow ones."""
+        names = {v.target: v.name for v in votes}
+        named = [(t, names[t]) for t in targets]
+        acked: set[str] = set()  # filled as each branch acknowledges
         if outcome is Outcome.COMMITTED:
-            task = self._spawn(self._finish_commit(txn_id, targets))
+            task = self._spawn(self._finish_commit(gid, named, acked))
+            if self.config.phase2_wait_s > 0:
+                await asyncio.wait({task}, timeout=self.config.phase2_wait_s)
         else:
-            task = self._spawn(self._finish_abort(txn_id, targets))
-        acked: set[str] = set()
-        if outcome is Outcome.COMMITTED and self.config.phase2_wait_s > 0:
-            done, _ = await asyncio.wait({task}, timeout=self.config.phase2_wait_s)
-            if done and not task.cancelled() and task.exception() is None:
-                acked = task.result()
+            self._spawn(self._finish_abort(gid, named, acked))
         results = tuple(
             BranchResult(v.name, v.target, v.vote, v.reason, v.vote is Vote.READ_ONLY or v.target in acked)
             for v in votes
         )
-        return TransactionResult(txn_id, outcome, results, all(r.acknowledged for r in results), reason)
+        return TransactionResult(gid, outcome, results, all(r.acknowledged for r in results), reason)
 
     # --- phase 1 -------------------------------------------------------------------
 
-    async def _phase1(self, txn_id: str, branches: Sequence[Branch], timeout: float, log: Any) -> list[BranchResult]:
+    async def _phase1(self, gid: str, branches: Sequence[Branch], timeout: float, log: Any) -> list[BranchResult]:
         deadline = asyncio.get_running_loop().time() + timeout
         tasks = {
-            asyncio.create_task(self._prepare(txn_id, b, deadline, one_phase=False)): i for i, b in enumerate(branches)
+            asyncio.create_task(self._prepare(gid, b, deadline, one_phase=False)): i for i, b in enumerate(branches)
         }
         votes: list[BranchResult | None] = [None] * len(branches)
         pending = set(tasks)
@@ -308,31 +506,33 @@ class Coordinator:
             log.info("prepare_cancelled", branches=[branches[tasks[t]].label for t in pending])
         return [v or BranchResult(b.label, b.target, None, _CANCELLED) for v, b in zip(votes, branches, strict=True)]
 
-    async def _prepare(self, txn_id: str, branch: Branch, deadline: float, *, one_phase: bool) -> BranchResult:
+    async def _prepare(self, gid: str, branch: Branch, deadline: float, *, one_phase: bool) -> BranchResult:
         operation = any_pb2.Any()
         operation.Pack(branch.operation)
         request = participant_pb2.PrepareRequest(
-            txn_id=txn_id, coordinator=self._advertise, operation=operation, one_phase=one_phase
+            txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase
         )
         timeout = deadline - asyncio.get_running_loop().time()
         if timeout <= 0:
             return BranchResult(branch.label, branch.target, None, "deadline passed before Prepare was sent")
         self.messages_sent += 1
         try:
-            reply = await self._stub(branch.target).Prepare(request, timeout=timeout)
+            # wait_for_ready: a participant that just restarted is reached within the
+            # deadline instead of failing fast on a channel still backing off.
+            reply = await self._stub(branch.target).Prepare(request, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
-            _log.info("prepare_failed", txn_id=txn_id, branch=branch.label, error=rpc.describe(e))
+            _log.info("prepare_failed", txn_id=gid, branch=branch.label, error=rpc.describe(e))
             return BranchResult(branch.label, branch.target, None, rpc.describe(e))
         vote = _VOTES.get(reply.vote)
         if vote is None:
-            _log.warning("prepare_bad_vote", txn_id=txn_id, branch=branch.label, vote=reply.vote)
+            _log.warning("prepare_bad_vote", txn_id=gid, branch=branch.label, vote=reply.vote)
             return BranchResult(branch.label, branch.target, None, f"unspecified vote {reply.vote}")
-        _log.debug("voted", txn_id=txn_id, branch=branch.label, vote=vote.value, reason=reply.reason)
+        _log.debug("voted", txn_id=gid, branch=branch.label, vote=vote.value, reason=reply.reason)
         return BranchResult(branch.label, branch.target, vote, reply.reason if vote is Vote.ABORT else "")
 
     # --- one-phase commit ----------------------------------------------------------
 
-    async def _one_phase(self, txn_id: str, branch: Branch, timeout: float, log: Any) -> TransactionResult:
+    async def _one_phase(self, gid: str, branch: Branch, timeout: float, log: Any) -> TransactionResult:
         """One branch: the participant decides alone, so nothing is logged here.
 
         A lost answer leaves the outcome with the participant. An Abort settles it:
@@ -340,61 +540,77 @@ class Coordinator:
         already committed (FAILED_PRECONDITION), which means COMMITTED.
         """
         deadline = asyncio.get_running_loop().time() + timeout
-        vote = await self._prepare(txn_id, branch, deadline, one_phase=True)
+        vote = await self._prepare(gid, branch, deadline, one_phase=True)
         if vote.vote in _YES:
             outcome = Outcome.COMMITTED
         elif vote.vote is Vote.ABORT:
             outcome = Outcome.ABORTED
         else:
+            stop = stop_after_delay(self.config.abort_retry_s)
             try:
-                await self._deliver(txn_id, branch.target, "Abort", stop_after_delay(self.config.abort_retry_s))
+                await self._deliver(gid, branch.target, branch.label, "Abort", stop, set(), one_phase=True)
                 outcome = Outcome.ABORTED
             except _RefusedError:
                 outcome = Outcome.COMMITTED
             except grpc.aio.AioRpcError as e:
-                raise OutcomeUnknownError(txn_id, f"{vote.reason}; then {rpc.describe(e)}") from e
+                raise OutcomeUnknownError(gid, f"{vote.reason}; then {rpc.describe(e)}") from e
         log.info("decided", outcome=outcome.value, one_phase=True, reason=vote.reason)
         result = BranchResult(branch.label, branch.target, vote.vote, vote.reason, acknowledged=True)
         reason = f"{branch.label}: {vote.reason}" if vote.reason else ""
-        return TransactionResult(txn_id, outcome, (result,), completed=True, reason=reason)
+        return TransactionResult(gid, outcome, (result,), completed=True, reason=reason)
 
     # --- phase 2 -------------------------------------------------------------------
 
-    async def _finish_commit(self, txn_id: str, targets: Sequence[str]) -> set[str]:
-        """Delivers Commit to every target until acknowledged, then logs END."""
-        results = await asyncio.gather(
-            *(self._deliver(txn_id, t, "Commit", stop_never) for t in targets), return_exceptions=True
+    async def _recover(self, records: Sequence[CommitRecord]) -> None:
+        """Re-drives logged commits without END, `recovery_concurrency` at a time."""
+        todo = iter(records)
+
+        async def worker() -> None:
+            for record in todo:  # one shared iterator: each record goes to one worker
+                _log.info("recovery_redrive", txn_id=record.txn_id, targets=record.targets)
+                await self._finish_commit(record.txn_id, [(t, t) for t in record.targets], set())
+
+        await asyncio.gather(*(worker() for _ in range(min(self.config.recovery_concurrency, len(records)))))
+
+    async def _finish_commit(self, gid: str, targets: Sequence[tuple[str, str]], acked: set[str]) -> None:
+        """Delivers Commit to every (target, name) until acknowledged, then logs END."""
+        await asyncio.gather(
+            *(self._deliver(gid, t, name, "Commit", stop_never, acked) for t, name in targets), return_exceptions=True
         )
-        acked = {t for t, r in zip(targets, results, strict=True) if r is None}
         if not targets:  # every branch was read-only: nothing was logged
-            return acked
+            return
         if len(acked) == len(targets):
             # END is not forced and nobody waits for it: it rides with the next sync.
-            self._spawn(self._end(txn_id))
+            self._spawn(self._end(gid))
         else:
             # Only a refusal (a protocol violation, logged in _deliver) gets here.
             # The record stays: an operator must look, and recovery will try again.
-            _log.error("commit_not_acknowledged", txn_id=txn_id, missing=sorted(set(targets) - acked))
-        return acked
+            missing = sorted(name for t, name in targets if t not in acked)
+            _log.error("commit_not_acknowledged", txn_id=gid, missing=missing)
 
-    async def _end(self, txn_id: str) -> None:
-        await self._log.log_end(txn_id)
-        del self._committed[txn_id]
-        _log.debug("ended", txn_id=txn_id)
+    async def _end(self, gid: str) -> None:
+        await self._log.log_end(gid)
+        del self._committed[gid]
+        _log.debug("ended", txn_id=gid)
 
-    async def _finish_abort(self, txn_id: str, targets: Sequence[str]) -> set[str]:
+    async def _finish_abort(
+        self, gid: str, targets: Sequence[tuple[str, str]], acked: set[str], *, one_phase: bool = False
+    ) -> None:
         """Delivers Abort for a while: afterwards GetOutcome's ABORTED covers it."""
         stop = stop_after_delay(self.config.abort_retry_s)
-        results = await asyncio.gather(
-            *(self._deliver(txn_id, t, "Abort", stop) for t in targets), return_exceptions=True
+        await asyncio.gather(
+            *(self._deliver(gid, t, name, "Abort", stop, acked, one_phase=one_phase) for t, name in targets),
+            return_exceptions=True,
         )
-        return {t for t, r in zip(targets, results, strict=True) if r is None}
 
-    async def _deliver(self, txn_id: str, target: str, method: str, stop: Any) -> None:
-        """One phase-2 message, retried with exponential backoff and full jitter.
+    async def _deliver(
+        self, gid: str, target: str, name: str, method: str, stop: Any, acked: set[str], *, one_phase: bool = False
+    ) -> None:
+        """One phase-2 message, retried with exponential backoff and full jitter,
+        until `stop` says enough; on success `target` joins `acked`.
 
-        The first attempt goes out directly; the retry machinery is only built once
-        it failed, so the common case costs one RPC and nothing else.
+        The first attempt goes out directly (batched, for a Commit); the retry
+        machinery is only built once it failed, so the common case costs one RPC.
 
         Raises:
             _RefusedError: the participant answered FAILED_PRECONDITION.
@@ -402,13 +618,14 @@ class Coordinator:
         """
         stub = self._stub(target)
         timeout = self.config.rpc_timeout_s
+        log = _log.bind(txn_id=gid, branch=name, method=method)
         send: Callable[[], Awaitable[object]]
         if method == "Commit":
-            commit = participant_pb2.CommitRequest(txn_id=txn_id)
-            send = lambda: stub.Commit(commit, timeout=timeout)  # noqa: E731
+            commit = participant_pb2.CommitRequest(txn_id=gid)
+            send = lambda: stub.Commit(commit, timeout=timeout, wait_for_ready=True)  # noqa: E731
         else:
-            abort = participant_pb2.AbortRequest(txn_id=txn_id)
-            send = lambda: stub.Abort(abort, timeout=timeout)  # noqa: E731
+            abort = participant_pb2.AbortRequest(txn_id=gid)
+            send = lambda: stub.Abort(abort, timeout=timeout, wait_for_ready=True)  # noqa: E731
 
         async def attempt() -> None:
             self.messages_sent += 1
@@ -416,42 +633,59 @@ class Coordinator:
                 await send()
             except grpc.aio.AioRpcError as e:
                 if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                    # A refused Commit is a protocol violation; a refused Abort is
-                    # how a one-phase participant says it already committed.
-                    report = _log.error if method == "Commit" else _log.info
-                    report("phase2_refused", txn_id=txn_id, branch=target, method=method, error=rpc.describe(e))
                     raise _RefusedError(rpc.describe(e)) from e
                 raise
 
-        first = attempt
-        if method == "Commit":
-            batcher = self._batchers.get(target)
-            if batcher is None:
-                batcher = self._batchers[target] = _CommitBatcher(self, target)
-            if batcher.supported:
-                first = functools.partial(batcher.commit, txn_id)
+        def failed(attempt_number: int, error: BaseException | None) -> None:
+            described = rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error)
+            broken = isinstance(error, grpc.aio.AioRpcError) and error.code() in _BROKEN
+            if method == "Commit" and broken and attempt_number == 1:
+                # The participant cannot apply a commit it voted for: the most
+                # serious fault it can have. Retried, but an operator must look.
+                log.error("commit_failing_at_participant", error=described)
+            # The first failure at info, then at attempts 2, 4, 8, ...: a branch that
+            # stays unreachable does not flood the log.
+            report = log.info if attempt_number & (attempt_number - 1) == 0 else log.debug
+            report("phase2_retry", attempt=attempt_number, error=described)
+
         try:
-            await first()
-        except grpc.aio.AioRpcError as first_error:
-            log = _log.bind(txn_id=txn_id, branch=target, method=method)
-            log.info("phase2_retry", attempt=1, error=rpc.describe(first_error))
-
-            def before_sleep(state: Any) -> None:
-                error = state.outcome.exception() if state.outcome else None
-                described = rpc.describe(error) if isinstance(error, grpc.aio.AioRpcError) else repr(error)
-                log.info("phase2_retry", attempt=state.attempt_number + 1, error=described)
-
-            async for retry in AsyncRetrying(
-                # Full jitter: concurrent retries to one recovering participant spread out.
-                wait=wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
-                stop=stop,
-                retry=self._retry_on,
-                reraise=True,
-                before_sleep=before_sleep,
-            ):
-                with retry:
+            try:
+                batcher = self._batcher(target) if method == "Commit" else None
+                if batcher is not None and batcher.supported:
+                    try:
+                        await batcher.commit(gid)
+                    except grpc.aio.AioRpcError as e:
+                        if e.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                        await attempt()  # no CommitMany there: this is the first Commit
+                else:
                     await attempt()
-        _log.debug("acknowledged", txn_id=txn_id, branch=target, method=method)
+            except grpc.aio.AioRpcError as first_error:
+                failed(1, first_error)
+
+                def before_sleep(state: Any) -> None:
+                    failed(state.attempt_number + 1, state.outcome.exception() if state.outcome else None)
+
+                async for retry in AsyncRetrying(
+                    # Full jitter: concurrent retries to one recovering participant spread out.
+                    wait=wait_random_exponential(multiplier=self.config.retry_initial_s, max=self.config.retry_max_s),
+                    stop=stop,
+                    retry=self._retry_on,
+                    reraise=True,
+                    before_sleep=before_sleep,
+                ):
+                    with retry:
+                        await attempt()
+        except _RefusedError as e:
+            if method == "Commit":
+                log.error("commit_refused", error=str(e), hint="a participant refused a logged COMMIT")
+            elif one_phase:
+                log.info("one_phase_already_committed", error=str(e))
+            else:
+                log.error("abort_refused", error=str(e), hint="a participant committed without a COMMIT decision")
+            raise
+        acked.add(target)
+        log.debug("acknowledged")
         if method == "Commit":
             crash_point("coordinator.after_first_commit")
 
@@ -464,19 +698,24 @@ class Coordinator:
             stub = self._stubs[target] = participant_pb2_grpc.ParticipantStub(self._channels[target])
         return stub
 
+    def _batcher(self, target: str) -> _CommitBatcher:
+        batcher = self._batchers.get(target)
+        if batcher is None:
+            batcher = self._batchers[target] = _CommitBatcher(self, target)
+        return batcher
+
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def outcome(self, txn_id: str) -> coordinator_pb2.Outcome.ValueType:
-        """What GetOutcome answers for `txn_id` (DESIGN.md rule 5)."""
-        if txn_id in self._committed:
-            return coordinator_pb2.OUTCOME_COMMITTED
-        if txn_id in self._in_flight or txn_id in self._uncertain:
-            return coordinator_pb2.OUTCOME_PENDING
-        return coordinator_pb2.OUTCOME_ABORTED
+    async def _answer(self, gid: str) -> coordinator_pb2.Outcome.ValueType:
+        """GetOutcome's answer for a participant (rule 5): memory, then the log."""
+        known = self._known(gid)
+        if known is None:
+            known = Outcome.COMMITTED if await self._logged(gid) else Outcome.ABORTED
+        return _PB_OUTCOME[known]
 
 
 class _CommitBatcher:
@@ -510,16 +749,24 @@ class _CommitBatcher:
 
     async def _send(self) -> None:
         stub = self._coordinator._stub(self._target)
+        limit = self._coordinator.config.max_commit_batch
         batch: dict[str, asyncio.Future[None]] = {}
         try:
             while self._pending:
-                batch, self._pending = self._pending, {}
+                if len(self._pending) <= limit:
+                    batch, self._pending = self._pending, {}
+                else:  # the oldest first; the rest wait for the next message
+                    batch = {t: self._pending.pop(t) for t in list(itertools.islice(self._pending, limit))}
                 self._coordinator.messages_sent += 1
                 request = participant_pb2.CommitManyRequest(txn_ids=list(batch))
                 try:
-                    reply = await stub.CommitMany(request, timeout=self._coordinator.config.rpc_timeout_s)
+                    reply = await stub.CommitMany(
+                        request, timeout=self._coordinator.config.rpc_timeout_s, wait_for_ready=True
+                    )
                 except grpc.aio.AioRpcError as e:
-                    self.supported = e.code() is not grpc.StatusCode.UNIMPLEMENTED
+                    if e.code() is grpc.StatusCode.UNIMPLEMENTED and self.supported:
+                        self.supported = False
+                        _log.info("commit_many_unsupported", branch=self._target, fallback="Commit")
                     _settle(batch, e)
                     continue
                 except Exception as e:  # noqa: BLE001 - every waiter hears of it
@@ -528,7 +775,6 @@ class _CommitBatcher:
                 for txn_id, reason in reply.refused.items():
                     refused = batch.pop(txn_id, None)
                     if refused is not None:
-                        _log.error("phase2_refused", txn_id=txn_id, branch=self._target, method="Commit", error=reason)
                         _settle({txn_id: refused}, _RefusedError(reason))
                 _settle(batch, None)
         finally:
@@ -561,6 +807,12 @@ class _OutcomeServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.GetOutcomeResponse:
         if not request.txn_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
-        outcome = self._coordinator.outcome(request.txn_id)
+        if not self._coordinator._open:
+            # Before the log is read an ABORTED could contradict a logged COMMIT.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is starting or stopped; ask again")
+        try:
+            outcome = await self._coordinator._answer(request.txn_id)
+        except TwoPCError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decision log cannot be read: {e}")
         _log.info("outcome_asked", txn_id=request.txn_id, outcome=coordinator_pb2.Outcome.Name(outcome))
         return coordinator_pb2.GetOutcomeResponse(outcome=outcome)

@@ -18,12 +18,41 @@ class DurabilityError(TwoPCError):
     """A durable write (fsync) failed. Fatal: the store stops, nothing is retried.
 
     The page cache may have dropped the data, so the process must stop and let
-    recovery decide from what is on disk (DESIGN.md rule 8).
+    recovery decide from what is on disk (rule 8 of docs/design.md).
+    """
+
+
+class ClosedError(TwoPCError):
+    """The store or coordinator is closed (or closing): the work was not done."""
+
+
+class StoreInUseError(TwoPCError):
+    """The store's file is open in another store, in this process or another one.
+
+    A file has one owner: two coordinators deciding from one decision log, or two
+    participants on one transaction table, would break the protocol.
     """
 
 
 class CoordinatorFailedError(TwoPCError):
-    """The coordinator stopped after a failed decision write; restart it to recover."""
+    """The coordinator stopped after a failed decision write; restart it to recover.
+
+    The embedding process learns of it from `Coordinator.wait_failed()` (or the
+    `failure` property) as well as from the next `run`: it must restart, so that
+    recovery decides from what is on disk.
+    """
+
+
+class DuplicateTransactionError(TwoPCError):
+    """`run` was given a transaction id this coordinator is running or has committed.
+
+    A transaction id names one transaction for ever. Nothing was sent.
+    """
+
+    def __init__(self, txn_id: str, state: str) -> None:
+        super().__init__(f"transaction {txn_id} is {state} already; give each transaction a new id")
+        self.txn_id = txn_id
+        self.state = state
 
 
 class OutcomeUnknownError(TwoPCError):

@@ -2,20 +2,26 @@
 
 Presumed abort keeps the log small. Only COMMIT decisions are written, each with the
 participants that must hear it, and the write is forced (fsync) before any Commit is
-sent (DESIGN.md rule 2). Once every participant has acknowledged, END marks the
+sent (rule 2 of docs/design.md). Once every participant has acknowledged, END marks the
 record; END need not be forced, since losing it only means recovery re-sends Commits
 that participants acknowledge again. A record without END after a restart is a
 commit still to deliver (rule 4). No record means aborted.
 
 Ended records stay on disk for `retention_s` (an audit trail that invariant checkers
 read to verify that every participant commit was logged), then are purged, at open
-and every few thousand ENDs. The coordinator keeps nothing in memory for them.
+and every few thousand ENDs. The coordinator keeps nothing in memory for them; it
+reads them back to answer `Coordinator.outcome` and GetOutcome.
+
+Every log has an id, made once at random and kept in the log itself. It names the
+coordinator: transaction ids on the wire are `"<log id>:<local id>"`, so two
+coordinators can never mean two different transactions by one id at a participant.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -31,19 +37,31 @@ class CommitRecord:
 
     txn_id: str
     targets: tuple[str, ...]
+    ended: bool = False
 
 
 class DecisionLog(Protocol):
     """Where a coordinator makes its decisions durable. Implementations must force
     `log_commit` to stable storage before returning, and raise `DurabilityError`
-    (and refuse all further writes) when that fails."""
+    (and refuse all further writes) when that fails. One log has one owner: opening
+    it twice must fail."""
 
     async def open(self) -> list[CommitRecord]:
         """Opens the log and returns the commits that have no END yet."""
         ...
 
-    async def log_commit(self, txn_id: str, targets: Sequence[str]) -> None:
-        """Durably records the COMMIT decision. Returns once it is on disk."""
+    @property
+    def id(self) -> str:
+        """The log's id (set by `open`): stable for the life of the log."""
+        ...
+
+    async def log_commit(self, txn_id: str, targets: Sequence[str]) -> bool:
+        """Durably records the COMMIT decision. Returns once it is on disk: True, or
+        False if `txn_id` was logged already (nothing is written then)."""
+        ...
+
+    async def find(self, txn_id: str) -> CommitRecord | None:
+        """The logged COMMIT of `txn_id`, ended or not, while it is retained."""
         ...
 
     async def log_end(self, txn_id: str) -> None:
@@ -66,6 +84,10 @@ CREATE TABLE IF NOT EXISTS decisions (
     ended_at  REAL             -- NULL until every participant acknowledged
 );
 CREATE INDEX IF NOT EXISTS decisions_open ON decisions (ended_at);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -82,21 +104,46 @@ class SqliteDecisionLog:
         self.store = SqliteStore(path, schema=_SCHEMA)
         self.retention_s = retention_s
         self._ends = 0
+        self._id = ""
+
+    @property
+    def id(self) -> str:
+        return self._id
 
     async def open(self) -> list[CommitRecord]:
         await self.store.open()
         cutoff = time.time() - self.retention_s
+        new_id = secrets.token_hex(8)
+
+        def identify(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('log_id', ?)", (new_id,))
+            return str(conn.execute("SELECT value FROM meta WHERE key = 'log_id'").fetchone()[0])
 
         def purge_and_list(conn: sqlite3.Connection) -> list[CommitRecord]:
             conn.execute("DELETE FROM decisions WHERE ended_at < ?", (cutoff,))
             rows = conn.execute("SELECT txn_id, targets FROM decisions WHERE ended_at IS NULL ORDER BY rowid")
             return [CommitRecord(t, tuple(json.loads(ts))) for t, ts in rows]
 
-        return await self.store.write(purge_and_list, durable=False)
+        try:
+            self._id = await self.store.write(identify)  # forced: the id outlives any crash
+            return await self.store.write(purge_and_list, durable=False)
+        except BaseException:
+            await self.store.close()
+            raise
 
-    async def log_commit(self, txn_id: str, targets: Sequence[str]) -> None:
+    async def log_commit(self, txn_id: str, targets: Sequence[str]) -> bool:
         row = (txn_id, json.dumps(list(targets)), time.time())
-        await self.store.write(lambda c: c.execute("INSERT INTO decisions VALUES (?, ?, ?, NULL)", row))
+        inserted: int = await self.store.write(
+            lambda c: c.execute("INSERT INTO decisions VALUES (?, ?, ?, NULL) ON CONFLICT DO NOTHING", row).rowcount
+        )
+        return inserted == 1
+
+    async def find(self, txn_id: str) -> CommitRecord | None:
+        def lookup(c: sqlite3.Connection) -> CommitRecord | None:
+            row = c.execute("SELECT targets, ended_at FROM decisions WHERE txn_id = ?", (txn_id,)).fetchone()
+            return None if row is None else CommitRecord(txn_id, tuple(json.loads(row[0])), row[1] is not None)
+
+        return await self.store.read(lookup)
 
     async def log_end(self, txn_id: str) -> None:
         now = time.time()

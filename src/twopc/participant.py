@@ -11,23 +11,29 @@ What the helper guarantees, so the business code does not have to:
 
 * Prepare is durable before the vote (rule 1); a repeated Prepare returns the same
   vote without running the business step again; a Prepare past its deadline, or for
-  a transaction already aborted (a tombstone), votes ABORT and reserves nothing.
+  a transaction already aborted (a tombstone), votes ABORT and reserves nothing. A
+  Prepare that repeats a transaction id with another operation (its digest is kept
+  with the row) votes ABORT and leaves the first transaction as it was.
 * Commit and Abort are idempotent (rule 7): Commit of a committed transaction and
   Abort of an aborted or unknown one succeed; Commit of an aborted or never prepared
   transaction, and Abort of a committed one, are FAILED_PRECONDITION and change
   nothing.
 * Transactions prepared for longer than `in_doubt_after_s` are resolved by asking
   the coordinator's GetOutcome (rule 6); PENDING or unreachable means ask later.
+* A business `commit` or `abort` that raises is logged at critical level with its
+  traceback and answered INTERNAL: the coordinator retries and alerts an operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import os
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -52,7 +58,8 @@ CREATE TABLE IF NOT EXISTS twopc_txn (
     state        TEXT NOT NULL CHECK (state IN ('PREPARED', 'COMMITTED', 'ABORTED')),
     coordinator  TEXT NOT NULL DEFAULT '',
     prepared_at  REAL,
-    decided_at   REAL
+    decided_at   REAL,
+    digest       TEXT NOT NULL DEFAULT ''  -- of the prepared operation: a repeat must match
 );
 CREATE INDEX IF NOT EXISTS twopc_txn_state ON twopc_txn (state, prepared_at);
 CREATE INDEX IF NOT EXISTS twopc_txn_decided ON twopc_txn (decided_at);
@@ -84,6 +91,15 @@ class ParticipantHandler(Protocol):
     def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
         """Validates and reserves. Returns COMMIT (reserved) or READ_ONLY.
 
+        Args:
+            db: the local transaction, shared with the helper's own row.
+            txn_id: the transaction's global id; key the reservation by it.
+            operation: the unpacked message, an instance of one of `operations`.
+
+        Whatever `prepare` wrote is rolled back if it raises, so a refusal leaves
+        nothing behind. A repeated Prepare never reaches it: the helper answers
+        from its own row.
+
         Raises:
             VoteAbort: refuse with a reason for people (insufficient funds...).
             InvalidOperation: malformed operation (INVALID_ARGUMENT).
@@ -92,12 +108,14 @@ class ParticipantHandler(Protocol):
         ...
 
     def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
-        """Applies the reservation made by `prepare`. Must not fail for business
-        reasons: the decision is final."""
+        """Applies the reservation made by `prepare`. It gets no operation: the
+        reservation must record all that commit needs. Must not fail for business
+        reasons: the decision is final (a raise is logged as critical and the
+        coordinator retries)."""
         ...
 
     def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
-        """Releases the reservation made by `prepare`."""
+        """Releases the reservation made by `prepare`. It gets no operation either."""
         ...
 
 
@@ -109,14 +127,17 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     """The `twopc.v1.Participant` servicer around a business handler.
 
     Use it as an async context manager (it opens the store and runs the in-doubt
-    resolver), and register it on a `grpc.aio.Server` with `add_to_server`::
+    resolver), and serve it, with the service's own API beside it, until SIGTERM::
 
         async with Participant(Wallet(), "wallet.db", credentials=Credentials.insecure()) as p:
-            p.add_to_server(server)
+            await p.serve("127.0.0.1:50051", services=[lambda s: add_WalletServicer_to_server(api, s)])
+
+    (or register it on a server you own with `add_to_server`).
 
     Args:
         handler: the business logic.
-        store: the service's SQLite store, or its file path; the service may use
+        store: the service's SQLite store (not yet open: the participant opens it
+            with its schema, and closes it), or its file path; the service may use
             `participant.store` for its own business API too.
         credentials: transport security for calls to the coordinator's GetOutcome.
         config: in-doubt resolution timing and retention.
@@ -125,13 +146,13 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     def __init__(
         self,
         handler: ParticipantHandler,
-        store: SqliteStore | str,
+        store: SqliteStore | str | os.PathLike[str],
         *,
         credentials: Credentials,
         config: ParticipantConfig | None = None,
     ) -> None:
         self.handler = handler
-        self.store = SqliteStore(store) if isinstance(store, str) else store
+        self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
         self.store.schema = _SCHEMA + handler.schema + self.store.schema  # all applied when it opens
         self.config = config or ParticipantConfig()
         self._credentials = credentials
@@ -140,7 +161,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self._resolver: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Participant:
+        if self.store.is_open:
+            raise ValueError("give the participant its store unopened: it opens it with the twopc schema")
         await self.store.open()
+        try:
+            await self.store.write(_migrate)
+        except BaseException:
+            await self.store.close()
+            raise
         self._resolver = asyncio.create_task(self._resolve_forever())
         return self
 
@@ -153,7 +181,29 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         await self.store.close()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers the Participant service on a server you own."""
         participant_pb2_grpc.add_ParticipantServicer_to_server(self, server)
+
+    async def serve(
+        self, address: str, *, services: Sequence[Callable[[grpc.aio.Server], None]] = (), grace_s: float = 1.0
+    ) -> None:
+        """Serves the Participant contract and the caller's `services` on `address`
+        until SIGTERM or SIGINT: the usual way to run a participant process.
+
+        Binds exclusively, prints `READY host:port` once serving, and stops
+        gracefully on a signal.
+
+        Args:
+            address: "host:port" to listen on (port 0 for any free one).
+            services: functions that add the service's own servicers to the server.
+            grace_s: how long in-flight RPCs may finish once stopping.
+
+        Raises:
+            DurabilityError: the store failed; restart the process to recover.
+        """
+        await rpc.serve(
+            address, self._credentials, [self.add_to_server, *services], failed=self.store.wait_failed, grace_s=grace_s
+        )
 
     # --- the RPCs ------------------------------------------------------------------
 
@@ -177,13 +227,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        digest = _digest(request.operation.type_url, request.operation.value)
         prepare = functools.partial(
-            self._prepare_tx, txn_id, request.coordinator, operation, deadline, request.one_phase
+            self._prepare_tx, txn_id, request.coordinator, operation, digest, deadline, request.one_phase
         )
         try:
-            vote, reason, fresh = await self.store.write(prepare)
+            vote, reason, repeat = await self.store.write(prepare)
         except VoteAbort as e:
-            vote, reason, fresh = Vote.ABORT, e.reason, False
+            vote, reason, repeat = Vote.ABORT, e.reason, False
         except InvalidOperation as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except NotFound as e:
@@ -194,11 +245,11 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         except Exception as e:  # noqa: BLE001 - a bug in the service's prepare is INTERNAL, not a crash
             _log.exception("prepare_raised", txn_id=txn_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {e!r}")
-        if fresh and vote is Vote.COMMIT and not request.one_phase:
+        if not repeat and vote is Vote.COMMIT and not request.one_phase:
             crash_point("participant.after_prepare_durable")
         # Happy-path events are debug: at info they cost more than the fsync they log.
         report = _log.info if vote is Vote.ABORT else _log.debug
-        report("prepared", txn_id=txn_id, vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=not fresh)
+        report("prepared", txn_id=txn_id, vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=repeat)
         return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
 
     async def Commit(  # noqa: N802 - the RPC's name
@@ -218,6 +269,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             refused = await self.store.write(functools.partial(self._commit_many_tx, list(request.txn_ids)))
         except DurabilityError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+        except Exception as e:  # noqa: BLE001 - a business commit that raises; loud, never UNKNOWN
+            _log.critical("commit_raised", txn_ids=list(request.txn_ids)[:8], count=len(request.txn_ids), exc_info=e)
+            await context.abort(grpc.StatusCode.INTERNAL, f"commit failed at the participant: {type(e).__name__}")
         return participant_pb2.CommitManyResponse(refused=refused)
 
     async def Abort(  # noqa: N802 - the RPC's name
@@ -235,6 +289,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except DurabilityError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+        except Exception as e:  # noqa: BLE001 - the business commit/abort raised; loud, never UNKNOWN
+            # After a yes vote the decision is final: a commit that cannot be applied
+            # is the most serious fault a participant can have. Nothing changed; the
+            # coordinator retries, and an operator must look.
+            _log.critical("decision_raised", txn_id=txn_id, state=state, exc_info=e)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"{state.lower()} failed at the participant: {type(e).__name__}"
+            )
 
     async def apply(self, txn_id: str, state: str) -> None:
         """Applies a decision (COMMITTED or ABORTED) to `txn_id`, idempotently."""
@@ -254,30 +316,36 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         txn_id: str,
         coordinator: str,
         operation: Message,
+        digest: str,
         deadline: float | None,
         one_phase: bool,
         db: sqlite3.Connection,
     ) -> tuple[Vote, str, bool]:
-        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+        """Returns (vote, reason, repeat): `repeat` when the row existed already."""
+        row = db.execute("SELECT state, digest FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
         if row is not None:  # a repeated Prepare: the same answer, no work
             if row[0] == ABORTED:
-                return Vote.ABORT, "transaction already aborted", False
-            return Vote.COMMIT, "", False
+                return Vote.ABORT, "transaction already aborted", True
+            if row[1] != digest:
+                # Not a repeat but another transaction under a used id: refuse it and
+                # leave the first one as it is.
+                return Vote.ABORT, "transaction id already used for another operation", True
+            return Vote.COMMIT, "", True
         if deadline is not None and time.monotonic() >= deadline:
             return Vote.ABORT, "deadline passed before prepare", False
         vote = self.handler.prepare(db, txn_id, operation)
         if vote is Vote.READ_ONLY:
-            return vote, "", True
+            return vote, "", False
         if vote is not Vote.COMMIT:
             raise TypeError(f"prepare must return Vote.COMMIT or Vote.READ_ONLY, got {vote!r}")
         now = time.time()
         if one_phase:
             self.handler.commit(db, txn_id)
         db.execute(
-            "INSERT INTO twopc_txn VALUES (?, ?, ?, ?, ?)",
-            (txn_id, COMMITTED if one_phase else PREPARED, coordinator, now, now if one_phase else None),
+            "INSERT INTO twopc_txn VALUES (?, ?, ?, ?, ?, ?)",
+            (txn_id, COMMITTED if one_phase else PREPARED, coordinator, now, now if one_phase else None, digest),
         )
-        return vote, "", True
+        return vote, "", False
 
     def _commit_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
@@ -305,7 +373,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     def _abort_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
         if row is None:  # presumed abort; the tombstone refuses a late Prepare
-            db.execute("INSERT INTO twopc_txn VALUES (?, ?, '', NULL, ?)", (txn_id, ABORTED, time.time()))
+            db.execute("INSERT INTO twopc_txn VALUES (?, ?, '', NULL, ?, '')", (txn_id, ABORTED, time.time()))
             return True
         if row[0] == ABORTED:
             return False
@@ -380,3 +448,18 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if target not in self._channels:
             self._channels[target] = rpc.channel(target, self._credentials)
         return self._channels[target]
+
+
+def _digest(type_url: str, value: bytes) -> str:
+    """What identifies an operation's content: a repeat of a Prepare carries the same."""
+    h = hashlib.sha256(type_url.encode())
+    h.update(b"\0")
+    h.update(value)
+    return h.hexdigest()[:32]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Brings a transaction table from an earlier version up to this one."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(twopc_txn)")}
+    if "digest" not in columns:
+        db.execute("ALTER TABLE twopc_txn ADD COLUMN digest TEXT NOT NULL DEFAULT ''")

@@ -8,8 +8,9 @@ escapes the public API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +32,16 @@ def channel(target: str, credentials: Credentials, interceptors: Sequence[Any] =
     if credentials.channel is None:
         return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials.channel, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+# One server per address: gRPC sets SO_REUSEPORT by default, which lets a second
+# process bind a port that is in use, and two coordinators answer for one address.
+_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+
+
+def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
+    """A grpc.aio server that binds its ports exclusively; every twopc server is one."""
+    return grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:
@@ -64,6 +75,48 @@ async def serve_until_signalled(
     await server.stop(grace=grace_s)
 
 
+async def serve(
+    address: str,
+    credentials: Credentials,
+    services: Sequence[Callable[[grpc.aio.Server], None]],
+    *,
+    failed: Callable[[], Awaitable[BaseException]] | None = None,
+    on_bound: Callable[[str], None] | None = None,
+    grace_s: float = 1.0,
+) -> None:
+    """Runs a server with `services` on `address` until SIGTERM/SIGINT or failure.
+
+    What `Participant.serve` and `Coordinator.serve` share: an exclusive bind,
+    `on_bound(host:port)` before the first request can arrive, `READY host:port`
+    on standard output once serving, and a graceful stop (`grace_s` for in-flight
+    RPCs). If `failed` returns first (a store or decision log failed), the server
+    stops and its error is raised, so the process exits non-zero and is restarted.
+    """
+    srv = server()
+    for add in services:
+        add(srv)
+    port = add_port(srv, address, credentials)
+    where = f"{address.rsplit(':', 1)[0]}:{port}"
+    if on_bound is not None:
+        on_bound(where)
+    await srv.start()
+    announce_ready(where)
+    waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(until_signalled())}
+    failure: asyncio.Future[BaseException] | None = None
+    if failed is not None:
+        failure = asyncio.ensure_future(failed())
+        waits.add(failure)
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        await srv.stop(grace=grace_s)
+    if failure is not None and failure.done() and not failure.cancelled():
+        raise failure.result()
+
+
 def announce_ready(address: str) -> None:
     """Tells a supervising `twopc.testing.ServiceProcess` where this process serves."""
     print(f"READY {address}", flush=True)
@@ -73,6 +126,12 @@ async def until_signalled() -> None:
     """Returns when the process gets SIGTERM or SIGINT (Ctrl-C)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            with contextlib.suppress(Exception):  # the loop may be closing
+                loop.remove_signal_handler(sig)

@@ -12,14 +12,18 @@ Durability: WAL mode with `synchronous=FULL` syncs the WAL on every commit, so w
 record, an abort) may ride along unsynced; the next synced commit, or a checkpoint,
 makes it durable, which is all presumed abort needs for those records.
 
-A failed commit is fatal (DESIGN.md rule 8): the page cache may have dropped the
-data, so the store refuses all further work with `DurabilityError` and the process
-must restart and recover from what is on disk.
+A failed commit is fatal (rule 8 of docs/design.md): the page cache may have dropped
+the data, so the store refuses all further work with `DurabilityError` and the process
+must restart and recover from what is on disk. Any other failure of the writer (a
+locked database at BEGIN, a savepoint that cannot be released) fails the store the
+same way: the writer thread never dies and leaves callers waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import queue
 import sqlite3
@@ -30,7 +34,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from twopc.errors import DurabilityError
+from twopc.errors import ClosedError, DurabilityError, StoreInUseError
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
@@ -62,37 +66,88 @@ _STOP = object()
 class SqliteStore:
     """One SQLite file, one writer thread, group commit.
 
+    The file has one owner: `open` takes an exclusive lock on `<path>.lock` (flock,
+    released by the kernel when the process dies), so a second store on the same
+    file, in this process or another, fails at once with `StoreInUseError` instead
+    of two writers deciding from one file.
+
     Args:
         path: the database file. Created with its schema if missing.
         schema: SQL script run at open; use `CREATE TABLE IF NOT EXISTS`.
+        max_batch: the most jobs one commit carries. Group commit needs only a few
+            dozen to pay off; the bound keeps one transaction (and the latency of the
+            jobs that wait on it) small however much work queues up.
     """
 
-    def __init__(self, path: str | os.PathLike[str], schema: str = "") -> None:
+    def __init__(self, path: str | os.PathLike[str], schema: str = "", *, max_batch: int = 256) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.path = path
         self.schema = schema
+        self.max_batch = max_batch
         self.stats = StoreStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
+        self._closing = False
+        self._lock_fd: int | None = None
+        self._failed: asyncio.Event | None = None
 
     async def open(self) -> None:
-        """Starts the writer thread, opens the file and applies the schema."""
+        """Locks the file for this store, starts the writer thread, opens the file and
+        applies the schema.
+
+        Raises:
+            StoreInUseError: another store (in any process) has the file open.
+            RuntimeError: this store is open already.
+        """
+        if self._thread is not None:
+            raise RuntimeError(f"store {self.path} is open already")
+        self._lock()
         self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._failed = asyncio.Event()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"sqlite:{os.fspath(self.path)}", daemon=True
         )
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            self._unlock()
+            raise
+
+    @property
+    def is_open(self) -> bool:
+        """True between `open` and `close`."""
+        return self._thread is not None
 
     async def close(self) -> None:
-        """Finishes queued work, then stops the thread and closes the file."""
-        if self._thread is None:
+        """Finishes the work queued before it, then stops the thread and closes the
+        file. Work submitted once closing has begun raises `ClosedError`."""
+        thread = self._thread
+        if thread is None:
             return
-        self._queue.put(_STOP)
-        await asyncio.to_thread(self._thread.join)
+        if not self._closing:
+            self._closing = True
+            self._queue.put(_STOP)
+        await asyncio.to_thread(thread.join)
+        if self._thread is not thread:
+            return  # a concurrent close() finished the job
         self._thread = None
+        # Nothing may wait for ever: what is still queued never ran, and says so.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Task) and not item.future.done():
+                item.future.set_exception(ClosedError(f"store {self.path} closed before this job ran"))
+        self._unlock()
 
     async def __aenter__(self) -> SqliteStore:
         await self.open()
@@ -103,8 +158,17 @@ class SqliteStore:
 
     @property
     def failed(self) -> bool:
-        """True once a commit failed; every call raises DurabilityError from then."""
+        """True once the store failed; every call raises DurabilityError from then."""
         return self._failure is not None
+
+    async def wait_failed(self) -> BaseException:
+        """Returns the store's fatal error once it has failed (the process must then
+        restart and recover from disk). Call it while the store is open."""
+        if self._failed is None:
+            raise ClosedError(f"store {self.path} is not open")
+        await self._failed.wait()
+        assert self._failure is not None
+        return self._failure
 
     async def write(self, fn: Job[T], *, durable: bool = True) -> T:
         """Runs `fn(conn)` in a transaction and returns its result once committed.
@@ -114,13 +178,16 @@ class SqliteStore:
             durable: when True the commit is synced before this returns.
 
         Raises:
-            DurabilityError: the commit failed; the store has stopped.
+            DurabilityError: the store failed (now or earlier) and has stopped.
+            ClosedError: the store is closed or closing; `fn` did not run.
             Exception: whatever `fn` raised; its changes are rolled back.
         """
         if self._failure is not None:
             raise DurabilityError(f"store {self.path} failed earlier: {self._failure}")
         if self._loop is None or self._thread is None:
-            raise RuntimeError("store is not open")
+            raise ClosedError(f"store {self.path} is not open")
+        if self._closing:
+            raise ClosedError(f"store {self.path} is closing")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Task(fn, durable, future))
         return await future
@@ -128,6 +195,23 @@ class SqliteStore:
     async def read(self, fn: Job[T]) -> T:
         """Runs `fn(conn)` on the store's thread and returns its result."""
         return await self.write(fn, durable=False)
+
+    # --- the owner's lock ----------------------------------------------------------
+
+    def _lock(self) -> None:
+        name = f"{os.fspath(self.path)}.lock"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreInUseError(f"{os.fspath(self.path)} is in use by another store (lock {name} is held)") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     # --- the writer thread -------------------------------------------------------
 
@@ -143,39 +227,55 @@ class SqliteStore:
             self._loop.call_soon_threadsafe(_settle_open, ready, e)
             return
         self._loop.call_soon_threadsafe(_settle_open, ready, None)
-        synced = True
         try:
-            while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                batch: list[_Task] = [first]
-                stop = False
-                while True:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                        break
-                    batch.append(item)
-                durable = any(t.durable for t in batch)
+            self._serve(conn)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        """Runs batches until the stop marker. Never dies early: whatever goes wrong
+        fails the store, and every job, present and future, hears of it."""
+        synced = True
+        stop = False
+        while not stop:
+            batch, stop = self._next_batch()
+            if not batch:
+                continue
+            durable = any(t.durable for t in batch)
+            try:
+                if self._failure is not None:
+                    raise DurabilityError(f"store {self.path} failed earlier: {self._failure}")
                 if durable != synced:
                     conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                     synced = durable
                 self._run_batch(conn, batch, durable)
-                self._loop.call_soon_threadsafe(_settle, batch)
-                if stop:
-                    return
-        finally:
-            conn.close()
+            except BaseException as e:  # noqa: BLE001 - the store fails; no waiter hangs
+                self._fail(conn, batch, e)
+            try:
+                self._loop.call_soon_threadsafe(_settle, batch)  # type: ignore[union-attr]
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                return
+
+    def _next_batch(self) -> tuple[list[_Task], bool]:
+        """Blocks for the next job, then takes what else is queued, up to max_batch."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        batch: list[_Task] = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Task], durable: bool) -> None:
-        if self._failure is not None:
-            for t in batch:
-                t.error = DurabilityError(f"store {self.path} failed earlier: {self._failure}")
-            return
+        """One SQLite transaction for the batch; each job in its own savepoint. Raises
+        for any failure outside a job (BEGIN, savepoints, COMMIT): the caller fails
+        the store."""
         changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         alone = len(batch) == 1  # a job alone in its transaction needs no savepoint
@@ -192,20 +292,28 @@ class SqliteStore:
                 conn.execute("ROLLBACK TO job")
             if not alone:
                 conn.execute("RELEASE job")
-        try:
-            self._commit(conn)
-        except sqlite3.Error as e:
-            self._failure = e
-            _log.critical("store_commit_failed", path=os.fspath(self.path), error=str(e))
-            for t in batch:
-                t.error = DurabilityError(f"commit to {self.path} failed: {e}")
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return
+        self._commit(conn)
         self.stats.batches += 1
         self.stats.jobs += len(batch)
         if durable and conn.total_changes != changes:
             self.stats.syncs += 1
+
+    def _fail(self, conn: sqlite3.Connection, batch: list[_Task], error: BaseException) -> None:
+        """Rule 8: the store stops for good. The batch's jobs did not commit."""
+        if self._failure is None:
+            self._failure = error
+            _log.critical("store_failed", path=os.fspath(self.path), error=str(error))
+            if self._loop is not None and self._failed is not None:
+                with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
+                    self._loop.call_soon_threadsafe(self._failed.set)
+        failed = error if isinstance(error, DurabilityError) else DurabilityError(f"store {self.path} failed: {error}")
+        for t in batch:
+            t.result = None
+            if t.error is None or isinstance(t.error, DurabilityError):
+                t.error = failed
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         """The commit point of a batch: with synchronous=FULL it returns after fsync.

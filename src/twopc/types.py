@@ -17,10 +17,15 @@ class Vote(enum.Enum):
 
 
 class Outcome(enum.Enum):
-    """How a transaction ended."""
+    """How a transaction ended, or that it has not yet.
+
+    `Coordinator.run` returns only COMMITTED or ABORTED; `Coordinator.outcome` may
+    also answer PENDING (still in phase 1, or only the disk knows until a restart).
+    """
 
     COMMITTED = "committed"
     ABORTED = "aborted"
+    PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,9 @@ class BranchResult:
         vote: its vote, or None when it never voted (error, timeout, cancelled).
         reason: why it voted ABORT or did not vote; empty otherwise.
         acknowledged: whether it acknowledged phase 2 before `run` returned (a
-            READ_ONLY branch has no phase 2 and counts as acknowledged).
+            READ_ONLY branch has no phase 2 and counts as acknowledged). For a
+            commit `run` waits up to `phase2_wait_s` for acknowledgements; an abort
+            returns at once, so its branches usually show False.
     """
 
     name: str
@@ -69,7 +76,8 @@ class TransactionResult:
     """The result of `Coordinator.run`.
 
     Attributes:
-        txn_id: the transaction's id.
+        txn_id: the transaction's global id, `"<coordinator id>:<local id>"`: what
+            participants store and log, and what `Coordinator.outcome` takes.
         outcome: COMMITTED or ABORTED. COMMITTED is only ever returned once the
             decision is durable (or, with one branch, once that participant committed).
         branches: each branch's vote, reason and phase-2 acknowledgement, in the

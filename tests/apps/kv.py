@@ -19,10 +19,9 @@ import asyncio
 import sqlite3
 from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort, rpc
+from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort
 from twopc.logs import configure as configure_logs
 
 
@@ -68,9 +67,7 @@ async def main() -> None:
     config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
-        server = grpc.aio.server()
-        participant.add_to_server(server)
-        await rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials)
+        await participant.serve(f"{args.host}:{args.port}")
 
 
 if __name__ == "__main__":
