@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,10 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
+from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, op
-from twopc import Branch, Coordinator, Outcome, rpc
+from twopc import Branch, Coordinator, Outcome, Participant, SqliteDecisionLog, rpc
+from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 
@@ -92,3 +95,65 @@ async def test_participant_without_commit_many_gets_single_commits(
             result = await c.run([Branch(target, op(key="x")), kv.branch()])
             assert result.outcome is Outcome.COMMITTED and result.completed
     assert len(servicer.committed) == 3 and len(kv.applied()) == 3
+
+
+class _Recording(Participant):
+    """The real helper, recording the size of every CommitMany it serves; each takes a
+    little while, as a participant under load does, so that Commits queue behind it."""
+
+    sizes: list[int]
+
+    async def CommitMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.CommitManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.CommitManyResponse:
+        self.sizes.append(len(request.txn_ids))
+        await asyncio.sleep(0.05)
+        return await super().CommitMany(request, context)
+
+
+@pytest.fixture
+async def recording(tmp_path: Path) -> AsyncIterator[tuple[str, _Recording]]:
+    """A kv participant served in this process that records its CommitMany sizes."""
+    async with _Recording(KV(), tmp_path / "kv.db", credentials=INSECURE) as participant:
+        participant.sizes = []
+        server = rpc.server()
+        participant.add_to_server(server)
+        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+        await server.start()
+        yield f"127.0.0.1:{port}", participant
+        await server.stop(None)
+
+
+async def test_commit_many_carries_at_most_max_commit_batch(tmp_path: Path, recording: tuple[str, _Recording]) -> None:
+    """Twelve concurrent commits to one participant go out in CommitMany messages of at
+    most `max_commit_batch` (3) transactions each, and all commit."""
+    target, participant = recording
+    config = replace(FAST, one_phase=False, max_commit_batch=3)
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=config) as c:
+        results = await asyncio.gather(*(c.run([Branch(target, op(key=f"k{i}"))]) for i in range(12)))
+    assert all(r.committed for r in results)
+    assert sum(participant.sizes) == 12 and max(participant.sizes) <= 3 and len(participant.sizes) >= 4
+
+
+async def test_recovery_redrives_at_most_recovery_concurrency_at_once(
+    tmp_path: Path, recording: tuple[str, _Recording]
+) -> None:
+    """Twenty logged commits without END are re-driven by three workers, not twenty
+    tasks at once: no CommitMany carries more than three, and all commit."""
+    target, participant = recording
+    log = SqliteDecisionLog(tmp_path / "d.db")
+    await log.open()
+    ids = [f"{log.id}:r{i}" for i in range(20)]
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = participant_pb2_grpc.ParticipantStub(ch)
+        for txn_id in ids:
+            packed = any_pb2.Any()
+            packed.Pack(op(key=txn_id))
+            await stub.Prepare(participant_pb2.PrepareRequest(txn_id=txn_id, operation=packed), timeout=5)
+            await log.log_commit(txn_id, [target])
+    await log.close()
+    config = replace(FAST, recovery_concurrency=3)
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=config) as c:
+        assert await c.wait_idle(30)
+    assert sum(participant.sizes) == 20 and max(participant.sizes) <= 3
+    assert len(query(tmp_path / "kv.db", "SELECT 1 FROM applied")) == 20

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from twopc import DurabilityError, SqliteStore
+from twopc import ClosedError, DurabilityError, SqliteStore, StoreInUseError
 from twopc.testing import query
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)"
@@ -83,3 +86,102 @@ async def test_every_call_after_a_failed_commit_raises(store: SqliteStore, monke
         with pytest.raises(DurabilityError):
             await call()
     assert on_disk(store) == [1]
+
+
+async def blocked(store: SqliteStore) -> tuple[threading.Event, asyncio.Future[None]]:
+    """Holds the writer thread inside a job until the returned event is set, so that
+    what the test queues next waits behind it (and forms one batch)."""
+    release, entered = threading.Event(), threading.Event()
+
+    def hold(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(10)
+
+    held = asyncio.ensure_future(store.write(hold))
+    await asyncio.to_thread(entered.wait, 10)
+    return release, held
+
+
+async def test_a_failure_outside_any_job_fails_the_store_instead_of_hanging(store: SqliteStore) -> None:
+    """A SQLite error between jobs (here RELEASE of a savepoint a job destroyed by
+    committing on its own) fails the store: both waiters get DurabilityError within
+    seconds, and so does every later call, instead of hanging on a dead thread."""
+    release, held = await blocked(store)
+
+    def commit_behind_the_stores_back(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t VALUES (7)")
+        db.execute("COMMIT")  # ends the batch's transaction: RELEASE job then fails
+
+    first = asyncio.ensure_future(store.write(commit_behind_the_stores_back))
+    second = asyncio.ensure_future(store.write(insert(8)))
+    await asyncio.sleep(0.05)  # both queued behind the held job: one batch
+    release.set()
+    await held
+    results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), timeout=5)
+    assert all(isinstance(r, DurabilityError) for r in results), results
+    assert store.failed
+    with pytest.raises(DurabilityError):
+        await asyncio.wait_for(store.write(insert(9)), timeout=5)
+    assert isinstance(await asyncio.wait_for(store.wait_failed(), timeout=5), sqlite3.Error)
+
+
+async def test_write_racing_close_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    """A write that arrives while close() is under way gets ClosedError at once; work
+    queued before close() still commits."""
+    store = SqliteStore(tmp_path / "s.db", schema=SCHEMA)
+    await store.open()
+    release, held = await blocked(store)
+    before = asyncio.ensure_future(store.write(insert(1)))
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.05)
+    with pytest.raises(ClosedError):
+        await asyncio.wait_for(store.write(insert(2)), timeout=5)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(held, closing), timeout=5)
+    assert await before == 1
+    assert [x for (x,) in query(tmp_path / "s.db", "SELECT x FROM t")] == [1]
+    with pytest.raises(ClosedError):
+        await store.write(insert(3))
+
+
+async def test_one_file_has_one_store(tmp_path: Path) -> None:
+    """Opening a store twice is refused, and so is a second store on the same file, in
+    this process or in another one; the lock goes with close()."""
+    path = tmp_path / "s.db"
+    async with SqliteStore(path, schema=SCHEMA) as first:
+        with pytest.raises(RuntimeError, match="open already"):
+            await first.open()
+        with pytest.raises(StoreInUseError):
+            await SqliteStore(path).open()
+        argv = [sys.executable, "-c", OPEN_IN_ANOTHER_PROCESS, str(path)]
+        other = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=30)
+        assert other.returncode == 3, other.stderr
+        assert first.is_open and await first.write(insert(1)) == 1
+    async with SqliteStore(path) as again:  # released by close()
+        assert await again.read(lambda db: db.execute("SELECT x FROM t").fetchall()) == [(1,)]
+
+
+OPEN_IN_ANOTHER_PROCESS = """
+import asyncio, sys
+from twopc import SqliteStore, StoreInUseError
+async def main():
+    try:
+        await SqliteStore(sys.argv[1]).open()
+    except StoreInUseError:
+        sys.exit(3)
+asyncio.run(main())
+"""
+
+
+async def test_a_batch_carries_at_most_max_batch_jobs(tmp_path: Path) -> None:
+    """Ten jobs queued at once commit in batches of at most three."""
+    async with SqliteStore(tmp_path / "s.db", schema=SCHEMA, max_batch=3) as store:
+        release, held = await blocked(store)
+        jobs = [asyncio.ensure_future(store.write(insert(x))) for x in range(10)]
+        await asyncio.sleep(0.05)
+        batches = store.stats.batches
+        release.set()
+        await held
+        assert await asyncio.gather(*jobs) == list(range(10))
+        assert store.stats.batches - batches == 1 + 4  # the held job's, then 3 + 3 + 3 + 1

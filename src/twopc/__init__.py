@@ -6,11 +6,14 @@ The public names are here; everything else lives in modules named for their job.
 from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
 from twopc.coordinator import Coordinator
 from twopc.errors import (
+    ClosedError,
     CoordinatorFailedError,
+    DuplicateTransactionError,
     DurabilityError,
     InvalidOperation,
     NotFound,
     OutcomeUnknownError,
+    StoreInUseError,
     TwoPCError,
     VoteAbort,
 )
@@ -22,12 +25,14 @@ from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 __all__ = [
     "Branch",
     "BranchResult",
+    "ClosedError",
     "CommitRecord",
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorFailedError",
     "Credentials",
     "DecisionLog",
+    "DuplicateTransactionError",
     "DurabilityError",
     "InvalidOperation",
     "NotFound",
@@ -38,6 +43,7 @@ __all__ = [
     "ParticipantHandler",
     "SqliteDecisionLog",
     "SqliteStore",
+    "StoreInUseError",
     "TransactionResult",
     "TwoPCError",
     "Vote",

@@ -34,7 +34,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import grpc
 import structlog
@@ -160,7 +160,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._resolver: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Participant:
+    async def __aenter__(self) -> Self:
         if self.store.is_open:
             raise ValueError("give the participant its store unopened: it opens it with the twopc schema")
         await self.store.open()

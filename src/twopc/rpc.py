@@ -46,10 +46,13 @@ def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:
     """Binds `address` ("host:port", port 0 for any free one); returns the port."""
-    if credentials.server is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials.server)
+    try:
+        if credentials.server is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials.server)
+    except RuntimeError as e:  # what grpcio raises when the bind fails
+        raise OSError(f"cannot bind {address}: in use, or not an address of this host") from e
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return port
