@@ -185,7 +185,8 @@ async def coordinator_crash(c: Cluster) -> Step:
     step = Step(
         "The shop (coordinator) crashes after logging COMMIT",
         "The decision was durable before the crash, so the restarted shop read it from its log and finished the "
-        "commit at both services; the buyer's request itself got no answer.",
+        "commit at both services. The buyer's request itself got no answer; retrying it with the same order id "
+        "is safe: the shop answers from the order it placed, and charges nothing more.",
         "alice buys a gizmo; the shop is SIGKILLed right after writing its COMMIT decision",
         await snapshot(c, ["alice"], ["gizmo"], []),
     )
@@ -202,6 +203,10 @@ async def coordinator_crash(c: Cluster) -> Step:
     step.events.append("shop restarted: recovery re-drives the logged COMMIT")
     await wait_until(lambda: _order_is(c, "order-6", "confirmed"), TIMEOUT_S)
     await wait_until(lambda: _no_hold(c, "alice"), TIMEOUT_S)
+    retry = await c.purchase("order-6", "alice", {"gizmo": 1})
+    step.responses.append(retry)
+    said = f"the shop said {outcome(retry)}, {_money(retry.amount)} charged once"
+    step.events.append(f"the buyer retried order-6: {said}")
     step.after = await snapshot(c, ["alice"], ["gizmo"], ["order-6"])
     return step
 

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS orders (
     items      TEXT NOT NULL,  -- JSON [[sku, quantity], ...], sorted by sku
     state      TEXT NOT NULL CHECK (state IN ('PENDING', 'CONFIRMED', 'CANCELLED')),
     txn_id     TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    amount     INTEGER NOT NULL DEFAULT 0 CHECK (amount >= 0)  -- what the buyer is charged
 );
 """
 
@@ -58,6 +59,8 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
         raise InvalidOperation("account is required")
     if not place.items:
         raise InvalidOperation("an order needs at least one item")
+    if not 0 <= place.amount <= MAX_AMOUNT:
+        raise InvalidOperation(f"amount must be between 0 and {MAX_AMOUNT}, got {place.amount}")
     items = sorted((i.sku, i.quantity) for i in place.items)
     for sku, quantity in items:
         if not sku:
@@ -69,16 +72,19 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
 
 
 def _order(db: sqlite3.Connection, order_id: str) -> order_pb2.Order:
-    row = db.execute("SELECT account, items, state, txn_id FROM orders WHERE order_id = ?", (order_id,)).fetchone()
+    row = db.execute(
+        "SELECT account, items, state, txn_id, amount FROM orders WHERE order_id = ?", (order_id,)
+    ).fetchone()
     if row is None:
         raise NotFound(f"no order {order_id!r}")
-    account, items, state, txn_id = row
+    account, items, state, txn_id, amount = row
     return order_pb2.Order(
         order_id=order_id,
         account=account,
         items=[order_pb2.Item(sku=s, quantity=q) for s, q in json.loads(items)],
         state=_STATES[state],
         txn_id=txn_id,
+        amount=amount,
     )
 
 
@@ -110,8 +116,8 @@ class OrderHandler:
         for sku, quantity in items:
             db.execute("UPDATE products SET reserved = reserved + ? WHERE sku = ?", (quantity, sku))
         db.execute(
-            "INSERT INTO orders VALUES (?, ?, ?, 'PENDING', ?, ?)",
-            (place.order_id, place.account, blob, txn_id, time.time()),
+            "INSERT INTO orders VALUES (?, ?, ?, 'PENDING', ?, ?, ?)",
+            (place.order_id, place.account, blob, txn_id, time.time(), place.amount),
         )
         return Vote.COMMIT
 

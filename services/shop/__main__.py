@@ -19,6 +19,7 @@ from twopc import (
     Credentials,
     Outcome,
     TransactionResult,
+    TwoPCError,
     rpc,
 )
 from twopc.logs import configure as configure_logs
@@ -28,19 +29,26 @@ _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop
 
 
 class Shop(shop_pb2_grpc.ShopServicer):
-    """Purchase = Debit at the wallet + PlaceOrder at the order service, atomically."""
+    """Purchase = Debit at the wallet + PlaceOrder at the order service, atomically.
+
+    The order id makes a Purchase safe to retry: the order service keeps one order per
+    id, with the transaction that placed it, so a retry is answered from what became
+    of that transaction instead of charging again.
+    """
 
     def __init__(
         self, coordinator: Coordinator, wallet: str, orders: str, orders_api: order_pb2_grpc.OrdersAsyncStub
     ) -> None:
         self.coordinator, self.wallet, self.orders, self.orders_api = coordinator, wallet, orders, orders_api
-        self.failed = asyncio.Event()
 
     async def Purchase(  # noqa: N802 - the RPC's name
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> shop_pb2.PurchaseResponse:
         if not request.order_id or not request.account or not request.items:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id, account and items are required")
+        earlier = await self._earlier(request, context)
+        if earlier is not None:
+            return earlier
         # Prices are read before the transaction: the demo's catalogue does not change.
         amount = 0
         for item in request.items:
@@ -49,20 +57,22 @@ class Shop(shop_pb2_grpc.ShopServicer):
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "price lookup failed")
             amount += product.unit_price * item.quantity
+        place = order_pb2.PlaceOrder(order_id=request.order_id, account=request.account, items=request.items)
+        place.amount = amount
         branches = [
             Branch(self.wallet, wallet_pb2.Debit(account=request.account, amount=amount), name="wallet"),
-            Branch(
-                self.orders,
-                order_pb2.PlaceOrder(order_id=request.order_id, account=request.account, items=request.items),
-                name="orders",
-            ),
+            Branch(self.orders, place, name="orders"),
         ]
         try:
             result: TransactionResult = await self.coordinator.run(branches, timeout_s=request.timeout_s or None)
         except CoordinatorFailedError as e:
-            # Fail-stop (DESIGN.md rule 8): answer nothing more; a restart recovers from disk.
-            self.failed.set()
+            # Fail-stop (rule 8): answer nothing more; a restart recovers from disk.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log failed: {e}")
+        if result.outcome is Outcome.ABORTED:
+            # A concurrent attempt with the same order id may have won the race.
+            earlier = await self._earlier(request, context)
+            if earlier is not None and earlier.txn_id != result.txn_id:
+                return earlier
         return shop_pb2.PurchaseResponse(
             txn_id=result.txn_id,
             outcome=_OUTCOME[result.outcome],
@@ -74,33 +84,83 @@ class Shop(shop_pb2_grpc.ShopServicer):
             ],
         )
 
+    async def GetPurchase(  # noqa: N802 - the RPC's name
+        self, request: shop_pb2.GetPurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> shop_pb2.PurchaseResponse:
+        if not request.order_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id is required")
+        order = await self._order(request.order_id, context)
+        if order is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no purchase of order {request.order_id!r}")
+        return await self._answer(order, context)
+
+    async def _earlier(
+        self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> shop_pb2.PurchaseResponse | None:
+        """The answer an earlier attempt with this order id already has, if any: its
+        commit again, UNAVAILABLE while it is being decided, None to try anew."""
+        order = await self._order(request.order_id, context)
+        if order is None:
+            return None
+        same = (order.account, sorted((i.sku, i.quantity) for i in order.items)) == (
+            request.account,
+            sorted((i.sku, i.quantity) for i in request.items),
+        )
+        if not same:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"order {request.order_id!r} is another purchase")
+        answer = await self._answer(order, context)
+        if answer.outcome == shop_pb2.OUTCOME_PENDING:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "an earlier attempt is being decided; retry")
+        return answer if answer.outcome == shop_pb2.OUTCOME_COMMITTED else None
+
+    async def _order(self, order_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> order_pb2.Order | None:
+        try:
+            return await self.orders_api.GetOrder(order_pb2.GetOrderRequest(order_id=order_id), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.NOT_FOUND:
+                return None
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"order lookup failed: {e.details()}")
+            raise  # unreachable: abort raises
+
+    async def _answer(
+        self, order: order_pb2.Order, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> shop_pb2.PurchaseResponse:
+        """What became of the purchase that placed `order`."""
+        outcome = {
+            order_pb2.ORDER_STATE_CONFIRMED: shop_pb2.OUTCOME_COMMITTED,
+            order_pb2.ORDER_STATE_CANCELLED: shop_pb2.OUTCOME_ABORTED,
+        }.get(order.state, shop_pb2.OUTCOME_PENDING)
+        if outcome == shop_pb2.OUTCOME_PENDING:
+            # Prepared at the order service: the decision is ours (or an earlier
+            # incarnation's, in the same log) and the log knows it.
+            try:
+                decided = await self.coordinator.outcome(order.txn_id)
+            except TwoPCError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log cannot be read: {e}")
+            outcome = {
+                Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED,
+                Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED,
+                Outcome.PENDING: shop_pb2.OUTCOME_PENDING,
+            }[decided]
+        return shop_pb2.PurchaseResponse(txn_id=order.txn_id, outcome=outcome, amount=order.amount)
+
 
 async def serve(args: Any) -> None:
     credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
-    server = grpc.aio.server()
-    port = rpc.add_port(server, f"{args.host}:{args.port}", credentials)
-    address = f"{args.host}:{port}"
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
     interceptors = [FaultInjector(NetFaults.parse(args.net_faults))] if args.net_faults else []
     async with (
-        Coordinator(
-            args.db, credentials=credentials, advertise=address, config=config, interceptors=interceptors
-        ) as coordinator,
+        Coordinator(args.db, credentials=credentials, config=config, interceptors=interceptors) as coordinator,
         rpc.channel(args.orders, credentials) as orders_channel,
     ):
-        coordinator.add_to_server(server)
         shop = Shop(coordinator, args.wallet, args.orders, order_pb2_grpc.OrdersStub(orders_channel))
-        shop_pb2_grpc.add_ShopServicer_to_server(shop, server)
-        await server.start()
-        rpc.announce_ready(address)
-        signalled = asyncio.create_task(rpc.until_signalled())
-        failed = asyncio.create_task(shop.failed.wait())
-        await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
-        signalled.cancel()
-        failed.cancel()
-        await server.stop(grace=1.0)
-    if shop.failed.is_set():
-        raise SystemExit("the decision log failed: stopping so that a restart recovers from disk")
+        try:
+            await coordinator.serve(
+                f"{args.host}:{args.port}",
+                services=[lambda server: shop_pb2_grpc.add_ShopServicer_to_server(shop, server)],
+            )
+        except TwoPCError as e:
+            raise SystemExit(f"the decision log failed ({e}): stopping so that a restart recovers from disk") from e
 
 
 def main() -> None:

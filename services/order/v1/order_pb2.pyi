@@ -86,8 +86,13 @@ class PlaceOrder(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     account: _builtins.str
+    amount: _builtins.int
+    """What the buyer is charged for it, minor units: recorded with the order, so that a
+    coordinator that lost its answer can tell a retrying buyer (>= 0; informational).
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     def __init__(
@@ -96,10 +101,11 @@ class PlaceOrder(_message.Message):
         order_id: _builtins.str = ...,
         account: _builtins.str = ...,
         items: _abc.Iterable[Global___Item] | None = ...,
+        amount: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "items", b"items", "order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "items", b"items", "order_id", b"order_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,10 +223,13 @@ class Order(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     TXN_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     account: _builtins.str
     state: Global___OrderState.ValueType
     txn_id: _builtins.str
+    amount: _builtins.int
+    """as PlaceOrder.amount"""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     def __init__(
@@ -231,10 +240,11 @@ class Order(_message.Message):
         items: _abc.Iterable[Global___Item] | None = ...,
         state: Global___OrderState.ValueType = ...,
         txn_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "items", b"items", "order_id", b"order_id", "state", b"state", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "items", b"items", "order_id", b"order_id", "state", b"state", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

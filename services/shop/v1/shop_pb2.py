@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from services.order.v1 import order_pb2 as services_dot_order_dot_v1_dot_order__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bservices/shop/v1/shop.proto\x12\x07shop.v1\x1a\x1dservices/order/v1/order.proto\"f\n\x0fPurchaseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"8\n\nBranchVote\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04vote\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x10PurchaseResponse\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12!\n\x07outcome\x18\x02 \x01(\x0e\x32\x10.shop.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12%\n\x08\x62ranches\x18\x05 \x03(\x0b\x32\x13.shop.v1.BranchVote*N\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x32G\n\x04Shop\x12?\n\x08Purchase\x12\x18.shop.v1.PurchaseRequest\x1a\x19.shop.v1.PurchaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bservices/shop/v1/shop.proto\x12\x07shop.v1\x1a\x1dservices/order/v1/order.proto\"&\n\x12GetPurchaseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"f\n\x0fPurchaseRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12\x11\n\ttimeout_s\x18\x04 \x01(\x01\"8\n\nBranchVote\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04vote\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x10PurchaseResponse\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12!\n\x07outcome\x18\x02 \x01(\x0e\x32\x10.shop.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12%\n\x08\x62ranches\x18\x05 \x03(\x0b\x32\x13.shop.v1.BranchVote*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x13\n\x0fOUTCOME_PENDING\x10\x03\x32\x8e\x01\n\x04Shop\x12?\n\x08Purchase\x12\x18.shop.v1.PurchaseRequest\x1a\x19.shop.v1.PurchaseResponse\x12\x45\n\x0bGetPurchase\x12\x1b.shop.v1.GetPurchaseRequest\x1a\x19.shop.v1.PurchaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.shop.v1.shop_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=376
-  _globals['_OUTCOME']._serialized_end=454
-  _globals['_PURCHASEREQUEST']._serialized_start=71
-  _globals['_PURCHASEREQUEST']._serialized_end=173
-  _globals['_BRANCHVOTE']._serialized_start=175
-  _globals['_BRANCHVOTE']._serialized_end=231
-  _globals['_PURCHASERESPONSE']._serialized_start=234
-  _globals['_PURCHASERESPONSE']._serialized_end=374
-  _globals['_SHOP']._serialized_start=456
-  _globals['_SHOP']._serialized_end=527
+  _globals['_OUTCOME']._serialized_start=416
+  _globals['_OUTCOME']._serialized_end=515
+  _globals['_GETPURCHASEREQUEST']._serialized_start=71
+  _globals['_GETPURCHASEREQUEST']._serialized_end=109
+  _globals['_PURCHASEREQUEST']._serialized_start=111
+  _globals['_PURCHASEREQUEST']._serialized_end=213
+  _globals['_BRANCHVOTE']._serialized_start=215
+  _globals['_BRANCHVOTE']._serialized_end=271
+  _globals['_PURCHASERESPONSE']._serialized_start=274
+  _globals['_PURCHASERESPONSE']._serialized_end=414
+  _globals['_SHOP']._serialized_start=518
+  _globals['_SHOP']._serialized_end=660
 # @@protoc_insertion_point(module_scope)

@@ -34,13 +34,36 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     OUTCOME_UNSPECIFIED: _Outcome.ValueType  # 0
     OUTCOME_COMMITTED: _Outcome.ValueType  # 1
     OUTCOME_ABORTED: _Outcome.ValueType  # 2
+    OUTCOME_PENDING: _Outcome.ValueType  # 3
+    """only from GetPurchase"""
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper): ...
 
 OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
 OUTCOME_COMMITTED: Outcome.ValueType  # 1
 OUTCOME_ABORTED: Outcome.ValueType  # 2
+OUTCOME_PENDING: Outcome.ValueType  # 3
+"""only from GetPurchase"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
+
+@_typing.final
+class GetPurchaseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPurchaseRequest: _TypeAlias = GetPurchaseRequest  # noqa: Y015
 
 @_typing.final
 class PurchaseRequest(_message.Message):

@@ -39,6 +39,11 @@ class ShopStub:
                 request_serializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseRequest.SerializeToString,
                 response_deserializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.FromString,
                 _registered_method=True)
+        self.GetPurchase = channel.unary_unary(
+                '/shop.v1.Shop/GetPurchase',
+                request_serializer=services_dot_shop_dot_v1_dot_shop__pb2.GetPurchaseRequest.SerializeToString,
+                response_deserializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.FromString,
+                _registered_method=True)
 
 
 class ShopServicer:
@@ -47,8 +52,24 @@ class ShopServicer:
     def Purchase(self, request, context):
         """Buys items for an account: debits the wallet and places the order atomically.
         An aborted purchase is a normal response (outcome ABORTED, with the reason).
+
+        Safe to retry with the same order id (a buyer whose call failed does so): a
+        purchase of that order id that committed is answered again as it was (same
+        txn_id and amount), never charged twice; one that aborted is tried anew; one
+        still being decided answers UNAVAILABLE (retry later).
+
         INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-        unknown SKU; UNAVAILABLE when the coordinator cannot decide (restart it).
+        unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
+        account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
+        or an earlier attempt is still being decided.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPurchase(self, request, context):
+        """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
+        it is being decided. NOT_FOUND if no purchase of it reached the order service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +81,11 @@ def add_ShopServicer_to_server(servicer, server):
             'Purchase': grpc.unary_unary_rpc_method_handler(
                     servicer.Purchase,
                     request_deserializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseRequest.FromString,
+                    response_serializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.SerializeToString,
+            ),
+            'GetPurchase': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPurchase,
+                    request_deserializer=services_dot_shop_dot_v1_dot_shop__pb2.GetPurchaseRequest.FromString,
                     response_serializer=services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.SerializeToString,
             ),
     }
@@ -89,6 +115,33 @@ class Shop:
             target,
             '/shop.v1.Shop/Purchase',
             services_dot_shop_dot_v1_dot_shop__pb2.PurchaseRequest.SerializeToString,
+            services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPurchase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shop.v1.Shop/GetPurchase',
+            services_dot_shop_dot_v1_dot_shop__pb2.GetPurchaseRequest.SerializeToString,
             services_dot_shop_dot_v1_dot_shop__pb2.PurchaseResponse.FromString,
             options,
             channel_credentials,

@@ -39,8 +39,20 @@ class ShopStub:
     Purchase: _grpc.UnaryUnaryMultiCallable[_shop_pb2.PurchaseRequest, _shop_pb2.PurchaseResponse]
     """Buys items for an account: debits the wallet and places the order atomically.
     An aborted purchase is a normal response (outcome ABORTED, with the reason).
+
+    Safe to retry with the same order id (a buyer whose call failed does so): a
+    purchase of that order id that committed is answered again as it was (same
+    txn_id and amount), never charged twice; one that aborted is tried anew; one
+    still being decided answers UNAVAILABLE (retry later).
+
     INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-    unknown SKU; UNAVAILABLE when the coordinator cannot decide (restart it).
+    unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
+    account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
+    or an earlier attempt is still being decided.
+    """
+    GetPurchase: _grpc.UnaryUnaryMultiCallable[_shop_pb2.GetPurchaseRequest, _shop_pb2.PurchaseResponse]
+    """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
+    it is being decided. NOT_FOUND if no purchase of it reached the order service.
     """
 
 @_typing.type_check_only
@@ -49,8 +61,20 @@ class ShopAsyncStub(ShopStub):
     Purchase: _aio.UnaryUnaryMultiCallable[_shop_pb2.PurchaseRequest, _shop_pb2.PurchaseResponse]  # type: ignore[assignment]
     """Buys items for an account: debits the wallet and places the order atomically.
     An aborted purchase is a normal response (outcome ABORTED, with the reason).
+
+    Safe to retry with the same order id (a buyer whose call failed does so): a
+    purchase of that order id that committed is answered again as it was (same
+    txn_id and amount), never charged twice; one that aborted is tried anew; one
+    still being decided answers UNAVAILABLE (retry later).
+
     INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-    unknown SKU; UNAVAILABLE when the coordinator cannot decide (restart it).
+    unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
+    account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
+    or an earlier attempt is still being decided.
+    """
+    GetPurchase: _aio.UnaryUnaryMultiCallable[_shop_pb2.GetPurchaseRequest, _shop_pb2.PurchaseResponse]  # type: ignore[assignment]
+    """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
+    it is being decided. NOT_FOUND if no purchase of it reached the order service.
     """
 
 class ShopServicer(metaclass=_abc_1.ABCMeta):
@@ -62,8 +86,26 @@ class ShopServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shop_pb2.PurchaseResponse, _abc.Awaitable[_shop_pb2.PurchaseResponse]]:
         """Buys items for an account: debits the wallet and places the order atomically.
         An aborted purchase is a normal response (outcome ABORTED, with the reason).
+
+        Safe to retry with the same order id (a buyer whose call failed does so): a
+        purchase of that order id that committed is answered again as it was (same
+        txn_id and amount), never charged twice; one that aborted is tried anew; one
+        still being decided answers UNAVAILABLE (retry later).
+
         INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-        unknown SKU; UNAVAILABLE when the coordinator cannot decide (restart it).
+        unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
+        account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
+        or an earlier attempt is still being decided.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPurchase(
+        self,
+        request: _shop_pb2.GetPurchaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shop_pb2.PurchaseResponse, _abc.Awaitable[_shop_pb2.PurchaseResponse]]:
+        """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
+        it is being decided. NOT_FOUND if no purchase of it reached the order service.
         """
 
 def add_ShopServicer_to_server(servicer: ShopServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
