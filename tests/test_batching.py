@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2
+from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, op
@@ -90,11 +91,16 @@ async def test_participant_without_commit_many_gets_single_commits(
     one by one, and the transactions commit."""
     target, servicer = old_participant
     kv = start_kv()
-    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
-        for _ in range(3):
-            result = await c.run([Branch(target, op(key="x")), kv.branch()])
-            assert result.outcome is Outcome.COMMITTED and result.completed
+    with capture_logs() as events:
+        async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
+            for _ in range(3):
+                result = await c.run([Branch(target, op(key="x")), kv.branch()])
+                assert result.outcome is Outcome.COMMITTED and result.completed
     assert len(servicer.committed) == 3 and len(kv.applied()) == 3
+    # Said once, as what it is; a Commit that was never refused is no retry.
+    assert [e["event"] for e in events if e["event"] in ("commit_many_unsupported", "phase2_retry")] == [
+        "commit_many_unsupported"
+    ]
 
 
 class _Recording(Participant):

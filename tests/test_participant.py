@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, prepare_request
@@ -134,3 +135,33 @@ async def test_commit_many_is_one_synced_batch(local: Local) -> None:
     request = participant_pb2.CommitManyRequest(txn_ids=["t1", "t2", "t3"])
     assert await local.syncs_of(local.stub.CommitMany(request, timeout=5)) == 1
     assert sorted(local.txns()) == [("t1", "COMMITTED"), ("t2", "COMMITTED"), ("t3", "COMMITTED")]
+
+
+async def test_first_prepare_voting_abort_is_not_logged_as_a_repeat(local: Local) -> None:
+    """The first and only Prepare of a transaction whose prepare raised VoteAbort is
+    logged with repeat=False; its repetition with repeat=True."""
+    with capture_logs() as events:
+        for _ in range(2):
+            reply = await local.stub.Prepare(prepare_request("t-no", behave="abort"), timeout=5)
+            assert reply.vote == participant_pb2.VOTE_ABORT
+        await local.stub.Abort(participant_pb2.AbortRequest(txn_id="t-no"), timeout=5)
+        await local.stub.Prepare(prepare_request("t-no", behave="abort"), timeout=5)
+    prepared = [e["repeat"] for e in events if e["event"] == "prepared"]
+    assert prepared == [False, False, True]  # nothing stored by a refusal; the tombstone is
+
+
+async def test_a_commit_that_raises_is_loud_and_answers_internal(local: Local) -> None:
+    """A business commit that raises after a yes vote is logged at critical with its
+    traceback and answered INTERNAL (documented), never UNKNOWN; nothing changes, and
+    Commit and CommitMany both say so."""
+    await local.stub.Prepare(prepare_request("t-bug", key="raise_on_commit"), timeout=5)
+    with capture_logs() as events:
+        with pytest.raises(grpc.aio.AioRpcError) as one:
+            await local.stub.Commit(participant_pb2.CommitRequest(txn_id="t-bug"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as many:
+            await local.stub.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t-bug"]), timeout=5)
+    assert one.value.code() is many.value.code() is grpc.StatusCode.INTERNAL
+    loud = [e for e in events if e["log_level"] == "critical"]
+    assert [e["event"] for e in loud] == ["decision_raised", "commit_raised"]
+    assert all(isinstance(e["exc_info"], RuntimeError) for e in loud)
+    assert local.txns() == [("t-bug", "PREPARED")] and local.reserved() == [("t-bug", "raise_on_commit", 1)]

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -375,3 +376,58 @@ async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
         finally:
             release.set()  # ends a wrongly retried delivery
             await asyncio.gather(delivery, return_exceptions=True)
+
+
+async def test_branches_that_acknowledged_before_run_returned_are_reported(
+    tmp_path: Path, start_kv: Callable[..., Kv]
+) -> None:
+    """One branch dies on Commit (crash point) while the other acknowledges: run()
+    returns after phase2_wait_s with the fast branch acknowledged and the dead one not;
+    the commit completes once the dead branch is back."""
+    a = start_kv("a")
+    b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.before_commit"})
+    config = replace(FAST, phase2_wait_s=1.0)
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=config) as c:
+        result = await c.run([a.branch(), b.branch()])
+        assert result.committed and not result.completed
+        assert [(r.name, r.acknowledged) for r in result.branches] == [("a-0", True), ("b-1", False)]
+        b.proc.restart(env={"TWOPC_CRASH_AT": ""})
+        await eventually(lambda: b.state(result.txn_id) == "COMMITTED", what="the commit at b after its restart")
+
+
+async def test_a_participant_that_cannot_commit_is_reported_once_and_retried(
+    coordinator: Coordinator, start_kv: Callable[..., Kv]
+) -> None:
+    """A participant whose business commit raises answers INTERNAL: the coordinator
+    reports `commit_failing_at_participant` once at error level, keeps retrying with
+    backoff, and logs those retries sparsely (attempts 1, 2, 4, 8, ... at info)."""
+    a, b = start_kv("a"), start_kv("b")
+    with capture_logs() as events:
+        result = await coordinator.run([a.branch(), b.branch(key="raise_on_commit")])
+        assert result.committed and not result.completed
+        await eventually(
+            lambda: sum(e["event"] == "phase2_retry" for e in events) >= 9, timeout_s=20, what="nine retries"
+        )
+    failing = [e for e in events if e["event"] == "commit_failing_at_participant"]
+    assert len(failing) == 1 and failing[0]["log_level"] == "error" and failing[0]["branch"] == "b-1"
+    assert "INTERNAL" in failing[0]["error"]
+    retries = [(e["attempt"], e["log_level"]) for e in events if e["event"] == "phase2_retry"][:9]
+    assert [n for n, level in retries if level == "info"] == [1, 2, 4, 8]
+    assert b.state(result.txn_id) == "PREPARED" and a.state(result.txn_id) == "COMMITTED"
+
+
+async def test_prepare_waits_for_a_restarted_participant_within_its_deadline(
+    coordinator: Coordinator, start_kv: Callable[..., Kv]
+) -> None:
+    """After a participant was down long enough for the channel to back off, a Prepare
+    sent right after it is back waits for the connection (wait-for-ready) and commits,
+    instead of failing fast on the channel still backing off."""
+    a, b = start_kv("a"), start_kv("b")
+    assert (await coordinator.run([a.branch(), b.branch()])).committed
+    b.proc.kill()
+    for _ in range(4):  # each failed attempt grows the channel's reconnect backoff
+        down = await coordinator.run([a.branch(), b.branch()], timeout_s=0.5)
+        assert down.outcome is Outcome.ABORTED
+    b.proc.restart()
+    result = await coordinator.run([a.branch(), b.branch()], timeout_s=4.0)
+    assert result.committed, result.reason

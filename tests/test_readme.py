@@ -62,3 +62,18 @@ async def test_readme_example_runs_as_written(tmp_path: Path, services: tuple[Se
     assert run() == "committed"
     again = run()  # the same order id again: the order service refuses a second order
     assert again.startswith("aborted ") and again.endswith("order 'o-42' is already confirmed"), again
+
+
+def test_import_twopc_alone_reaches_the_modules_and_hides_debug_events() -> None:
+    """`import twopc` gives `twopc.logs` and `twopc.rpc` without importing them, and a
+    process that configures no logging prints no debug event, on stdout or stderr."""
+    script = (
+        "import twopc, structlog\n"
+        "assert callable(twopc.logs.configure) and callable(twopc.rpc.server)\n"
+        "structlog.get_logger('probe').debug('hidden_event')\n"
+        "structlog.get_logger('probe').info('shown_event')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "shown_event" in done.stderr and "hidden_event" not in done.stderr

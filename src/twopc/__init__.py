@@ -1,8 +1,10 @@
 """twopc: atomic actions across gRPC services, by two-phase commit with presumed abort.
 
-The public names are here; everything else lives in modules named for their job.
+The public names are here; everything else lives in modules named for their job,
+each reachable from `import twopc` alone (`twopc.logs.configure`, `twopc.testing`...).
 """
 
+from twopc import logs, rpc
 from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
 from twopc.coordinator import Coordinator
 from twopc.errors import (
@@ -21,6 +23,8 @@ from twopc.log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.participant import Participant, ParticipantHandler
 from twopc.store import SqliteStore
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
+
+logs.use_default()
 
 __all__ = [
     "Branch",
@@ -48,4 +52,6 @@ __all__ = [
     "TwoPCError",
     "Vote",
     "VoteAbort",
+    "logs",
+    "rpc",
 ]

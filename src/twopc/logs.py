@@ -1,8 +1,12 @@
 """Logging set-up for twopc processes: structlog, JSON for machines, console for people.
 
 Library code only calls `structlog.get_logger(...)`; the process decides where logs
-go. Disabled levels cost one method call that does nothing
+go (`configure`). Disabled levels cost one method call that does nothing
 (`make_filtering_bound_logger`), so debug events on the hot path are free when off.
+
+A process that configures nothing gets `use_default()` when twopc is imported: info
+and above, for people, on standard error. structlog's own default would print every
+debug event of the hot path to standard output.
 """
 
 from __future__ import annotations
@@ -39,3 +43,9 @@ def configure(fmt: LogFormat = "console", *, level: str = "info", stream: TextIO
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def use_default() -> None:
+    """Info and above on standard error, unless the process configured structlog."""
+    if not structlog.is_configured():
+        configure("console", level="info")

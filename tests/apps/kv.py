@@ -6,6 +6,7 @@ The operation is a `google.protobuf.Struct` so the core needs no proto of its ow
     {"behave": "read_only"}              vote READ_ONLY, reserve nothing
     {"behave": "raise"}                  raise inside prepare (a bug in the service)
     {"behave": "invalid"}                InvalidOperation -> INVALID_ARGUMENT
+    {"key": "raise_on_commit"}           reserve, then raise inside commit (a bug)
 Reservations live in `reserved`, committed ones move to `applied`; tests read the
 SQLite file directly to see what the participant really holds.
 
@@ -47,6 +48,9 @@ class KV:
         return Vote.COMMIT
 
     def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
+        (key,) = db.execute("SELECT key FROM reserved WHERE txn_id = ?", (txn_id,)).fetchone()
+        if key == "raise_on_commit":
+            raise RuntimeError("bug in commit")
         db.execute("INSERT INTO applied SELECT * FROM reserved WHERE txn_id = ?", (txn_id,))
         db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
 
