@@ -9,9 +9,13 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2, struct_pb2
 
+import twopc
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
 from twopc.testing import ServiceProcess, query, wait_until
 from twopc.v1 import participant_pb2
+
+# Every level, so that tests can capture the hot path's debug events (capture_logs).
+twopc.logs.configure("console", level="debug")
 
 INSECURE = Credentials.insecure()
 FAST = CoordinatorConfig(prepare_timeout_s=3.0, rpc_timeout_s=1.0, retry_initial_s=0.05, retry_max_s=0.3)

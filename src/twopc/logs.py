@@ -46,6 +46,11 @@ def configure(fmt: LogFormat = "console", *, level: str = "info", stream: TextIO
 
 
 def use_default() -> None:
-    """Info and above on standard error, unless the process configured structlog."""
+    """Info and above on standard error, unless the process configured structlog.
+
+    Loggers are not cached under this default, so a `configure` made later (after
+    some events were logged) still takes effect everywhere.
+    """
     if not structlog.is_configured():
         configure("console", level="info")
+        structlog.configure(cache_logger_on_first_use=False)
