@@ -1,6 +1,6 @@
 """Runs a service module and reports its stores' counters on SIGUSR1, without
 touching its code: `python -m bench.probe MODULE ARGS...` runs `python -m MODULE ARGS...`
-in this process; on SIGUSR1 it finds every `twopc.store.SqliteStore` alive (through
+in this process; on SIGUSR1 it finds every `twopc.stores.SqliteStore` alive (through
 the garbage collector, so the service needs no hook) and writes their `StoreStats`
 as JSON to the file named by $BENCH_PROBE_FILE. `read_stats` asks and waits.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from twopc.store import SqliteStore
+from twopc.stores import SqliteStore
 
 ENV = "BENCH_PROBE_FILE"
 

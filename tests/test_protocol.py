@@ -17,7 +17,7 @@ from tenacity import stop_never
 
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
 from twopc import Coordinator, CoordinatorFailedError, Outcome, Vote
-from twopc.store import SqliteStore
+from twopc.stores import SqliteStore
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 

@@ -7,6 +7,7 @@ each reachable from `import twopc` alone (`twopc.logs.configure`, `twopc.testing
 from twopc import logs, rpc
 from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
 from twopc.coordinator import Coordinator
+from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
     ClosedError,
     CoordinatorFailedError,
@@ -19,9 +20,8 @@ from twopc.errors import (
     TwoPCError,
     VoteAbort,
 )
-from twopc.log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.participant import Participant, ParticipantHandler
-from twopc.store import SqliteStore
+from twopc.stores import SqliteStore
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 
 logs.use_default()

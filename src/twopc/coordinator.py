@@ -34,6 +34,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_n
 
 from twopc import rpc
 from twopc.config import CoordinatorConfig, Credentials
+from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
     ClosedError,
     CoordinatorFailedError,
@@ -43,7 +44,6 @@ from twopc.errors import (
     TwoPCError,
 )
 from twopc.faults import crash_point
-from twopc.log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 

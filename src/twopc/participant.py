@@ -44,7 +44,7 @@ from twopc import rpc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
-from twopc.store import SqliteStore
+from twopc.stores import SqliteStore
 from twopc.types import Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 

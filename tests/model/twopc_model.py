@@ -1,6 +1,6 @@
 """An explicit-state model of twopc's own protocol, checked by breadth-first search.
 
-The model is the protocol of `src/twopc` (coordinator.py, participant.py, log.py)
+The model is the protocol of `src/twopc` (coordinator.py, participant.py, decision_log.py)
 for one transaction, one coordinator and `n_participants` participants, reduced to
 the steps that matter for correctness. `check` explores every reachable state by
 BFS (as TLC checks Lamport's TwoPhase spec) and checks, in every state:

@@ -39,7 +39,7 @@ from twopc.errors import ClosedError, DurabilityError, StoreInUseError
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], T]
 
-_log = structlog.get_logger("twopc.store")
+_log = structlog.get_logger("twopc.stores.sqlite")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from twopc.store import SqliteStore
+from twopc.stores import SqliteStore
 
 
 @dataclass(frozen=True)
