@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,23 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
 async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
     async with Coordinator(tmp_path / "decisions.db", credentials=INSECURE, listen="127.0.0.1:0", config=FAST) as c:
         yield c
+
+
+# --- CI: a test that needs PostgreSQL, namespaces, node or a browser must not skip ---
+# Such tests skip with a reason that starts with "needs " where the machine lacks the
+# thing; CI sets TWOPC_REQUIRE_ALL=1 on a machine that has everything, and then any
+# such skip fails the run.
+_NEEDS_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if reason.startswith("needs "):
+            _NEEDS_SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _NEEDS_SKIPPED and os.environ.get("TWOPC_REQUIRE_ALL") == "1":
+        print("\nTWOPC_REQUIRE_ALL=1 and these tests skipped for want of something:", *_NEEDS_SKIPPED, sep="\n  ")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
