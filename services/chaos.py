@@ -14,7 +14,7 @@ at random times:
   otherwise.
 
 At the end the nemesis stops, every process is brought back, the run waits (bounded)
-for recovery and checks every invariant of DESIGN.md from the services' own stores and
+for recovery and checks every invariant of docs/design.md from the services' own stores and
 the shop's log, plus the client's view: a purchase the client saw committed is
 committed at both services, one it saw aborted left no trace, one whose answer it
 never saw is all there or not at all. The same seed gives the same schedule of faults

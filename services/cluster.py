@@ -161,7 +161,7 @@ class Cluster:
         return await self.shop_api.Purchase(request, timeout=RPC_TIMEOUT_S + timeout_s + 10.0)
 
     def check(self, *, quiescent: bool = True) -> invariants.Report:
-        """The invariants of DESIGN.md over both services' stores and the shop's log."""
+        """The invariants of docs/design.md over both services' stores and the shop's log."""
         return invariants.check(self.wallet_db, self.orders_db, self.shop_db, quiescent=quiescent)
 
     async def settled(self, timeout_s: float = 20.0) -> invariants.Report:

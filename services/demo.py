@@ -2,7 +2,7 @@
 
 Starts the wallet, order and shop services as separate processes, seeds them, runs
 the seven scenarios of services/scenarios.py, and ends by checking the invariants
-of DESIGN.md over both services and the shop's log. Exits non-zero if any fails.
+of docs/design.md over both services and the shop's log. Exits non-zero if any fails.
 Every process it started is stopped when it exits, also on Ctrl-C.
 
     python -m services.demo [--workdir DIR]
@@ -50,7 +50,7 @@ async def main(workdir: Path) -> int:
         for n, scenario in enumerate(scenarios.SCENARIOS, 1):
             show(n, await scenario(c))
         report = await c.settled()
-    heading = "── Invariants (DESIGN.md), read from each service's own files "
+    heading = "── Invariants (docs/design.md), read from each service's own files "
     print(f"\n{heading:─<{WIDTH}}")
     print(f"  money: deposited {report.deposited} = balances {report.balances} + spent {report.spent} (cents)")
     print(f"  stock: received {report.received} = on hand {report.on_hand} + sold {report.sold}")

@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md, checked from the services' own stores and the log.
+"""The invariants of docs/design.md, checked from the services' own stores and the log.
 
 It reads the SQLite files directly, read-only, as an auditor would (WAL lets it read
 while the services run): the wallet's accounts, holds and ledger, the order service's

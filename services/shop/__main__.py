@@ -66,7 +66,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
         try:
             result: TransactionResult = await self.coordinator.run(branches, timeout_s=request.timeout_s or None)
         except CoordinatorFailedError as e:
-            # Fail-stop (rule 8): answer nothing more; a restart recovers from disk.
+            # Fail-stop (docs/design.md rule 8): answer nothing more; a restart recovers from disk.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log failed: {e}")
         if result.outcome is Outcome.ABORTED:
             # A concurrent attempt with the same order id may have won the race.

@@ -1,6 +1,6 @@
 """A deliberately broken wallet, to prove the chaos checker can fail.
 
-It breaks DESIGN.md rule 1: a transaction it prepared more than 0.3 s ago is aborted
+It breaks docs/design.md rule 1: a transaction it prepared more than 0.3 s ago is aborted
 on its own, without asking the coordinator. Its Commit handling (one by one or batched) is slow (0.5 s), so
 every committed purchase hits that window: the shop has logged COMMIT and the order
 service confirms the order, while this wallet has already released the hold.
