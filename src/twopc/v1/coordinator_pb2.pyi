@@ -3,6 +3,13 @@
 isort:skip_file
 The coordinator's own service: how a participant left in doubt learns the outcome.
 
+When to ask (participant.proto, rule R7): a participant that voted VOTE_COMMIT
+and has heard neither Commit nor Abort for a configurable time (10 s by default
+in the Python helper) asks at the address its Prepare carried in `coordinator`,
+with a deadline, and asks again every few seconds (with jitter) until it gets
+COMMITTED or ABORTED. If that address was empty, there is no one to ask: wait for
+the coordinator's Commit or Abort and alert an operator; never decide alone.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 

@@ -46,14 +46,22 @@ class CoordinatorServicer:
 
     def GetOutcome(self, request, context):
         """The outcome of a transaction, as this coordinator knows it (presumed abort):
-        COMMITTED  the COMMIT decision is in the coordinator's durable log.
+        COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
+        COMMITTED after every participant acknowledged, for as long as the
+        coordinator keeps the record (its retention, 7 days by default).
         PENDING    the transaction is still in phase 1 in this coordinator, or the
-        coordinator cannot tell yet (its decision log failed): ask again.
-        ABORTED    anything else: decided abort, never seen, or finished and forgotten
-        (a forgotten transaction had every participant acknowledge Commit,
-        so no participant can still be in doubt about it).
-        Status codes: OK; INVALID_ARGUMENT for a missing txn_id; UNAVAILABLE while the
-        coordinator starts or stops.
+        coordinator cannot tell yet (its decision write failed and only a
+        restart can read the disk): keep the reservation and ask again.
+        ABORTED    anything else: decided abort, never seen, or a commit whose record
+        was purged after its retention (every participant had acknowledged
+        its Commit, so none can still be in doubt about it).
+        Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
+        Status codes:
+        OK                 the outcome is in the response.
+        INVALID_ARGUMENT   missing txn_id.
+        UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
+        stopping: ask again later. Never read it as ABORTED.
+        any other          treat as no answer: keep the reservation, ask again later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

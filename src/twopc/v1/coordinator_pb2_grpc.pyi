@@ -3,6 +3,13 @@
 isort:skip_file
 The coordinator's own service: how a participant left in doubt learns the outcome.
 
+When to ask (participant.proto, rule R7): a participant that voted VOTE_COMMIT
+and has heard neither Commit nor Abort for a configurable time (10 s by default
+in the Python helper) asks at the address its Prepare carried in `coordinator`,
+with a deadline, and asks again every few seconds (with jitter) until it gets
+COMMITTED or ABORTED. If that address was empty, there is no one to ask: wait for
+the coordinator's Commit or Abort and alert an operator; never decide alone.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -36,14 +43,22 @@ class CoordinatorStub:
     def __new__(cls, channel: _aio.Channel) -> CoordinatorAsyncStub: ...
     GetOutcome: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetOutcomeRequest, _coordinator_pb2.GetOutcomeResponse]
     """The outcome of a transaction, as this coordinator knows it (presumed abort):
-      COMMITTED  the COMMIT decision is in the coordinator's durable log.
+      COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
+                 COMMITTED after every participant acknowledged, for as long as the
+                 coordinator keeps the record (its retention, 7 days by default).
       PENDING    the transaction is still in phase 1 in this coordinator, or the
-                 coordinator cannot tell yet (its decision log failed): ask again.
-      ABORTED    anything else: decided abort, never seen, or finished and forgotten
-                 (a forgotten transaction had every participant acknowledge Commit,
-                 so no participant can still be in doubt about it).
-    Status codes: OK; INVALID_ARGUMENT for a missing txn_id; UNAVAILABLE while the
-    coordinator starts or stops.
+                 coordinator cannot tell yet (its decision write failed and only a
+                 restart can read the disk): keep the reservation and ask again.
+      ABORTED    anything else: decided abort, never seen, or a commit whose record
+                 was purged after its retention (every participant had acknowledged
+                 its Commit, so none can still be in doubt about it).
+    Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
+    Status codes:
+      OK                 the outcome is in the response.
+      INVALID_ARGUMENT   missing txn_id.
+      UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
+                         stopping: ask again later. Never read it as ABORTED.
+      any other          treat as no answer: keep the reservation, ask again later.
     """
 
 @_typing.type_check_only
@@ -51,14 +66,22 @@ class CoordinatorAsyncStub(CoordinatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOutcome: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetOutcomeRequest, _coordinator_pb2.GetOutcomeResponse]  # type: ignore[assignment]
     """The outcome of a transaction, as this coordinator knows it (presumed abort):
-      COMMITTED  the COMMIT decision is in the coordinator's durable log.
+      COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
+                 COMMITTED after every participant acknowledged, for as long as the
+                 coordinator keeps the record (its retention, 7 days by default).
       PENDING    the transaction is still in phase 1 in this coordinator, or the
-                 coordinator cannot tell yet (its decision log failed): ask again.
-      ABORTED    anything else: decided abort, never seen, or finished and forgotten
-                 (a forgotten transaction had every participant acknowledge Commit,
-                 so no participant can still be in doubt about it).
-    Status codes: OK; INVALID_ARGUMENT for a missing txn_id; UNAVAILABLE while the
-    coordinator starts or stops.
+                 coordinator cannot tell yet (its decision write failed and only a
+                 restart can read the disk): keep the reservation and ask again.
+      ABORTED    anything else: decided abort, never seen, or a commit whose record
+                 was purged after its retention (every participant had acknowledged
+                 its Commit, so none can still be in doubt about it).
+    Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
+    Status codes:
+      OK                 the outcome is in the response.
+      INVALID_ARGUMENT   missing txn_id.
+      UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
+                         stopping: ask again later. Never read it as ABORTED.
+      any other          treat as no answer: keep the reservation, ask again later.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -69,14 +92,22 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GetOutcomeResponse, _abc.Awaitable[_coordinator_pb2.GetOutcomeResponse]]:
         """The outcome of a transaction, as this coordinator knows it (presumed abort):
-          COMMITTED  the COMMIT decision is in the coordinator's durable log.
+          COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
+                     COMMITTED after every participant acknowledged, for as long as the
+                     coordinator keeps the record (its retention, 7 days by default).
           PENDING    the transaction is still in phase 1 in this coordinator, or the
-                     coordinator cannot tell yet (its decision log failed): ask again.
-          ABORTED    anything else: decided abort, never seen, or finished and forgotten
-                     (a forgotten transaction had every participant acknowledge Commit,
-                     so no participant can still be in doubt about it).
-        Status codes: OK; INVALID_ARGUMENT for a missing txn_id; UNAVAILABLE while the
-        coordinator starts or stops.
+                     coordinator cannot tell yet (its decision write failed and only a
+                     restart can read the disk): keep the reservation and ask again.
+          ABORTED    anything else: decided abort, never seen, or a commit whose record
+                     was purged after its retention (every participant had acknowledged
+                     its Commit, so none can still be in doubt about it).
+        Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
+        Status codes:
+          OK                 the outcome is in the response.
+          INVALID_ARGUMENT   missing txn_id.
+          UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
+                             stopping: ask again later. Never read it as ABORTED.
+          any other          treat as no answer: keep the reservation, ask again later.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,6 +14,61 @@ drives it through two phases:
 Presumed abort: the coordinator logs only COMMIT decisions. A transaction the
 coordinator has no record of is aborted.
 
+The rules a participant must keep (docs/design.md has the reasons; the rule
+numbers are the same):
+
+  R1 Durable before the vote. The reservation and the record "txn_id is PREPARED,
+     coordinator = <PrepareRequest.coordinator>" reach stable storage (fsync, or a
+     database commit that syncs) before VOTE_COMMIT is sent. From then on keep the
+     reservation until the outcome is known; never commit or abort it alone, not
+     on a timeout, not at a restart.
+  R2 Deadline. Check the request's deadline (gRPC's grpc-timeout) before voting:
+     once it has passed, vote VOTE_ABORT and reserve nothing. The coordinator has
+     decided ABORT by then.
+  R3 Idempotent Prepare. A repeated Prepare for a txn_id you already know returns
+     the vote you gave the first time (VOTE_COMMIT while prepared or committed,
+     VOTE_ABORT once aborted) without reserving again. A repeated Prepare whose
+     operation differs from the first one's (compare a digest of the packed
+     operation: type_url and value bytes) is refused with VOTE_ABORT and changes
+     nothing: a txn_id names one operation, forever.
+  R4 Tombstones. Abort of a txn_id you have never seen succeeds and records a
+     tombstone (txn_id, ABORTED), so that a Prepare for it that arrives late
+     (delayed on the network) votes VOTE_ABORT instead of creating a reservation
+     no one will resolve.
+  R5 Commit and Abort are idempotent and final. Commit of a committed txn is OK;
+     Abort of an aborted one is OK. Commit of a never prepared or aborted txn, and
+     Abort of a committed one, are FAILED_PRECONDITION and change nothing.
+  R6 Forced and lazy records. Forced (on disk before answering): PREPARED (before
+     VOTE_COMMIT) and COMMITTED (before Commit/CommitMany/one-phase Prepare answers
+     OK: the coordinator forgets the transaction once every branch acknowledged).
+     Lazy (may ride with the next sync): ABORTED and tombstones; losing one in a
+     crash only means the transaction is resolved again, to the same ABORTED.
+  R7 In doubt: ask, never guess. A transaction prepared for longer than a
+     configurable time (the Python helper's in_doubt_after_s, 10 s by default;
+     choose it longer than a normal phase 2) with no Commit or Abort received is
+     in doubt: call twopc.v1.Coordinator.GetOutcome(txn_id) at the address in its
+     Prepare's `coordinator` field, with a deadline, and apply COMMITTED or
+     ABORTED as if Commit or Abort had arrived. On PENDING, UNAVAILABLE, or no
+     answer, keep the reservation and ask again later (a few seconds, with
+     jitter). If `coordinator` was empty, the coordinator serves no GetOutcome:
+     keep the reservation, wait for its Commit or Abort (it re-sends Commit at
+     its restart), and raise an alert an operator sees; never decide alone. Ask
+     only coordinators you trust (mutual TLS): an outcome from anyone else is an
+     attack.
+  R8 Retention. Keep decided records (COMMITTED, ABORTED) and tombstones for a
+     configurable retention (the helper's retention_s, 7 days by default) longer
+     than the longest coordinator outage, then purge them: a coordinator that
+     lost an END re-sends Commit at its restart, and must find COMMITTED. Never
+     purge a PREPARED record.
+  R9 A failed fsync is fatal. If a durable write fails, the data may be gone from
+     the page cache: never retry it and never ignore it. Answer UNAVAILABLE, stop
+     taking work, and restart from what is on disk.
+  R10 Bad input changes nothing and gets a documented status (below), never
+     UNKNOWN or INTERNAL for something the caller can fix.
+
+The txn_id is an opaque string (the reference coordinator sends
+"<coordinator id>:<local id>"); store and compare it whole, never parse it.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -77,21 +132,25 @@ class PrepareRequest(_message.Message):
     OPERATION_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
-    """The transaction's id, unique per coordinator (the reference coordinator uses a
-    random UUID). Required.
+    """The transaction's id: globally unique, opaque ("<coordinator id>:<local id>"
+    from the reference coordinator). Required; INVALID_ARGUMENT when empty.
     """
     coordinator: _builtins.str
     """Address ("host:port") of the coordinator's Coordinator service, where a
-    participant left in doubt asks GetOutcome. Empty if the coordinator serves none.
+    participant left in doubt asks GetOutcome (R7). Store it with the PREPARED
+    record. Empty if the coordinator serves none: then wait for its Commit/Abort.
     """
     one_phase: _builtins.bool
     """One-phase commit: this participant is the only branch. If it can commit, it
-    commits at once and answers VOTE_COMMIT meaning "committed"; no Commit follows.
+    commits at once (COMMITTED forced before answering) and answers VOTE_COMMIT
+    meaning "committed"; no Commit follows. If the coordinator loses the answer it
+    sends Abort: abort if not committed, or answer FAILED_PRECONDITION if committed.
     """
     @_builtins.property
     def operation(self) -> _any_pb2.Any:
         """The business operation: a message of the participant's own proto, packed.
-        Required.
+        Required. An unknown type_url is INVALID_ARGUMENT. A repeated Prepare must carry
+        the same operation (R3).
         """
 
     def __init__(

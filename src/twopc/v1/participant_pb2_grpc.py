@@ -60,8 +60,12 @@ class ParticipantServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prepare(self, request, context):
-        """Phase 1. Status codes a participant may return (every non-OK status counts as an
-        ABORT vote at the coordinator):
+        """Phase 1: validate, reserve durably (R1), vote. Keeps R2 (deadline), R3 (a
+        repeat answers the same vote; a repeat with other content votes ABORT) and R4
+        (a tombstone votes ABORT). With one_phase set, commit at once instead (the
+        COMMITTED record is forced before answering) and answer VOTE_COMMIT.
+        Status codes a participant may return (every non-OK status counts as an ABORT
+        vote at the coordinator):
         OK                 the vote is in PrepareResponse.
         INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
         malformed operation (e.g. a negative amount). Nothing changed.
@@ -78,22 +82,31 @@ class ParticipantServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Phase 2, commit. Idempotent: committing an already committed transaction
-        succeeds. Status codes:
+        """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
+        committed transaction succeeds. The COMMITTED record is forced before OK (R6).
+        Applying a prepared reservation must not fail for a business reason: the
+        decision is final. If it cannot be applied (a bug, a broken store), log it
+        loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
+        shows it to an operator. Status codes:
         OK                   committed (now or before), durably.
         FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
         Nothing changed. A coordinator seeing this has found a
         protocol violation.
         INVALID_ARGUMENT     missing txn_id.
         UNAVAILABLE          try again later (the coordinator retries with backoff).
+        INTERNAL             the participant could not apply a prepared transaction
+        (its own fault); nothing changed, the coordinator retries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Phase 2, abort. Idempotent: aborting an aborted or unknown transaction succeeds
-        and leaves a tombstone, so a Prepare for it that arrives late is refused.
+        """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
+        or unknown transaction succeeds and leaves a tombstone (R4), so a Prepare for it
+        that arrives late is refused. The ABORTED record may be lazy (R6). The
+        coordinator retries Abort for a bounded time only (aborts are not logged);
+        after that a participant still prepared learns ABORTED from GetOutcome (R7).
         Status codes:
         OK                   aborted (now or before), or never seen (tombstone left).
         FAILED_PRECONDITION  the transaction is already committed here (only possible
@@ -110,11 +123,13 @@ class ParticipantServicer:
         does, for each. A coordinator sends it to batch the Commits that queue up for one
         participant while an earlier batch is in flight; one local transaction (and one
         fsync) can then apply them all. Optional: a participant that answers
-        UNIMPLEMENTED gets Commit one by one. Status codes:
+        UNIMPLEMENTED gets Commit one by one. Keeps R5 and R6 for every txn_id: answer
+        OK only once every committed one is on disk. Status codes:
         OK                 every transaction not listed in `refused` is committed,
         durably.
         INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
         UNAVAILABLE        try again later (the coordinator retries one by one).
+        UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,6 +14,61 @@ drives it through two phases:
 Presumed abort: the coordinator logs only COMMIT decisions. A transaction the
 coordinator has no record of is aborted.
 
+The rules a participant must keep (docs/design.md has the reasons; the rule
+numbers are the same):
+
+  R1 Durable before the vote. The reservation and the record "txn_id is PREPARED,
+     coordinator = <PrepareRequest.coordinator>" reach stable storage (fsync, or a
+     database commit that syncs) before VOTE_COMMIT is sent. From then on keep the
+     reservation until the outcome is known; never commit or abort it alone, not
+     on a timeout, not at a restart.
+  R2 Deadline. Check the request's deadline (gRPC's grpc-timeout) before voting:
+     once it has passed, vote VOTE_ABORT and reserve nothing. The coordinator has
+     decided ABORT by then.
+  R3 Idempotent Prepare. A repeated Prepare for a txn_id you already know returns
+     the vote you gave the first time (VOTE_COMMIT while prepared or committed,
+     VOTE_ABORT once aborted) without reserving again. A repeated Prepare whose
+     operation differs from the first one's (compare a digest of the packed
+     operation: type_url and value bytes) is refused with VOTE_ABORT and changes
+     nothing: a txn_id names one operation, forever.
+  R4 Tombstones. Abort of a txn_id you have never seen succeeds and records a
+     tombstone (txn_id, ABORTED), so that a Prepare for it that arrives late
+     (delayed on the network) votes VOTE_ABORT instead of creating a reservation
+     no one will resolve.
+  R5 Commit and Abort are idempotent and final. Commit of a committed txn is OK;
+     Abort of an aborted one is OK. Commit of a never prepared or aborted txn, and
+     Abort of a committed one, are FAILED_PRECONDITION and change nothing.
+  R6 Forced and lazy records. Forced (on disk before answering): PREPARED (before
+     VOTE_COMMIT) and COMMITTED (before Commit/CommitMany/one-phase Prepare answers
+     OK: the coordinator forgets the transaction once every branch acknowledged).
+     Lazy (may ride with the next sync): ABORTED and tombstones; losing one in a
+     crash only means the transaction is resolved again, to the same ABORTED.
+  R7 In doubt: ask, never guess. A transaction prepared for longer than a
+     configurable time (the Python helper's in_doubt_after_s, 10 s by default;
+     choose it longer than a normal phase 2) with no Commit or Abort received is
+     in doubt: call twopc.v1.Coordinator.GetOutcome(txn_id) at the address in its
+     Prepare's `coordinator` field, with a deadline, and apply COMMITTED or
+     ABORTED as if Commit or Abort had arrived. On PENDING, UNAVAILABLE, or no
+     answer, keep the reservation and ask again later (a few seconds, with
+     jitter). If `coordinator` was empty, the coordinator serves no GetOutcome:
+     keep the reservation, wait for its Commit or Abort (it re-sends Commit at
+     its restart), and raise an alert an operator sees; never decide alone. Ask
+     only coordinators you trust (mutual TLS): an outcome from anyone else is an
+     attack.
+  R8 Retention. Keep decided records (COMMITTED, ABORTED) and tombstones for a
+     configurable retention (the helper's retention_s, 7 days by default) longer
+     than the longest coordinator outage, then purge them: a coordinator that
+     lost an END re-sends Commit at its restart, and must find COMMITTED. Never
+     purge a PREPARED record.
+  R9 A failed fsync is fatal. If a durable write fails, the data may be gone from
+     the page cache: never retry it and never ignore it. Answer UNAVAILABLE, stop
+     taking work, and restart from what is on disk.
+  R10 Bad input changes nothing and gets a documented status (below), never
+     UNKNOWN or INTERNAL for something the caller can fix.
+
+The txn_id is an opaque string (the reference coordinator sends
+"<coordinator id>:<local id>"); store and compare it whole, never parse it.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -46,8 +101,12 @@ class ParticipantStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ParticipantAsyncStub: ...
     Prepare: _grpc.UnaryUnaryMultiCallable[_participant_pb2.PrepareRequest, _participant_pb2.PrepareResponse]
-    """Phase 1. Status codes a participant may return (every non-OK status counts as an
-    ABORT vote at the coordinator):
+    """Phase 1: validate, reserve durably (R1), vote. Keeps R2 (deadline), R3 (a
+    repeat answers the same vote; a repeat with other content votes ABORT) and R4
+    (a tombstone votes ABORT). With one_phase set, commit at once instead (the
+    COMMITTED record is forced before answering) and answer VOTE_COMMIT.
+    Status codes a participant may return (every non-OK status counts as an ABORT
+    vote at the coordinator):
       OK                 the vote is in PrepareResponse.
       INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
                          malformed operation (e.g. a negative amount). Nothing changed.
@@ -60,18 +119,27 @@ class ParticipantStub:
                          elsewhere or later.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_participant_pb2.CommitRequest, _participant_pb2.CommitResponse]
-    """Phase 2, commit. Idempotent: committing an already committed transaction
-    succeeds. Status codes:
+    """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
+    committed transaction succeeds. The COMMITTED record is forced before OK (R6).
+    Applying a prepared reservation must not fail for a business reason: the
+    decision is final. If it cannot be applied (a bug, a broken store), log it
+    loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
+    shows it to an operator. Status codes:
       OK                   committed (now or before), durably.
       FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                            Nothing changed. A coordinator seeing this has found a
                            protocol violation.
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later (the coordinator retries with backoff).
+      INTERNAL             the participant could not apply a prepared transaction
+                           (its own fault); nothing changed, the coordinator retries.
     """
     Abort: _grpc.UnaryUnaryMultiCallable[_participant_pb2.AbortRequest, _participant_pb2.AbortResponse]
-    """Phase 2, abort. Idempotent: aborting an aborted or unknown transaction succeeds
-    and leaves a tombstone, so a Prepare for it that arrives late is refused.
+    """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
+    or unknown transaction succeeds and leaves a tombstone (R4), so a Prepare for it
+    that arrives late is refused. The ABORTED record may be lazy (R6). The
+    coordinator retries Abort for a bounded time only (aborts are not logged);
+    after that a participant still prepared learns ABORTED from GetOutcome (R7).
     Status codes:
       OK                   aborted (now or before), or never seen (tombstone left).
       FAILED_PRECONDITION  the transaction is already committed here (only possible
@@ -84,19 +152,25 @@ class ParticipantStub:
     does, for each. A coordinator sends it to batch the Commits that queue up for one
     participant while an earlier batch is in flight; one local transaction (and one
     fsync) can then apply them all. Optional: a participant that answers
-    UNIMPLEMENTED gets Commit one by one. Status codes:
+    UNIMPLEMENTED gets Commit one by one. Keeps R5 and R6 for every txn_id: answer
+    OK only once every committed one is on disk. Status codes:
       OK                 every transaction not listed in `refused` is committed,
                          durably.
       INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
+      UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
     """
 
 @_typing.type_check_only
 class ParticipantAsyncStub(ParticipantStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Prepare: _aio.UnaryUnaryMultiCallable[_participant_pb2.PrepareRequest, _participant_pb2.PrepareResponse]  # type: ignore[assignment]
-    """Phase 1. Status codes a participant may return (every non-OK status counts as an
-    ABORT vote at the coordinator):
+    """Phase 1: validate, reserve durably (R1), vote. Keeps R2 (deadline), R3 (a
+    repeat answers the same vote; a repeat with other content votes ABORT) and R4
+    (a tombstone votes ABORT). With one_phase set, commit at once instead (the
+    COMMITTED record is forced before answering) and answer VOTE_COMMIT.
+    Status codes a participant may return (every non-OK status counts as an ABORT
+    vote at the coordinator):
       OK                 the vote is in PrepareResponse.
       INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
                          malformed operation (e.g. a negative amount). Nothing changed.
@@ -109,18 +183,27 @@ class ParticipantAsyncStub(ParticipantStub):
                          elsewhere or later.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_participant_pb2.CommitRequest, _participant_pb2.CommitResponse]  # type: ignore[assignment]
-    """Phase 2, commit. Idempotent: committing an already committed transaction
-    succeeds. Status codes:
+    """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
+    committed transaction succeeds. The COMMITTED record is forced before OK (R6).
+    Applying a prepared reservation must not fail for a business reason: the
+    decision is final. If it cannot be applied (a bug, a broken store), log it
+    loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
+    shows it to an operator. Status codes:
       OK                   committed (now or before), durably.
       FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                            Nothing changed. A coordinator seeing this has found a
                            protocol violation.
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later (the coordinator retries with backoff).
+      INTERNAL             the participant could not apply a prepared transaction
+                           (its own fault); nothing changed, the coordinator retries.
     """
     Abort: _aio.UnaryUnaryMultiCallable[_participant_pb2.AbortRequest, _participant_pb2.AbortResponse]  # type: ignore[assignment]
-    """Phase 2, abort. Idempotent: aborting an aborted or unknown transaction succeeds
-    and leaves a tombstone, so a Prepare for it that arrives late is refused.
+    """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
+    or unknown transaction succeeds and leaves a tombstone (R4), so a Prepare for it
+    that arrives late is refused. The ABORTED record may be lazy (R6). The
+    coordinator retries Abort for a bounded time only (aborts are not logged);
+    after that a participant still prepared learns ABORTED from GetOutcome (R7).
     Status codes:
       OK                   aborted (now or before), or never seen (tombstone left).
       FAILED_PRECONDITION  the transaction is already committed here (only possible
@@ -133,11 +216,13 @@ class ParticipantAsyncStub(ParticipantStub):
     does, for each. A coordinator sends it to batch the Commits that queue up for one
     participant while an earlier batch is in flight; one local transaction (and one
     fsync) can then apply them all. Optional: a participant that answers
-    UNIMPLEMENTED gets Commit one by one. Status codes:
+    UNIMPLEMENTED gets Commit one by one. Keeps R5 and R6 for every txn_id: answer
+    OK only once every committed one is on disk. Status codes:
       OK                 every transaction not listed in `refused` is committed,
                          durably.
       INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
+      UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
     """
 
 class ParticipantServicer(metaclass=_abc_1.ABCMeta):
@@ -147,8 +232,12 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _participant_pb2.PrepareRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_participant_pb2.PrepareResponse, _abc.Awaitable[_participant_pb2.PrepareResponse]]:
-        """Phase 1. Status codes a participant may return (every non-OK status counts as an
-        ABORT vote at the coordinator):
+        """Phase 1: validate, reserve durably (R1), vote. Keeps R2 (deadline), R3 (a
+        repeat answers the same vote; a repeat with other content votes ABORT) and R4
+        (a tombstone votes ABORT). With one_phase set, commit at once instead (the
+        COMMITTED record is forced before answering) and answer VOTE_COMMIT.
+        Status codes a participant may return (every non-OK status counts as an ABORT
+        vote at the coordinator):
           OK                 the vote is in PrepareResponse.
           INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
                              malformed operation (e.g. a negative amount). Nothing changed.
@@ -167,14 +256,20 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _participant_pb2.CommitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_participant_pb2.CommitResponse, _abc.Awaitable[_participant_pb2.CommitResponse]]:
-        """Phase 2, commit. Idempotent: committing an already committed transaction
-        succeeds. Status codes:
+        """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
+        committed transaction succeeds. The COMMITTED record is forced before OK (R6).
+        Applying a prepared reservation must not fail for a business reason: the
+        decision is final. If it cannot be applied (a bug, a broken store), log it
+        loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
+        shows it to an operator. Status codes:
           OK                   committed (now or before), durably.
           FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                                Nothing changed. A coordinator seeing this has found a
                                protocol violation.
           INVALID_ARGUMENT     missing txn_id.
           UNAVAILABLE          try again later (the coordinator retries with backoff).
+          INTERNAL             the participant could not apply a prepared transaction
+                               (its own fault); nothing changed, the coordinator retries.
         """
 
     @_abc_1.abstractmethod
@@ -183,8 +278,11 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _participant_pb2.AbortRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_participant_pb2.AbortResponse, _abc.Awaitable[_participant_pb2.AbortResponse]]:
-        """Phase 2, abort. Idempotent: aborting an aborted or unknown transaction succeeds
-        and leaves a tombstone, so a Prepare for it that arrives late is refused.
+        """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
+        or unknown transaction succeeds and leaves a tombstone (R4), so a Prepare for it
+        that arrives late is refused. The ABORTED record may be lazy (R6). The
+        coordinator retries Abort for a bounded time only (aborts are not logged);
+        after that a participant still prepared learns ABORTED from GetOutcome (R7).
         Status codes:
           OK                   aborted (now or before), or never seen (tombstone left).
           FAILED_PRECONDITION  the transaction is already committed here (only possible
@@ -203,11 +301,13 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         does, for each. A coordinator sends it to batch the Commits that queue up for one
         participant while an earlier batch is in flight; one local transaction (and one
         fsync) can then apply them all. Optional: a participant that answers
-        UNIMPLEMENTED gets Commit one by one. Status codes:
+        UNIMPLEMENTED gets Commit one by one. Keeps R5 and R6 for every txn_id: answer
+        OK only once every committed one is on disk. Status codes:
           OK                 every transaction not listed in `refused` is committed,
                              durably.
           INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
           UNAVAILABLE        try again later (the coordinator retries one by one).
+          UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
         """
 
 def add_ParticipantServicer_to_server(servicer: ParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
