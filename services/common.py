@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +20,8 @@ T = TypeVar("T")
 MAX_AMOUNT = 10**12  # minor units in one operation: ten billion in a two-decimal currency
 MAX_BALANCE = 2**62  # far below SQLite's int64 limit, so sums cannot overflow
 MAX_QUANTITY = 10**9
+DEFAULT_PAGE_SIZE = 100  # list RPCs: what page_size=0 means
+MAX_PAGE_SIZE = 1000  # list RPCs: a larger page_size is lowered to this
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -96,3 +101,30 @@ def check_amount(what: str, value: int, maximum: int) -> None:
         raise InvalidOperation(f"{what} must be > 0, got {value}")
     if value > maximum:
         raise InvalidOperation(f"{what} must be at most {maximum}, got {value}")
+
+
+def page_size(requested: int) -> int:
+    """The page size a list RPC serves for `requested` (0: the default; above the
+    maximum: the maximum, as gRPC APIs do). InvalidOperation if negative."""
+    if requested < 0:
+        raise InvalidOperation(f"page_size must be >= 0, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def page_token(kind: str, *after: Any) -> str:
+    """An opaque token for the page that follows the item keyed `after`."""
+    return base64.urlsafe_b64encode(json.dumps([kind, *after]).encode()).decode()
+
+
+def page_after(kind: str, token: str) -> list[Any] | None:
+    """The key a `page_token(kind, ...)` carries; None for the first page (empty
+    token). InvalidOperation for a token this list did not hand out."""
+    if not token:
+        return None
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error) as e:
+        raise InvalidOperation("page_token is not one this list handed out") from e
+    if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
+        raise InvalidOperation("page_token is not one this list handed out")
+    return decoded[1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,73 @@ async def test_order_restart_keeps_stock_and_reservations(orders: tuple[Service,
     assert await stock(api, "pen") == (5, 3, 0)
     await svc.abort("t1")
     assert await stock(api, "pen") == (5, 0, 0)
+
+
+# --- paged lists ---------------------------------------------------------------------
+
+
+async def test_ledger_pages_through_more_entries_than_one_page(wallet: tuple[Service, Any]) -> None:
+    """ListLedger serves 250 entries in pages of the default 100, oldest first, each once."""
+    svc, api = wallet
+    await asyncio.gather(
+        *(api.Deposit(wallet_pb2.DepositRequest(account="bob", amount=1), timeout=10) for _ in range(249))
+    )
+    await svc.prepare("t1", wallet_pb2.Debit(account="bob", amount=7))
+    await svc.commit("t1")  # the 251st entry: a debit after the deposits
+    pages: list[int] = []
+    entries: list[Any] = []
+    token = ""
+    while True:
+        page = await api.ListLedger(wallet_pb2.ListLedgerRequest(account="bob", page_token=token), timeout=5)
+        pages.append(len(page.entries))
+        entries.extend(page.entries)
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [100, 100, 51]
+    assert [e.amount for e in entries] == [300] + [1] * 249 + [7]
+    assert entries[-1].txn_id == "t1"
+    small = await api.ListLedger(wallet_pb2.ListLedgerRequest(account="bob", page_size=7), timeout=5)
+    assert len(small.entries) == 7 and small.next_page_token
+    huge = await api.ListLedger(wallet_pb2.ListLedgerRequest(account="bob", page_size=10**6), timeout=5)
+    assert len(huge.entries) == 251 and not huge.next_page_token
+
+
+async def test_ledger_refuses_bad_paging_input(wallet: tuple[Service, Any]) -> None:
+    """A negative page_size, a made-up token or another account's token is INVALID_ARGUMENT."""
+    _, api = wallet
+    await api.OpenAccount(wallet_pb2.OpenAccountRequest(account="eve"), timeout=5)
+    await api.Deposit(wallet_pb2.DepositRequest(account="bob", amount=5), timeout=5)
+    first = await api.ListLedger(wallet_pb2.ListLedgerRequest(account="bob", page_size=1), timeout=5)
+    bad = [
+        wallet_pb2.ListLedgerRequest(account="bob", page_size=-1),
+        wallet_pb2.ListLedgerRequest(account="bob", page_token="not-a-token"),
+        wallet_pb2.ListLedgerRequest(account="eve", page_token=first.next_page_token),
+    ]
+    for request in bad:
+        assert await status_of(api.ListLedger(request, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_orders_page_through_more_orders_than_one_page(orders: tuple[Service, Any]) -> None:
+    """ListOrders serves 130 orders in pages, in placing order, each once; bad paging input is refused."""
+    svc, api = orders
+    await api.AddStock(order_pb2.AddStockRequest(sku="pen", quantity=1000), timeout=5)
+    for i in range(130):  # one by one: the order of placing is the order listed
+        await svc.prepare(f"t{i}", order(f"o{i}", ("pen", 1)))
+    await asyncio.gather(*(svc.commit(f"t{i}") for i in range(0, 130, 2)))
+    listed: list[Any] = []
+    token = ""
+    while True:
+        page = await api.ListOrders(order_pb2.ListOrdersRequest(page_size=50, page_token=token), timeout=5)
+        assert len(page.orders) <= 50
+        listed.extend(page.orders)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [o.order_id for o in listed] == [f"o{i}" for i in range(130)]
+    confirmed = [o.order_id for o in listed if o.state == order_pb2.ORDER_STATE_CONFIRMED]
+    assert confirmed == [f"o{i}" for i in range(0, 130, 2)]
+    first = await api.ListOrders(order_pb2.ListOrdersRequest(), timeout=5)
+    assert len(first.orders) == 100 and first.next_page_token
+    for request in [order_pb2.ListOrdersRequest(page_size=-5), order_pb2.ListOrdersRequest(page_token="eA==")]:
+        assert await status_of(api.ListOrders(request, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT

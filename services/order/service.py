@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from services.common import MAX_AMOUNT, MAX_QUANTITY, api, check_amount
+from services.common import MAX_AMOUNT, MAX_QUANTITY, api, check_amount, page_after, page_size, page_token
 from services.order.v1 import order_pb2, order_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
 
@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at REAL NOT NULL,
     amount     INTEGER NOT NULL DEFAULT 0 CHECK (amount >= 0)  -- what the buyer is charged
 );
+CREATE INDEX IF NOT EXISTS orders_created ON orders (created_at, order_id);  -- ListOrders pages
 """
 
 _STATES = {
@@ -184,7 +185,20 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
         self, request: order_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.ListOrdersResponse:
         def orders(db: sqlite3.Connection) -> order_pb2.ListOrdersResponse:
-            ids = [i for (i,) in db.execute("SELECT order_id FROM orders ORDER BY created_at")]
-            return order_pb2.ListOrdersResponse(orders=[_order(db, i) for i in ids])
+            size = page_size(request.page_size)
+            after = page_after("orders", request.page_token)
+            if after is not None and (len(after) != 2 or not isinstance(after[0], float | int)):
+                raise InvalidOperation("page_token is not one this list handed out")
+            rows = db.execute(
+                "SELECT created_at, order_id FROM orders WHERE (created_at, order_id) > (?, ?)"
+                " ORDER BY created_at, order_id LIMIT ?",
+                (*(after or (float("-inf"), "")), size + 1),
+            ).fetchall()
+            more = len(rows) > size
+            rows = rows[:size]
+            return order_pb2.ListOrdersResponse(
+                orders=[_order(db, i) for _, i in rows],
+                next_page_token=page_token("orders", *rows[-1]) if more else "",
+            )
 
         return await api(context, self.store.read(orders))

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from services.common import MAX_AMOUNT, MAX_BALANCE, AlreadyExists, api, check_amount
+from services.common import MAX_AMOUNT, MAX_BALANCE, AlreadyExists, api, check_amount, page_after, page_size, page_token
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
 
@@ -124,15 +124,23 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
         kinds = {"deposit": wallet_pb2.ENTRY_KIND_DEPOSIT, "debit": wallet_pb2.ENTRY_KIND_DEBIT}
 
         def ledger(db: sqlite3.Connection) -> wallet_pb2.ListLedgerResponse:
+            size = page_size(request.page_size)
+            after = page_after("ledger", request.page_token)
+            if after is not None and (len(after) != 2 or after[0] != request.account or not isinstance(after[1], int)):
+                raise InvalidOperation("page_token is not one this list handed out for this account")
             balance(db, request.account)  # NotFound for an unknown account
             rows = db.execute(
-                "SELECT kind, amount, coalesce(txn_id, ''), at FROM ledger WHERE account = ? ORDER BY seq",
-                (request.account,),
-            )
+                "SELECT seq, kind, amount, coalesce(txn_id, ''), at FROM ledger WHERE account = ? AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (request.account, after[1] if after else 0, size + 1),
+            ).fetchall()
+            more = len(rows) > size
+            rows = rows[:size]
             return wallet_pb2.ListLedgerResponse(
                 entries=[
-                    wallet_pb2.LedgerEntry(kind=kinds[k], amount=a, txn_id=t, at_unix_s=at) for k, a, t, at in rows
-                ]
+                    wallet_pb2.LedgerEntry(kind=kinds[k], amount=a, txn_id=t, at_unix_s=at) for _, k, a, t, at in rows
+                ],
+                next_page_token=page_token("ledger", request.account, rows[-1][0]) if more else "",
             )
 
         return await api(context, self.store.read(ledger))

@@ -83,7 +83,9 @@ class OrdersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOrders(self, request, context):
-        """Every order, for checks and the demo.
+        """Every order, oldest first, one page at a time (see ListOrdersRequest).
+        INVALID_ARGUMENT for a negative page_size or a page_token that this call did
+        not hand out.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,10 @@ class OrdersStub:
     GetOrder: _grpc.UnaryUnaryMultiCallable[_order_pb2.GetOrderRequest, _order_pb2.Order]
     """NOT_FOUND for an unknown order."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]
-    """Every order, for checks and the demo."""
+    """Every order, oldest first, one page at a time (see ListOrdersRequest).
+    INVALID_ARGUMENT for a negative page_size or a page_token that this call did
+    not hand out.
+    """
 
 @_typing.type_check_only
 class OrdersAsyncStub(OrdersStub):
@@ -60,7 +63,10 @@ class OrdersAsyncStub(OrdersStub):
     GetOrder: _aio.UnaryUnaryMultiCallable[_order_pb2.GetOrderRequest, _order_pb2.Order]  # type: ignore[assignment]
     """NOT_FOUND for an unknown order."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_order_pb2.ListOrdersRequest, _order_pb2.ListOrdersResponse]  # type: ignore[assignment]
-    """Every order, for checks and the demo."""
+    """Every order, oldest first, one page at a time (see ListOrdersRequest).
+    INVALID_ARGUMENT for a negative page_size or a page_token that this call did
+    not hand out.
+    """
 
 class OrdersServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -96,6 +102,9 @@ class OrdersServicer(metaclass=_abc_1.ABCMeta):
         request: _order_pb2.ListOrdersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_order_pb2.ListOrdersResponse, _abc.Awaitable[_order_pb2.ListOrdersResponse]]:
-        """Every order, for checks and the demo."""
+        """Every order, oldest first, one page at a time (see ListOrdersRequest).
+        INVALID_ARGUMENT for a negative page_size or a page_token that this call did
+        not hand out.
+        """
 
 def add_OrdersServicer_to_server(servicer: OrdersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

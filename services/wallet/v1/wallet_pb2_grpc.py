@@ -82,7 +82,10 @@ class WalletServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLedger(self, request, context):
-        """The account's ledger, oldest first. NOT_FOUND for an unknown account.
+        """The account's ledger, oldest first, one page at a time (see ListLedgerRequest).
+        NOT_FOUND for an unknown account; INVALID_ARGUMENT for a negative page_size or
+        a page_token that this call did not hand out (or that was made for another
+        account).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,11 @@ class WalletStub:
     GetBalance: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.GetBalanceRequest, _wallet_pb2.Balance]
     """Balance, held and available. NOT_FOUND for an unknown account."""
     ListLedger: _grpc.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerRequest, _wallet_pb2.ListLedgerResponse]
-    """The account's ledger, oldest first. NOT_FOUND for an unknown account."""
+    """The account's ledger, oldest first, one page at a time (see ListLedgerRequest).
+    NOT_FOUND for an unknown account; INVALID_ARGUMENT for a negative page_size or
+    a page_token that this call did not hand out (or that was made for another
+    account).
+    """
 
 @_typing.type_check_only
 class WalletAsyncStub(WalletStub):
@@ -58,7 +62,11 @@ class WalletAsyncStub(WalletStub):
     GetBalance: _aio.UnaryUnaryMultiCallable[_wallet_pb2.GetBalanceRequest, _wallet_pb2.Balance]  # type: ignore[assignment]
     """Balance, held and available. NOT_FOUND for an unknown account."""
     ListLedger: _aio.UnaryUnaryMultiCallable[_wallet_pb2.ListLedgerRequest, _wallet_pb2.ListLedgerResponse]  # type: ignore[assignment]
-    """The account's ledger, oldest first. NOT_FOUND for an unknown account."""
+    """The account's ledger, oldest first, one page at a time (see ListLedgerRequest).
+    NOT_FOUND for an unknown account; INVALID_ARGUMENT for a negative page_size or
+    a page_token that this call did not hand out (or that was made for another
+    account).
+    """
 
 class WalletServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,6 +101,10 @@ class WalletServicer(metaclass=_abc_1.ABCMeta):
         request: _wallet_pb2.ListLedgerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallet_pb2.ListLedgerResponse, _abc.Awaitable[_wallet_pb2.ListLedgerResponse]]:
-        """The account's ledger, oldest first. NOT_FOUND for an unknown account."""
+        """The account's ledger, oldest first, one page at a time (see ListLedgerRequest).
+        NOT_FOUND for an unknown account; INVALID_ARGUMENT for a negative page_size or
+        a page_token that this call did not hand out (or that was made for another
+        account).
+        """
 
 def add_WalletServicer_to_server(servicer: WalletServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
