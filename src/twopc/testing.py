@@ -50,6 +50,10 @@ class ServiceProcess:
         host: the address to bind and to reach it at.
         wrapper: a command prefix, e.g. ["ip", "netns", "exec", "ns1"] to run the
             service as its own host in a network namespace.
+        command: the program to run instead of `python -m <module>`, e.g.
+            ["node", "participant.js"] for a service in another language; it takes
+            `--host` and `--port` and prints `READY` the same way. `module` then
+            only names it in messages.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class ServiceProcess:
         port: int = 0,
         host: str = "127.0.0.1",
         wrapper: Sequence[str] = (),
+        command: Sequence[str] = (),
     ) -> None:
         self.module = module
         self.args = list(args)
@@ -70,6 +75,7 @@ class ServiceProcess:
         self.host = host
         self.port = port
         self.wrapper = list(wrapper)
+        self.command = list(command) or [sys.executable, "-m", module]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,9 +88,7 @@ class ServiceProcess:
         full_env = {**os.environ, **self.env, **(env or {})}
         argv = [
             *self.wrapper,
-            sys.executable,
-            "-m",
-            self.module,
+            *self.command,
             *self.args,
             "--host",
             self.host,
