@@ -7,7 +7,8 @@ runs every business step in the same local transaction as the table row it belon
 to, so the reservation and the record that it is PREPARED reach the disk together
 with one fsync (shared with concurrent prepares: group commit).
 
-What the helper guarantees, so the business code does not have to:
+What the helper guarantees (rules of docs/design.md), so the business code does not
+have to:
 
 * Prepare is durable before the vote (rule 1); a repeated Prepare returns the same
   vote without running the business step again; a Prepare past its deadline, or for
