@@ -16,6 +16,7 @@ import sys
 
 from loyalty.v1.loyalty_pb2 import RedeemPoints
 
+import twopc.logs
 from services.wallet.v1.wallet_pb2 import Debit
 from twopc import Branch, Coordinator, Credentials
 
@@ -37,4 +38,5 @@ async def checkout(account: str, cents: int, points: int) -> str:
 
 if __name__ == "__main__":
     account, cents, points = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    twopc.logs.configure("console")  # events to standard error, at info
     print(asyncio.run(checkout(account, cents, points)))
