@@ -94,7 +94,7 @@ async def test_loyalty_example_commits_and_aborts(
         env = {**os.environ, "WALLET": wallet.address, "LOYALTY": loyalty.address, "OUTCOME": "127.0.0.1:0"}
         env["PYTHONPATH"] = os.pathsep.join([str(example), str(ROOT)])
 
-        def checkout(*args: str) -> str:
+        def checkout(*args: str) -> list[str]:
             done = subprocess.run(
                 [sys.executable, str(example / "checkout.py"), *args],
                 cwd=tmp_path,
@@ -104,17 +104,21 @@ async def test_loyalty_example_commits_and_aborts(
                 timeout=60,
             )
             assert done.returncode == 0, done.stderr
-            return done.stdout.strip().splitlines()[-1]
+            return done.stdout.strip().splitlines()
 
         async def state() -> tuple[int, int, int, int]:
             b = await wallet_api.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)
             p = await loyalty_api.GetPoints(pb.GetPointsRequest(account="alice"), timeout=5)
             return b.balance, b.held, p.points, p.held
 
-        assert checkout("alice", "3000", "200") == "committed"
+        committed, answer = checkout("alice", "3000", "200")
+        assert answer == "committed"
         assert await state() == (7_000, 0, 300, 0)
 
-        assert checkout("alice", "1000", "400") == "aborted loyalty: not enough points: available 300, needed 400"
+        aborted, answer = checkout("alice", "1000", "400")
+        assert answer == "aborted loyalty: not enough points: available 300, needed 400"
+        assert checkout("outcome", committed) == ["committed"]  # read back from the log, after END
+        assert checkout("outcome", aborted) == ["aborted"]
 
         async def released() -> bool:
             return await state() == (7_000, 0, 300, 0)

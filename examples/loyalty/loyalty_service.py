@@ -19,7 +19,6 @@ from loyalty.v1 import loyalty_pb2, loyalty_pb2_grpc
 
 import twopc
 import twopc.logs
-import twopc.rpc
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -117,10 +116,13 @@ async def main() -> None:
     twopc.logs.configure("console")
     credentials = twopc.Credentials.insecure()  # loopback; pass TLS credentials in production
     async with twopc.Participant(LoyaltyHandler(), args.db, credentials=credentials) as participant:
-        server = grpc.aio.server()
-        participant.add_to_server(server)
-        loyalty_pb2_grpc.add_LoyaltyServicer_to_server(LoyaltyApi(participant), server)
-        await twopc.rpc.serve_until_signalled(server, f"{args.host}:{args.port}", credentials)
+        api = LoyaltyApi(participant)
+
+        def add_api(server: grpc.aio.Server) -> None:
+            loyalty_pb2_grpc.add_LoyaltyServicer_to_server(api, server)
+
+        # twopc.v1.Participant and the Loyalty API on one port, until SIGTERM or Ctrl-C.
+        await participant.serve(f"{args.host}:{args.port}", services=[add_api])
 
 
 if __name__ == "__main__":
