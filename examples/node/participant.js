@@ -173,6 +173,7 @@ class Store {
       fs.writeSync(this.fd, JSON.stringify(record) + '\n');
       if (durable) fs.fsyncSync(this.fd);
     } catch (e) {
+      e.storeFailure = true;
       this.failed = e;
       log('critical', 'store_write_failed', { error: e.message });
       throw e;
@@ -202,8 +203,14 @@ function unary(fn) {
     try {
       callback(null, fn(call.request, call));
     } catch (e) {
-      if (e instanceof Status) callback({ code: e.code, details: e.details });
-      else callback({ code: grpc.status.UNAVAILABLE, details: `participant store failed: ${e.message}` });
+      if (e instanceof Status) {
+        callback({ code: e.code, details: e.details });
+      } else if (e.storeFailure) { // R9: the store has stopped; restart the process
+        callback({ code: grpc.status.UNAVAILABLE, details: `participant store failed: ${e.message}` });
+      } else { // a bug here: loud, and a documented status (never UNKNOWN)
+        log('critical', 'handler_raised', { method: call.getPath(), error: e.stack });
+        callback({ code: grpc.status.INTERNAL, details: `participant failed: ${e.name}` });
+      }
     }
   };
 }
@@ -224,7 +231,7 @@ function participantService(store, RedeemPoints, crashAt) {
     const known = store.txns.get(req.txn_id);
     if (known) { // R3: a repeat gets the first answer; R4: a tombstone refuses
       if (known.state === 'ABORTED') return vote('VOTE_ABORT', 'transaction already aborted');
-      if (known.digest !== digest) return vote('VOTE_ABORT', 'transaction id reused with another operation');
+      if (known.digest !== digest) return vote('VOTE_ABORT', 'transaction id already used for another operation');
       return vote('VOTE_COMMIT');
     }
     const deadline = call.getDeadline(); // R2: check the deadline before voting

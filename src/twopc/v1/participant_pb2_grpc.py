@@ -76,6 +76,8 @@ class ParticipantServicer:
         resolves it).
         UNAVAILABLE        the participant is shutting down or has failed; retry
         elsewhere or later.
+        INTERNAL           the participant's own fault (a bug in its prepare step).
+        Nothing is left reserved.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,9 +87,9 @@ class ParticipantServicer:
         """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
         committed transaction succeeds. The COMMITTED record is forced before OK (R6).
         Applying a prepared reservation must not fail for a business reason: the
-        decision is final. If it cannot be applied (a bug, a broken store), log it
-        loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
-        shows it to an operator. Status codes:
+        decision is final. If it cannot be applied (a bug), log it loudly with the
+        traceback and answer INTERNAL; the coordinator keeps retrying and reports it to
+        an operator as a broken participant, not as an ordinary retry. Status codes:
         OK                   committed (now or before), durably.
         FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
         Nothing changed. A coordinator seeing this has found a
@@ -95,7 +97,8 @@ class ParticipantServicer:
         INVALID_ARGUMENT     missing txn_id.
         UNAVAILABLE          try again later (the coordinator retries with backoff).
         INTERNAL             the participant could not apply a prepared transaction
-        (its own fault); nothing changed, the coordinator retries.
+        (its own fault); nothing changed, the coordinator retries
+        and alerts. Never UNKNOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +116,8 @@ class ParticipantServicer:
         after a one-phase Prepare). Nothing changed.
         INVALID_ARGUMENT     missing txn_id.
         UNAVAILABLE          try again later.
+        INTERNAL             the participant could not release the reservation (its
+        own fault); nothing changed, the coordinator retries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +134,7 @@ class ParticipantServicer:
         durably.
         INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
         UNAVAILABLE        try again later (the coordinator retries one by one).
+        INTERNAL           as for Commit: nothing changed, the coordinator retries.
         UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -117,14 +117,16 @@ class ParticipantStub:
                          resolves it).
       UNAVAILABLE        the participant is shutting down or has failed; retry
                          elsewhere or later.
+      INTERNAL           the participant's own fault (a bug in its prepare step).
+                         Nothing is left reserved.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_participant_pb2.CommitRequest, _participant_pb2.CommitResponse]
     """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
     committed transaction succeeds. The COMMITTED record is forced before OK (R6).
     Applying a prepared reservation must not fail for a business reason: the
-    decision is final. If it cannot be applied (a bug, a broken store), log it
-    loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
-    shows it to an operator. Status codes:
+    decision is final. If it cannot be applied (a bug), log it loudly with the
+    traceback and answer INTERNAL; the coordinator keeps retrying and reports it to
+    an operator as a broken participant, not as an ordinary retry. Status codes:
       OK                   committed (now or before), durably.
       FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                            Nothing changed. A coordinator seeing this has found a
@@ -132,7 +134,8 @@ class ParticipantStub:
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later (the coordinator retries with backoff).
       INTERNAL             the participant could not apply a prepared transaction
-                           (its own fault); nothing changed, the coordinator retries.
+                           (its own fault); nothing changed, the coordinator retries
+                           and alerts. Never UNKNOWN.
     """
     Abort: _grpc.UnaryUnaryMultiCallable[_participant_pb2.AbortRequest, _participant_pb2.AbortResponse]
     """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
@@ -146,6 +149,8 @@ class ParticipantStub:
                            after a one-phase Prepare). Nothing changed.
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later.
+      INTERNAL             the participant could not release the reservation (its
+                           own fault); nothing changed, the coordinator retries.
     """
     CommitMany: _grpc.UnaryUnaryMultiCallable[_participant_pb2.CommitManyRequest, _participant_pb2.CommitManyResponse]
     """Phase 2, commit, for several transactions in one message: exactly what Commit
@@ -158,6 +163,7 @@ class ParticipantStub:
                          durably.
       INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
+      INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
     """
 
@@ -181,14 +187,16 @@ class ParticipantAsyncStub(ParticipantStub):
                          resolves it).
       UNAVAILABLE        the participant is shutting down or has failed; retry
                          elsewhere or later.
+      INTERNAL           the participant's own fault (a bug in its prepare step).
+                         Nothing is left reserved.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_participant_pb2.CommitRequest, _participant_pb2.CommitResponse]  # type: ignore[assignment]
     """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
     committed transaction succeeds. The COMMITTED record is forced before OK (R6).
     Applying a prepared reservation must not fail for a business reason: the
-    decision is final. If it cannot be applied (a bug, a broken store), log it
-    loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
-    shows it to an operator. Status codes:
+    decision is final. If it cannot be applied (a bug), log it loudly with the
+    traceback and answer INTERNAL; the coordinator keeps retrying and reports it to
+    an operator as a broken participant, not as an ordinary retry. Status codes:
       OK                   committed (now or before), durably.
       FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                            Nothing changed. A coordinator seeing this has found a
@@ -196,7 +204,8 @@ class ParticipantAsyncStub(ParticipantStub):
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later (the coordinator retries with backoff).
       INTERNAL             the participant could not apply a prepared transaction
-                           (its own fault); nothing changed, the coordinator retries.
+                           (its own fault); nothing changed, the coordinator retries
+                           and alerts. Never UNKNOWN.
     """
     Abort: _aio.UnaryUnaryMultiCallable[_participant_pb2.AbortRequest, _participant_pb2.AbortResponse]  # type: ignore[assignment]
     """Phase 2, abort: release the reservation. Idempotent (R5): aborting an aborted
@@ -210,6 +219,8 @@ class ParticipantAsyncStub(ParticipantStub):
                            after a one-phase Prepare). Nothing changed.
       INVALID_ARGUMENT     missing txn_id.
       UNAVAILABLE          try again later.
+      INTERNAL             the participant could not release the reservation (its
+                           own fault); nothing changed, the coordinator retries.
     """
     CommitMany: _aio.UnaryUnaryMultiCallable[_participant_pb2.CommitManyRequest, _participant_pb2.CommitManyResponse]  # type: ignore[assignment]
     """Phase 2, commit, for several transactions in one message: exactly what Commit
@@ -222,6 +233,7 @@ class ParticipantAsyncStub(ParticipantStub):
                          durably.
       INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
+      INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
     """
 
@@ -248,6 +260,8 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
                              resolves it).
           UNAVAILABLE        the participant is shutting down or has failed; retry
                              elsewhere or later.
+          INTERNAL           the participant's own fault (a bug in its prepare step).
+                             Nothing is left reserved.
         """
 
     @_abc_1.abstractmethod
@@ -259,9 +273,9 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         """Phase 2, commit: apply the reservation. Idempotent (R5): committing an already
         committed transaction succeeds. The COMMITTED record is forced before OK (R6).
         Applying a prepared reservation must not fail for a business reason: the
-        decision is final. If it cannot be applied (a bug, a broken store), log it
-        loudly and answer INTERNAL or UNAVAILABLE; the coordinator keeps retrying and
-        shows it to an operator. Status codes:
+        decision is final. If it cannot be applied (a bug), log it loudly with the
+        traceback and answer INTERNAL; the coordinator keeps retrying and reports it to
+        an operator as a broken participant, not as an ordinary retry. Status codes:
           OK                   committed (now or before), durably.
           FAILED_PRECONDITION  the transaction was never prepared here, or was aborted.
                                Nothing changed. A coordinator seeing this has found a
@@ -269,7 +283,8 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
           INVALID_ARGUMENT     missing txn_id.
           UNAVAILABLE          try again later (the coordinator retries with backoff).
           INTERNAL             the participant could not apply a prepared transaction
-                               (its own fault); nothing changed, the coordinator retries.
+                               (its own fault); nothing changed, the coordinator retries
+                               and alerts. Never UNKNOWN.
         """
 
     @_abc_1.abstractmethod
@@ -289,6 +304,8 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
                                after a one-phase Prepare). Nothing changed.
           INVALID_ARGUMENT     missing txn_id.
           UNAVAILABLE          try again later.
+          INTERNAL             the participant could not release the reservation (its
+                               own fault); nothing changed, the coordinator retries.
         """
 
     @_abc_1.abstractmethod
@@ -307,6 +324,7 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
                              durably.
           INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
           UNAVAILABLE        try again later (the coordinator retries one by one).
+          INTERNAL           as for Commit: nothing changed, the coordinator retries.
           UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
         """
 
