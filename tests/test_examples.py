@@ -80,31 +80,26 @@ def processes(tmp_path: Path, example: Path) -> Iterator[tuple[ServiceProcess, S
 async def test_loyalty_example_commits_and_aborts(
     tmp_path: Path, example: Path, processes: tuple[ServiceProcess, ServiceProcess]
 ) -> None:
-    """checkout.py takes money and points together, and on too few points takes neither."""
+    """seed.py funds alice; checkout.py takes money and points together, on too few points neither."""
     wallet, loyalty = processes
     pb: Any = importlib.import_module("loyalty.v1.loyalty_pb2")
     pb_grpc: Any = importlib.import_module("loyalty.v1.loyalty_pb2_grpc")
+    env = {**os.environ, "WALLET": wallet.address, "LOYALTY": loyalty.address, "OUTCOME": "127.0.0.1:0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(example), str(ROOT)])
+
+    def script(name: str, *args: str) -> list[str]:
+        argv = [sys.executable, str(example / name), *args]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()
+
+    def checkout(*args: str) -> list[str]:
+        return script("checkout.py", *args)
+
+    assert script("seed.py", "alice", "10000", "500") == ["alice: 10000 cents, 500 points"]
     async with grpc.aio.insecure_channel(wallet.address) as w, grpc.aio.insecure_channel(loyalty.address) as lc:
         wallet_api = wallet_pb2_grpc.WalletStub(w)
         loyalty_api = pb_grpc.LoyaltyStub(lc)
-        await wallet_api.OpenAccount(wallet_pb2.OpenAccountRequest(account="alice"), timeout=5)
-        await wallet_api.Deposit(wallet_pb2.DepositRequest(account="alice", amount=10_000), timeout=5)
-        await loyalty_api.Award(pb.AwardRequest(account="alice", points=500), timeout=5)
-
-        env = {**os.environ, "WALLET": wallet.address, "LOYALTY": loyalty.address, "OUTCOME": "127.0.0.1:0"}
-        env["PYTHONPATH"] = os.pathsep.join([str(example), str(ROOT)])
-
-        def checkout(*args: str) -> list[str]:
-            done = subprocess.run(
-                [sys.executable, str(example / "checkout.py"), *args],
-                cwd=tmp_path,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, done.stderr
-            return done.stdout.strip().splitlines()
 
         async def state() -> tuple[int, int, int, int]:
             b = await wallet_api.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)
