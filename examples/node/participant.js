@@ -217,6 +217,10 @@ function unary(fn) {
 
 function participantService(store, RedeemPoints, crashAt) {
   const vote = (v, reason = '') => ({ vote: v, reason });
+  const refuse = (txn, reason) => {
+    log('info', 'prepared', { txn_id: txn, vote: 'abort', reason });
+    return vote('VOTE_ABORT', reason);
+  };
 
   function prepare(req, call) {
     if (!req.txn_id) throw new Status(grpc.status.INVALID_ARGUMENT, 'txn_id is required');
@@ -230,14 +234,14 @@ function participantService(store, RedeemPoints, crashAt) {
       .update(req.operation.value).digest('hex');
     const known = store.txns.get(req.txn_id);
     if (known) { // R3: a repeat gets the first answer; R4: a tombstone refuses
-      if (known.state === 'ABORTED') return vote('VOTE_ABORT', 'transaction already aborted');
-      if (known.digest !== digest) return vote('VOTE_ABORT', 'transaction id already used for another operation');
+      if (known.state === 'ABORTED') return refuse(req.txn_id, 'transaction already aborted');
+      if (known.digest !== digest) return refuse(req.txn_id, 'transaction id already used for another operation');
       return vote('VOTE_COMMIT');
     }
     const deadline = call.getDeadline(); // R2: check the deadline before voting
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : Number(deadline);
     if (Number.isFinite(deadlineMs) && Date.now() >= deadlineMs) {
-      return vote('VOTE_ABORT', 'deadline passed before prepare');
+      return refuse(req.txn_id, 'deadline passed before prepare');
     }
     let redeem;
     try {
@@ -254,7 +258,7 @@ function participantService(store, RedeemPoints, crashAt) {
     }
     const available = store.accounts.get(redeem.account) - store.held(redeem.account);
     if (available < redeem.points) {
-      return vote('VOTE_ABORT', `not enough points: available ${available}, needed ${redeem.points}`);
+      return refuse(req.txn_id, `not enough points: available ${available}, needed ${redeem.points}`);
     }
     const at = Date.now();
     if (req.one_phase) { // the only branch: commit now, forced, and say so
