@@ -18,9 +18,8 @@ import sys
 
 from loyalty.v1.loyalty_pb2 import RedeemPoints
 
-import twopc.logs
 from services.wallet.v1.wallet_pb2 import Debit
-from twopc import Branch, Coordinator, Credentials
+from twopc import Branch, Coordinator, Credentials, logs
 
 LOG = "checkout.db"
 
@@ -48,7 +47,7 @@ async def outcome_of(txn_id: str) -> None:
 
 
 if __name__ == "__main__":
-    twopc.logs.configure("console")  # events to standard error, at info
+    logs.configure("console")  # events to standard error, at info
     if sys.argv[1:2] == ["outcome"]:
         asyncio.run(outcome_of(sys.argv[2]))
     else:

@@ -18,7 +18,6 @@ import grpc
 from loyalty.v1 import loyalty_pb2, loyalty_pb2_grpc
 
 import twopc
-import twopc.logs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
