@@ -174,11 +174,13 @@ class Points:
         p = await self.api.GetPoints(self.pb.GetPointsRequest(account=account), timeout=5)
         return p.points, p.held
 
-    async def prepare(self, txn_id: str, account: str, points: int, coordinator: str = "") -> tuple[int, str]:
+    async def prepare(
+        self, txn_id: str, account: str, points: int, coordinator: str = "", timeout_s: float = 5.0
+    ) -> tuple[int, str]:
         packed = any_pb2.Any()
         packed.Pack(self.pb.RedeemPoints(account=account, points=points))
         request = participant_pb2.PrepareRequest(txn_id=txn_id, coordinator=coordinator, operation=packed)
-        reply = await self.twopc.Prepare(request, timeout=5)
+        reply = await self.twopc.Prepare(request, timeout=timeout_s)
         return reply.vote, reply.reason
 
 
@@ -237,6 +239,27 @@ async def test_node_participant_keeps_the_proto_rules(node: Points) -> None:
     await node.twopc.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5)
     await node.twopc.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5)  # idempotent
     assert await node.points("alice") == (400, 0)
+
+
+def stopped(proc: ServiceProcess) -> bool:
+    """Whether the process is stopped (SIGSTOP took effect), from /proc."""
+    assert proc.proc is not None
+    stat = Path(f"/proc/{proc.proc.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def test_node_participant_refuses_a_prepare_its_caller_gave_up_on(tmp_path: Path, node: Points) -> None:
+    """A Prepare read only after its caller's deadline (the process was stalled) reserves nothing."""
+    node.proc.pause()
+    assert await wait_until(lambda: stopped(node.proc), timeout_s=5)
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await node.prepare("late", "alice", 100, timeout_s=0.3)
+    assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    node.proc.resume()
+    handled = '"event":"prepare_abandoned","txn_id":"late"'
+    assert await wait_until(lambda: handled in (tmp_path / "node.log").read_text(), timeout_s=10)
+    assert await node.points("alice") == (500, 0)
+    assert '"txn":"late"' not in (tmp_path / "points.jsonl").read_text()
 
 
 async def test_node_participant_crashing_after_its_yes_vote_commits_after_restart(

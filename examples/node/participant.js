@@ -274,7 +274,19 @@ function participantService(store, RedeemPoints, crashAt) {
   }
 
   return {
-    Prepare: unary(prepare),
+    // R2 with relative gRPC deadlines: a process that was stalled (SIGSTOP, a long
+    // GC pause) reads the request late and computes its deadline from that moment,
+    // so it cannot see that the caller gave up. The caller's cancellation (sent when
+    // its deadline passed) is read in the same turn as the request: look once more,
+    // one turn later, before reserving anything.
+    Prepare: (call, callback) => setImmediate(() => {
+      if (call.cancelled) {
+        log('info', 'prepare_abandoned', { txn_id: call.request.txn_id });
+        callback({ code: grpc.status.CANCELLED, details: 'the caller gave up before the vote' });
+        return;
+      }
+      unary(prepare)(call, callback);
+    }),
     Commit: unary((req) => {
       if (!req.txn_id) throw new Status(grpc.status.INVALID_ARGUMENT, 'txn_id is required');
       if (crashAt === 'participant.before_commit') process.kill(process.pid, 'SIGKILL');

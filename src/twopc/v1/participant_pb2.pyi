@@ -24,7 +24,10 @@ numbers are the same):
      on a timeout, not at a restart.
   R2 Deadline. Check the request's deadline (gRPC's grpc-timeout) before voting:
      once it has passed, vote VOTE_ABORT and reserve nothing. The coordinator has
-     decided ABORT by then.
+     decided ABORT by then. grpc-timeout is relative and measured from when the
+     request is read, so a process that was stalled before reading it (SIGSTOP, a
+     long pause) sees a fresh deadline: also check that the call was not cancelled
+     (the caller cancels when its deadline passes) and if it was, reserve nothing.
   R3 Idempotent Prepare. A repeated Prepare for a txn_id you already know returns
      the vote you gave the first time (VOTE_COMMIT while prepared or committed,
      VOTE_ABORT once aborted) without reserving again. A repeated Prepare whose
