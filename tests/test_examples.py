@@ -215,7 +215,7 @@ async def test_node_participant_commits_and_aborts_by_vote(
 
 
 async def test_node_participant_keeps_the_proto_rules(node: Points) -> None:
-    """Repeated Prepares get the first vote, other content is refused, Abort leaves a tombstone, Commit is checked."""
+    """Repeats get the first vote, other content is refused, Abort leaves a tombstone, bad input changes nothing."""
     assert await node.prepare("t1", "alice", 100) == (participant_pb2.VOTE_COMMIT, "")
     assert await node.prepare("t1", "alice", 100) == (participant_pb2.VOTE_COMMIT, "")
     vote, reason = await node.prepare("t1", "alice", 101)
@@ -232,6 +232,9 @@ async def test_node_participant_keeps_the_proto_rules(node: Points) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await node.prepare("t2", "nobody", 1)
     assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as too_long:
+        await node.prepare("x" * 300, "alice", 1)
+    assert too_long.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as batch:
         await node.twopc.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t1"]), timeout=5)
     assert batch.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -28,6 +28,7 @@ const ROOT = path.resolve(__dirname, '..', '..');
 const TWOPC_PROTOS = path.join(ROOT, 'protos');
 const LOYALTY_PROTOS = path.join(ROOT, 'examples', 'loyalty', 'protos');
 const OPERATION = 'loyalty.v1.RedeemPoints';
+const MAX_ID = 256; // characters in a txn id or an account: every input has a bound
 
 // --- command line -------------------------------------------------------------------
 
@@ -198,6 +199,12 @@ class Status extends Error {
   }
 }
 
+function checkTxnId(txnId) {
+  if (!txnId || txnId.length > MAX_ID) {
+    throw new Status(grpc.status.INVALID_ARGUMENT, `txn_id must be 1 to ${MAX_ID} characters`);
+  }
+}
+
 function unary(fn) {
   return (call, callback) => {
     try {
@@ -223,7 +230,7 @@ function participantService(store, RedeemPoints, crashAt) {
   };
 
   function prepare(req, call) {
-    if (!req.txn_id) throw new Status(grpc.status.INVALID_ARGUMENT, 'txn_id is required');
+    checkTxnId(req.txn_id);
     if (!req.operation) throw new Status(grpc.status.INVALID_ARGUMENT, 'operation is required');
     const typeName = req.operation.type_url.split('/').pop();
     if (typeName !== OPERATION) {
@@ -249,7 +256,9 @@ function participantService(store, RedeemPoints, crashAt) {
     } catch (e) {
       throw new Status(grpc.status.INVALID_ARGUMENT, `operation does not parse: ${e.message}`);
     }
-    if (!redeem.account) throw new Status(grpc.status.INVALID_ARGUMENT, 'account is required');
+    if (!redeem.account || redeem.account.length > MAX_ID) {
+      throw new Status(grpc.status.INVALID_ARGUMENT, `account must be 1 to ${MAX_ID} characters`);
+    }
     if (!(redeem.points > 0) || !Number.isSafeInteger(redeem.points)) {
       throw new Status(grpc.status.INVALID_ARGUMENT, `points must be > 0, got ${redeem.points}`);
     }
@@ -288,13 +297,13 @@ function participantService(store, RedeemPoints, crashAt) {
       unary(prepare)(call, callback);
     }),
     Commit: unary((req) => {
-      if (!req.txn_id) throw new Status(grpc.status.INVALID_ARGUMENT, 'txn_id is required');
+      checkTxnId(req.txn_id);
       if (crashAt === 'participant.before_commit') process.kill(process.pid, 'SIGKILL');
       decide(store, req.txn_id, 'COMMITTED');
       return {};
     }),
     Abort: unary((req) => {
-      if (!req.txn_id) throw new Status(grpc.status.INVALID_ARGUMENT, 'txn_id is required');
+      checkTxnId(req.txn_id);
       decide(store, req.txn_id, 'ABORTED');
       return {};
     }),
@@ -337,7 +346,7 @@ function loyaltyService(store) {
   return {
     Award: unary((req) => {
       const n = Number(req.points);
-      if (!req.account || !(n > 0) || !Number.isSafeInteger(n)) {
+      if (!req.account || req.account.length > MAX_ID || !(n > 0) || !Number.isSafeInteger(n)) {
         throw new Status(grpc.status.INVALID_ARGUMENT, 'account and points > 0 are required');
       }
       store.append({ t: 'award', account: req.account, points: n }, true);
