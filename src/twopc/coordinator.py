@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -44,6 +44,7 @@ from twopc.errors import (
     TwoPCError,
 )
 from twopc.faults import crash_point
+from twopc.observe import EventKind, Observer, Observers
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -64,6 +65,8 @@ _PB_OUTCOME = {
 # A Commit answered with one of these is a participant that cannot apply what it
 # prepared (a bug, corrupted state), not a passing network fault.
 _BROKEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
+_ANSWERED = {pb: outcome for outcome, pb in _PB_OUTCOME.items()}
+_DELIVERED = {"Commit": Outcome.COMMITTED, "Abort": Outcome.ABORTED}
 MAX_LOCAL_ID = 128
 """The longest local transaction id `run` accepts, in characters."""
 
@@ -103,6 +106,7 @@ class Coordinator:
         config: timeouts, retry policy and bounds.
         interceptors: client interceptors for the channels to participants
             (tracing, auth, or fault injection in tests).
+        observers: told of every step of every transaction (`twopc.observe`).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class Coordinator:
         advertise: str | None = None,
         config: CoordinatorConfig | None = None,
         interceptors: Sequence[Any] = (),
+        observers: Iterable[Observer] = (),
     ) -> None:
         self._log: DecisionLog = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
         self._credentials = credentials
@@ -140,6 +145,7 @@ class Coordinator:
         # (close(), a cancelled caller) must propagate, not be retried.
         self._retry_on = retry_if_exception(lambda e: isinstance(e, grpc.aio.AioRpcError))
         self.messages_sent = 0
+        self.observers = Observers(observers)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -337,6 +343,7 @@ class Coordinator:
             raise DuplicateTransactionError(gid, "committed")
         log = _log.bind(txn_id=gid)
         self._in_flight.add(gid)
+        self.observers.emit(EventKind.PHASE1_STARTED, gid, branches=tuple(b.label for b in branches))
         decision: asyncio.Task[TransactionResult] | None = None
         try:
             if len(branches) == 1 and self.config.one_phase:
@@ -425,6 +432,7 @@ class Coordinator:
             if all(v.vote in _YES for v in votes):
                 outcome = Outcome.COMMITTED
                 targets = tuple(v.target for v in votes if v.vote is Vote.COMMIT)
+                self.observers.emit(EventKind.DECIDED, gid, outcome=outcome)
                 if targets:
                     await self._log_commit(gid, targets, log)
                 log.debug("decided", outcome="commit", targets=targets)
@@ -434,6 +442,7 @@ class Coordinator:
                 targets = tuple(v.target for v in votes if v.vote is not Vote.READ_ONLY)
                 reason = next(f"{v.name}: {v.reason}" for v in votes if v.vote not in _YES and v.reason != _CANCELLED)
                 log.info("decided", outcome="abort", reason=reason)
+                self.observers.emit(EventKind.DECIDED, gid, outcome=outcome, reason=reason)
         finally:
             # No await between the log write returning and this line: GetOutcome
             # moves from PENDING straight to COMMITTED.
@@ -455,6 +464,7 @@ class Coordinator:
             # stands and is delivered by whoever logged it; send nothing.
             raise DuplicateTransactionError(gid, "committed")
         self._committed[gid] = targets
+        self.observers.emit(EventKind.DECISION_LOGGED, gid)
 
     async def _finish(
         self,
@@ -495,7 +505,10 @@ class Coordinator:
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
-                    votes[tasks[t]] = t.result()
+                    votes[tasks[t]] = v = t.result()
+                    self.observers.emit(
+                        EventKind.VOTED, gid, branch=v.name, target=v.target, vote=v.vote, reason=v.reason
+                    )
                 if any(v is not None and v.vote not in _YES for v in votes):
                     break
         finally:
@@ -555,6 +568,11 @@ class Coordinator:
             except grpc.aio.AioRpcError as e:
                 raise OutcomeUnknownError(gid, f"{vote.reason}; then {rpc.describe(e)}") from e
         log.info("decided", outcome=outcome.value, one_phase=True, reason=vote.reason)
+        self.observers.emit(
+            EventKind.VOTED, gid, branch=vote.name, target=vote.target, vote=vote.vote, reason=vote.reason
+        )
+        self.observers.emit(EventKind.DECIDED, gid, outcome=outcome, reason=vote.reason, one_phase=True)
+        self.observers.emit(EventKind.ENDED, gid, outcome=outcome, one_phase=True)
         result = BranchResult(branch.label, branch.target, vote.vote, vote.reason, acknowledged=True)
         reason = f"{branch.label}: {vote.reason}" if vote.reason else ""
         return TransactionResult(gid, outcome, (result,), completed=True, reason=reason)
@@ -568,6 +586,7 @@ class Coordinator:
         async def worker() -> None:
             for record in todo:  # one shared iterator: each record goes to one worker
                 _log.info("recovery_redrive", txn_id=record.txn_id, targets=record.targets)
+                self.observers.emit(EventKind.RECOVERING, record.txn_id, branches=record.targets)
                 await self._finish_commit(record.txn_id, [(t, t) for t in record.targets], set())
 
         await asyncio.gather(*(worker() for _ in range(min(self.config.recovery_concurrency, len(records)))))
@@ -578,6 +597,7 @@ class Coordinator:
             *(self._deliver(gid, t, name, "Commit", stop_never, acked) for t, name in targets), return_exceptions=True
         )
         if not targets:  # every branch was read-only: nothing was logged
+            self.observers.emit(EventKind.ENDED, gid, outcome=Outcome.COMMITTED)
             return
         if len(acked) == len(targets):
             # END is not forced and nobody waits for it: it rides with the next sync.
@@ -591,6 +611,7 @@ class Coordinator:
     async def _end(self, gid: str) -> None:
         await self._log.log_end(gid)
         del self._committed[gid]
+        self.observers.emit(EventKind.ENDED, gid, outcome=Outcome.COMMITTED)
         _log.debug("ended", txn_id=gid)
 
     async def _finish_abort(
@@ -602,6 +623,7 @@ class Coordinator:
             *(self._deliver(gid, t, name, "Abort", stop, acked, one_phase=one_phase) for t, name in targets),
             return_exceptions=True,
         )
+        self.observers.emit(EventKind.ENDED, gid, outcome=Outcome.ABORTED, one_phase=one_phase)
 
     async def _deliver(
         self, gid: str, target: str, name: str, method: str, stop: Any, acked: set[str], *, one_phase: bool = False
@@ -647,6 +669,9 @@ class Coordinator:
             # stays unreachable does not flood the log.
             report = log.info if attempt_number & (attempt_number - 1) == 0 else log.debug
             report("phase2_retry", attempt=attempt_number, error=described)
+            self.observers.emit(
+                EventKind.PHASE2_RETRY, gid, branch=name, target=target, attempt=attempt_number, reason=described
+            )
 
         try:
             try:
@@ -686,6 +711,7 @@ class Coordinator:
             raise
         acked.add(target)
         log.debug("acknowledged")
+        self.observers.emit(EventKind.ACKNOWLEDGED, gid, branch=name, target=target, outcome=_DELIVERED[method])
         if method == "Commit":
             crash_point("coordinator.after_first_commit")
 
@@ -815,4 +841,5 @@ class _OutcomeServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except TwoPCError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decision log cannot be read: {e}")
         _log.info("outcome_asked", txn_id=request.txn_id, outcome=coordinator_pb2.Outcome.Name(outcome))
+        self._coordinator.observers.emit(EventKind.OUTCOME_ANSWERED, request.txn_id, outcome=_ANSWERED[outcome])
         return coordinator_pb2.GetOutcomeResponse(outcome=outcome)

@@ -34,7 +34,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, Self
 
 import grpc
@@ -45,13 +45,20 @@ from twopc import rpc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
+from twopc.observe import EventKind, Observer, Observers
 from twopc.stores import SqliteStore
-from twopc.types import Vote
+from twopc.types import Outcome, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 _log = structlog.get_logger("twopc.participant")
 
 PREPARED, COMMITTED, ABORTED = "PREPARED", "COMMITTED", "ABORTED"
+_OUTCOME = {COMMITTED: Outcome.COMMITTED, ABORTED: Outcome.ABORTED}
+_ANSWERED = {
+    coordinator_pb2.OUTCOME_COMMITTED: Outcome.COMMITTED,
+    coordinator_pb2.OUTCOME_ABORTED: Outcome.ABORTED,
+    coordinator_pb2.OUTCOME_PENDING: Outcome.PENDING,
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS twopc_txn (
@@ -142,6 +149,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             `participant.store` for its own business API too.
         credentials: transport security for calls to the coordinator's GetOutcome.
         config: in-doubt resolution timing and retention.
+        observers: told of each vote, decision and in-doubt question (`twopc.observe`).
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         *,
         credentials: Credentials,
         config: ParticipantConfig | None = None,
+        observers: Iterable[Observer] = (),
     ) -> None:
         self.handler = handler
         self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
@@ -160,6 +169,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self._types = {t.DESCRIPTOR.full_name: t for t in handler.operations}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._resolver: asyncio.Task[None] | None = None
+        self.observers = Observers(observers)
 
     async def __aenter__(self) -> Self:
         if self.store.is_open:
@@ -251,6 +261,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         # Happy-path events are debug: at info they cost more than the fsync they log.
         report = _log.info if vote is Vote.ABORT else _log.debug
         report("prepared", txn_id=txn_id, vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=repeat)
+        self.observers.emit(
+            EventKind.PREPARED,
+            txn_id,
+            target=request.coordinator,
+            vote=vote,
+            reason=reason,
+            one_phase=request.one_phase,
+        )
         return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
 
     async def Commit(  # noqa: N802 - the RPC's name
@@ -273,6 +291,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         except Exception as e:  # noqa: BLE001 - a business commit that raises; loud, never UNKNOWN
             _log.critical("commit_raised", txn_ids=list(request.txn_ids)[:8], count=len(request.txn_ids), exc_info=e)
             await context.abort(grpc.StatusCode.INTERNAL, f"commit failed at the participant: {type(e).__name__}")
+        if self.observers:  # one decision each, refused ones aside
+            for txn_id in set(request.txn_ids).difference(refused):
+                self.observers.emit(EventKind.APPLIED, txn_id, outcome=Outcome.COMMITTED)
         return participant_pb2.CommitManyResponse(refused=refused)
 
     async def Abort(  # noqa: N802 - the RPC's name
@@ -309,6 +330,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         changed = await self.store.write(functools.partial(fn, txn_id), durable=state == COMMITTED)
         if changed:
             _log.debug("decided", txn_id=txn_id, state=state)
+            self.observers.emit(EventKind.APPLIED, txn_id, outcome=_OUTCOME[state])
 
     # --- the local transactions (on the store's thread) ----------------------------
 
@@ -396,6 +418,17 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             ).fetchall()
         )
 
+    async def report_in_doubt(self) -> None:
+        """Tells the observers how many transactions are prepared and the age of the
+        oldest (IN_DOUBT_SCANNED); the resolver does it every round."""
+        count, oldest = await self.store.read(
+            lambda db: db.execute(
+                "SELECT count(*), min(prepared_at) FROM twopc_txn WHERE state = ?", (PREPARED,)
+            ).fetchone()
+        )
+        age = time.time() - oldest if oldest is not None else 0.0
+        self.observers.emit(EventKind.IN_DOUBT_SCANNED, "", count=count, duration_s=max(age, 0.0))
+
     async def resolve_in_doubt(self) -> int:
         """Asks the coordinator about every in-doubt transaction once and applies
         what it says. Returns how many were resolved."""
@@ -412,8 +445,11 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 )
             except grpc.aio.AioRpcError as e:
                 log.info("in_doubt_unreachable", error=rpc.describe(e))
+                self.observers.emit(EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, reason=rpc.describe(e))
                 continue
             log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
+            answer = _ANSWERED.get(reply.outcome)
+            self.observers.emit(EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, outcome=answer)
             decided = {coordinator_pb2.OUTCOME_COMMITTED: COMMITTED, coordinator_pb2.OUTCOME_ABORTED: ABORTED}
             if reply.outcome not in decided:
                 continue  # PENDING: ask again next round
@@ -432,6 +468,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             try:
                 await self.resolve_in_doubt()
                 await self._purge()
+                if self.observers:
+                    await self.report_in_doubt()
             except DurabilityError:
                 return  # the store has stopped; the process must restart
             except Exception:  # noqa: BLE001 - the resolver must outlive one bad round
