@@ -36,6 +36,7 @@ from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, logs
+from twopc.observe import Event, EventKind, Observer, Observers
 
 INSECURE = Credentials.insecure()
 PHASE2_WAIT_S = {"ack": CoordinatorConfig().phase2_wait_s, "commit-point": 0.0}
@@ -148,9 +149,12 @@ async def twopc_phase(
     phase2: str,
     s: Settings,
     log_path: Path,
+    observers: Sequence[Observer] = (),
 ) -> Row:
     config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
-    async with Coordinator(log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config) as coordinator:
+    async with Coordinator(
+        log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=observers
+    ) as coordinator:
 
         async def txn(i: int) -> bool:
             return (await coordinator.run(branches(i))).committed
@@ -173,6 +177,39 @@ async def twopc_phase(
     return row
 
 
+class _Counter:
+    """The cheapest listener: counts events."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.txns: set[str] = set()
+
+    def on_event(self, event: Event) -> None:
+        self.events += 1
+        self.txns.add(event.txn_id)
+
+
+def observer_cost(before: Row, observed: Row, after: Row, counter: _Counter) -> dict[str, Any]:
+    """What observing costs: one unobserved report in ns (timed in a loop), the reports
+    of a transaction as a share of its p50, and the observed run against the unobserved
+    ones around it, whose own difference is the noise."""
+    nobody = Observers()
+    n = 200_000
+    start = time.perf_counter()
+    for _ in range(n):
+        nobody.emit(EventKind.VOTED, "txn", branch="b", target="t", vote=None, reason="")
+    emit_ns = (time.perf_counter() - start) / n * 1e9
+    per_txn = counter.events / len(counter.txns) if counter.txns else 0.0
+    p50 = (before.p50_ms + after.p50_ms) / 2
+    return {
+        "unobserved_emit_ns": round(emit_ns, 1),
+        "events_per_txn": round(per_txn, 2),
+        "unobserved_share_of_p50": round(emit_ns * per_txn / 1e6 / p50, 6) if p50 else None,
+        "observed_p50_ratio": round(observed.p50_ms / p50, 3) if p50 else None,
+        "unobserved_p50_ratio": round(after.p50_ms / before.p50_ms, 3) if before.p50_ms else None,
+    }
+
+
 def _label(row: Row) -> str:
     return f"{row.system} x{row.branches}" + ("" if row.phase2 == "-" else f" ({row.phase2})")
 
@@ -193,7 +230,7 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
 
     sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
     per_size = {n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None)) + 1 for n in sizes}
-    total = len(s.concurrency) * sum(per_size.values()) + len(PATHS)
+    total = len(s.concurrency) * sum(per_size.values()) + len(PATHS) + 3
     rows: list[Row] = []
     op, ro, no = durable.operation(), durable.operation(vote="read_only"), durable.operation(vote="abort")
 
@@ -229,8 +266,16 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
     ):
         quick = Settings(**(asdict(s) | {"duration_s": max(1.0, s.duration_s / 2)}))
         done(await twopc_phase(system, participants, branches, 1, "ack", quick, fleet.workdir / f"{system}.db"))
+    # The observer interface: the same transactions without a listener, with one, and
+    # without again (the two unobserved runs show the noise), and what a report costs
+    # when nobody listens.
+    counter = _Counter()
+    for i, (system, observers) in enumerate((("unobserved", ()), ("observed", (counter,)), ("unobserved", ()))):
+        log = fleet.workdir / f"{system}-{i}.db"
+        done(await twopc_phase(system, durables[:2], fixed_branches(durables[:2], op), 1, "ack", s, log, observers))
     return {
         "rows": [asdict(r) for r in rows],
+        "observer": observer_cost(rows[-3], rows[-2], rows[-1], counter),
         "targets": targets_met(rows),
         "skipped": {"wallet+order": why_no_shop} if why_no_shop else {},
     }
@@ -310,7 +355,15 @@ def table(result: dict[str, Any]) -> str:
         "on a machine short of cores, txn/s ratios follow the inverse ratio of this figure.",
         "phase2: ack = run() returns after the Commit acks (default phase2_wait_s, the floor's pattern);",
         "commit-point = phase2_wait_s=0, phase 2 in the background, its drain counted in the elapsed time.",
+        "unobserved, observed, unobserved: two durable branches at one in flight, without, with a counting observer,",
+        "and without again; the two unobserved rows show the noise.",
     ]
+    if obs := result.get("observer"):
+        lines.append(
+            f"observer: an unobserved report costs {obs['unobserved_emit_ns']} ns; {obs['events_per_txn']} per txn"
+            f" = {obs['unobserved_share_of_p50']:.4%} of p50; observed p50 x{obs['observed_p50_ratio']} the"
+            f" unobserved runs' mean, which differ from each other by x{obs['unobserved_p50_ratio']} (noise)"
+        )
     for what, why in result.get("skipped", {}).items():
         lines.append(f"SKIPPED {what}: {why}")
     for t in result.get("targets", []):
