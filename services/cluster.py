@@ -20,7 +20,7 @@ from services import invariants
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc.testing import ServiceProcess, wait_until
+from twopc.testing import ServiceProcess, free_port, wait_until
 
 RPC_TIMEOUT_S = 5.0
 
@@ -53,6 +53,9 @@ class Cluster:
         hosts: per service name ("wallet", "orders", "shop"), where it runs.
         shop_args: extra flags for the shop (e.g. `--net-faults`).
         wallet_module: the wallet's module (tests swap in a deliberately broken one).
+        metrics: serve Prometheus /metrics from each service, at `metrics_address[name]`.
+        events: each service appends its observer events as JSON lines to
+            `events_path[name]` (what the web console shows).
     """
 
     def __init__(
@@ -63,6 +66,8 @@ class Cluster:
         hosts: Mapping[str, Host] | None = None,
         shop_args: Sequence[str] = (),
         wallet_module: str = "services.wallet",
+        metrics: bool = False,
+        events: bool = False,
     ) -> None:
         self.workdir = workdir
         self.settings = s = settings or Settings()
@@ -71,9 +76,17 @@ class Cluster:
         common = ["--log-level", s.log_level]
         resolve = ["--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)]
         hosts = hosts or {}
+        self.metrics_address: dict[str, str] = {}
+        self.events_path: dict[str, Path] = {}
 
         def process(name: str, module: str, args: list[str]) -> ServiceProcess:
             host = hosts.get(name, Host())
+            if metrics:
+                self.metrics_address[name] = f"127.0.0.1:{free_port()}"
+                args += ["--metrics-port", self.metrics_address[name].rsplit(":", 1)[1]]
+            if events:
+                self.events_path[name] = workdir / f"{name}.events.jsonl"
+                args += ["--events-file", str(self.events_path[name])]
             return ServiceProcess(
                 module, args, log_path=workdir / f"{name}.log", host=host.address, wrapper=host.wrapper
             )

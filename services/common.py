@@ -7,13 +7,23 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from twopc import Credentials, InvalidOperation, NotFound, Participant, ParticipantConfig, ParticipantHandler
+from twopc import (
+    Credentials,
+    InvalidOperation,
+    NotFound,
+    Participant,
+    ParticipantConfig,
+    ParticipantHandler,
+    metrics,
+)
+from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.logs import configure as configure_logs
+from twopc.observe import JsonLines, Observers
 
 T = TypeVar("T")
 
@@ -34,7 +44,27 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--log-format", choices=["console", "json"], default="json", help="log rendering (default %(default)s)"
     )
     p.add_argument("--log-level", default="info", help="lowest level logged (default %(default)s)")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port (default: off)"
+    )
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default %(default)s)")
+    p.add_argument("--events-file", help="append every transaction event as a JSON line here (the web console)")
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, time to drain work in progress and finish RPCs in flight (default %(default)s)",
+    )
     return p
+
+
+def observe(observers: Observers, args: argparse.Namespace) -> None:
+    """Starts the /metrics endpoint if `--metrics-port` was given, and the events
+    file if `--events-file` was."""
+    if args.metrics_port is not None:
+        metrics.serve(args.metrics_port, args.metrics_host)
+    if args.events_file:
+        observers.add(JsonLines(args.events_file))
 
 
 def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -61,8 +91,11 @@ def run_participant(
     add_api: Callable[[grpc.aio.Server, Participant], None],
     args: argparse.Namespace,
     participant: type[Participant] = Participant,
+    *,
+    services: Sequence[str] = (),
 ) -> None:
-    """Serves the Participant contract and the service's own API until SIGTERM/SIGINT.
+    """Serves the Participant contract and the service's own API (`services`, by full
+    name, for health and reflection) until SIGTERM/SIGINT, then stops gracefully.
     `participant` lets a test run a deliberately broken helper."""
     configure_logs(args.log_format, level=args.log_level)
     config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
@@ -70,7 +103,16 @@ def run_participant(
     async def serve() -> None:
         credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
         async with participant(handler, args.db, credentials=credentials, config=config) as p:
-            await p.serve(f"{args.host}:{args.port}", services=[lambda server: add_api(server, p)])
+            health = Health([PARTICIPANT_SERVICE, *services])
+            health.watch(p.store.wait_failed)
+            metrics.ParticipantMetrics(p)
+            observe(p.observers, args)
+            await p.serve(
+                f"{args.host}:{args.port}",
+                services=[lambda server: add_api(server, p)],
+                grace_s=args.grace_s,
+                health=health,
+            )
 
     asyncio.run(serve())
 

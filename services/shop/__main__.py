@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from services.common import parser
+from services.common import observe, parser
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
@@ -20,8 +20,10 @@ from twopc import (
     Outcome,
     TransactionResult,
     TwoPCError,
+    metrics,
     rpc,
 )
+from twopc.health import COORDINATOR_SERVICE, Health
 from twopc.logs import configure as configure_logs
 from twopc.testing import FaultInjector, NetFaults
 
@@ -40,8 +42,32 @@ class Shop(shop_pb2_grpc.ShopServicer):
         self, coordinator: Coordinator, wallet: str, orders: str, orders_api: order_pb2_grpc.OrdersAsyncStub
     ) -> None:
         self.coordinator, self.wallet, self.orders, self.orders_api = coordinator, wallet, orders, orders_api
+        self.draining = False
+        self.in_flight = 0
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Takes no new purchase; waits up to `timeout_s` for those in flight and their
+        phase 2. What is left is on disk: recovery finishes it after the restart."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.in_flight:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return await self.coordinator.wait_idle(max(0.0, deadline - asyncio.get_running_loop().time()))
 
     async def Purchase(  # noqa: N802 - the RPC's name
+        self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> shop_pb2.PurchaseResponse:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the shop is shutting down; retry later")
+        self.in_flight += 1
+        try:
+            return await self._purchase(request, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _purchase(
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> shop_pb2.PurchaseResponse:
         if not request.order_id or not request.account or not request.items:
@@ -154,10 +180,17 @@ async def serve(args: Any) -> None:
         rpc.channel(args.orders, credentials) as orders_channel,
     ):
         shop = Shop(coordinator, args.wallet, args.orders, order_pb2_grpc.OrdersStub(orders_channel))
+        health = Health([COORDINATOR_SERVICE, shop_pb2.DESCRIPTOR.services_by_name["Shop"].full_name])
+        health.watch(coordinator.wait_failed)
+        metrics.CoordinatorMetrics(coordinator)
+        observe(coordinator.observers, args)
         try:
             await coordinator.serve(
                 f"{args.host}:{args.port}",
                 services=[lambda server: shop_pb2_grpc.add_ShopServicer_to_server(shop, server)],
+                grace_s=args.grace_s,
+                health=health,
+                drain=shop.drain,
             )
         except TwoPCError as e:
             raise SystemExit(f"the decision log failed ({e}): stopping so that a restart recovers from disk") from e

@@ -2,12 +2,15 @@
 
 from services.common import participant_parser, run_participant
 from services.wallet.service import WalletApi, WalletHandler
-from services.wallet.v1 import wallet_pb2_grpc
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 
 if __name__ == "__main__":
     args = participant_parser(
         "python -m services.wallet", "The wallet service: accounts, deposits, and Debit as a twopc participant."
     ).parse_args()
     run_participant(
-        WalletHandler(), lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server), args
+        WalletHandler(),
+        lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
+        args,
+        services=[wallet_pb2.DESCRIPTOR.services_by_name["Wallet"].full_name],
     )

@@ -208,7 +208,13 @@ class Coordinator:
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_OutcomeServicer(self), server)
 
     async def serve(
-        self, address: str, *, services: Sequence[Callable[[grpc.aio.Server], None]] = (), grace_s: float = 1.0
+        self,
+        address: str,
+        *,
+        services: Sequence[Callable[[grpc.aio.Server], None]] = (),
+        grace_s: float = 1.0,
+        health: rpc.Health | None = None,
+        drain: rpc.Drain | None = None,
     ) -> None:
         """Serves GetOutcome and the caller's `services` on `address` until SIGTERM or
         SIGINT, the usual way to run a coordinator in a process of its own.
@@ -221,7 +227,11 @@ class Coordinator:
             address: "host:port" to listen on (port 0 for any free one).
             services: functions that add the process's own servicers to the server
                 (e.g. `lambda s: add_ShopServicer_to_server(shop, s)`).
-            grace_s: how long in-flight RPCs may finish once stopping.
+            grace_s: on a signal, how long to drain and let in-flight RPCs finish.
+            health: the standard health and reflection services (`twopc.health`).
+            drain: on a signal, stops the caller's services taking new work and
+                waits for what they started; by default, waits for phase 2
+                (`wait_idle`). What is left is on disk: recovery finishes it.
 
         Raises:
             CoordinatorFailedError: the decision log failed; restart the process.
@@ -238,6 +248,8 @@ class Coordinator:
             failed=self.wait_failed,
             on_bound=bound,
             grace_s=grace_s,
+            health=health,
+            drain=drain or self.wait_idle,
         )
 
     async def __aexit__(

@@ -13,6 +13,8 @@ broken observer never changes what the protocol does). Hand slow work to a queue
 from __future__ import annotations
 
 import enum
+import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -174,3 +176,41 @@ class Recorder:
 
     def kinds(self, txn_id: str) -> list[EventKind]:
         return [e.kind for e in self.of(txn_id)]
+
+
+def to_json(event: Event) -> dict[str, object]:
+    """The event as plain JSON values (enums by value, None kept)."""
+    return {
+        "kind": event.kind.value,
+        "txn_id": event.txn_id,
+        "branch": event.branch,
+        "target": event.target,
+        "branches": list(event.branches),
+        "vote": event.vote.value if event.vote else None,
+        "reason": event.reason,
+        "outcome": event.outcome.value if event.outcome else None,
+        "duration_s": event.duration_s,
+        "attempt": event.attempt,
+        "count": event.count,
+        "one_phase": event.one_phase,
+        "at": event.at,
+    }
+
+
+class JsonLines:
+    """An observer that appends each event as one JSON line to a file, flushed at
+    once, so another process (the web console) can follow it across restarts.
+
+    Args:
+        path: the file; created if missing, appended to otherwise.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+
+    def on_event(self, event: Event) -> None:
+        self._file.write(json.dumps(to_json(event), separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

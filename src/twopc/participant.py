@@ -170,6 +170,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._resolver: asyncio.Task[None] | None = None
         self.observers = Observers(observers)
+        self.draining = False  # shutting down: new Prepares are refused (UNAVAILABLE)
 
     async def __aenter__(self) -> Self:
         if self.store.is_open:
@@ -196,7 +197,12 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         participant_pb2_grpc.add_ParticipantServicer_to_server(self, server)
 
     async def serve(
-        self, address: str, *, services: Sequence[Callable[[grpc.aio.Server], None]] = (), grace_s: float = 1.0
+        self,
+        address: str,
+        *,
+        services: Sequence[Callable[[grpc.aio.Server], None]] = (),
+        grace_s: float = 1.0,
+        health: rpc.Health | None = None,
     ) -> None:
         """Serves the Participant contract and the caller's `services` on `address`
         until SIGTERM or SIGINT: the usual way to run a participant process.
@@ -207,13 +213,21 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         Args:
             address: "host:port" to listen on (port 0 for any free one).
             services: functions that add the service's own servicers to the server.
-            grace_s: how long in-flight RPCs may finish once stopping.
+            grace_s: on a signal, how long to drain (new Prepares refused, prepared
+                transactions decided) and let in-flight RPCs finish.
+            health: the standard health and reflection services (`twopc.health`).
 
         Raises:
             DurabilityError: the store failed; restart the process to recover.
         """
         await rpc.serve(
-            address, self._credentials, [self.add_to_server, *services], failed=self.store.wait_failed, grace_s=grace_s
+            address,
+            self._credentials,
+            [self.add_to_server, *services],
+            failed=self.store.wait_failed,
+            grace_s=grace_s,
+            health=health,
+            drain=self.drain,
         )
 
     # --- the RPCs ------------------------------------------------------------------
@@ -222,6 +236,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.PrepareResponse:
         txn_id = request.txn_id
+        if self.draining:  # the coordinator decides ABORT at once; nothing is reserved
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "participant is shutting down")
         if not txn_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
         if not request.HasField("operation"):
@@ -417,6 +433,19 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 (PREPARED, cutoff),
             ).fetchall()
         )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Starts a graceful stop: refuses new Prepares with UNAVAILABLE and waits up
+        to `timeout_s` for every prepared transaction to be decided (Commit, Abort
+        and in-doubt resolution go on). Returns True if none is left in doubt; the
+        others stay prepared on disk and are resolved after the restart."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while await self.in_doubt():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def report_in_doubt(self) -> None:
         """Tells the observers how many transactions are prepared and the age of the

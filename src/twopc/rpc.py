@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
+import structlog
 
 from twopc.config import Credentials
+
+_log = structlog.get_logger("twopc.rpc")
 
 # Keepalives find a dead peer on an idle channel; reconnect backoff is kept short
 # so that a restarted participant is reached again within the retry schedule.
@@ -78,6 +82,21 @@ async def serve_until_signalled(
     await server.stop(grace=grace_s)
 
 
+class Health(Protocol):
+    """What `serve` tells the standard health service (`twopc.health.Health`)."""
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+    async def serving(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+Drain = Callable[[float], Awaitable[bool]]
+"""Refuses new work and waits up to its argument (seconds) for work in progress;
+True if all of it finished (`Participant.drain`)."""
+
+
 async def serve(
     address: str,
     credentials: Credentials,
@@ -86,38 +105,60 @@ async def serve(
     failed: Callable[[], Awaitable[BaseException]] | None = None,
     on_bound: Callable[[str], None] | None = None,
     grace_s: float = 1.0,
+    health: Health | None = None,
+    drain: Drain | None = None,
 ) -> None:
     """Runs a server with `services` on `address` until SIGTERM/SIGINT or failure.
 
     What `Participant.serve` and `Coordinator.serve` share: an exclusive bind,
     `on_bound(host:port)` before the first request can arrive, `READY host:port`
-    on standard output once serving, and a graceful stop (`grace_s` for in-flight
-    RPCs). If `failed` returns first (a store or decision log failed), the server
-    stops and its error is raised, so the process exits non-zero and is restarted.
+    on standard output once serving, and a graceful stop. If `failed` returns first
+    (a store or decision log failed), the server stops and its error is raised, so
+    the process exits non-zero and is restarted.
+
+    The graceful stop, on a signal: `health` turns NOT_SERVING for good, `drain`
+    refuses new work while work in progress finishes, then the server stops; all
+    within `grace_s`, after which RPCs still in flight are cancelled.
     """
     srv = server()
     for add in services:
         add(srv)
+    if health is not None:
+        health.add_to_server(srv)
     port = add_port(srv, address, credentials)
     where = f"{address.rsplit(':', 1)[0]}:{port}"
     if on_bound is not None:
         on_bound(where)
     await srv.start()
+    if health is not None:
+        await health.serving()
     announce_ready(where)
     waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(until_signalled())}
     failure: asyncio.Future[BaseException] | None = None
     if failed is not None:
         failure = asyncio.ensure_future(failed())
         waits.add(failure)
+    stopping = time.monotonic()
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        stopping = time.monotonic()
+        if failure is None or not failure.done():
+            await _drain(health, drain, grace_s)
     finally:
         for w in waits:
             w.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
-        await srv.stop(grace=grace_s)
+        await srv.stop(grace=max(0.0, grace_s - (time.monotonic() - stopping)))
     if failure is not None and failure.done() and not failure.cancelled():
         raise failure.result()
+
+
+async def _drain(health: Health | None, drain: Drain | None, grace_s: float) -> None:
+    if health is not None:
+        await health.shutdown()
+    if drain is not None:
+        finished = await drain(grace_s)
+        _log.info("drained", finished=finished, grace_s=grace_s)
 
 
 def announce_ready(address: str) -> None:
