@@ -31,6 +31,7 @@ class Report:
     committed: int = 0
     in_doubt: int = 0
     violations: list[str] = field(default_factory=list)
+    heuristic: list[str] = field(default_factory=list)  # operators' decisions (`twopc resolve`) and what they broke
 
     @property
     def ok(self) -> bool:
@@ -67,20 +68,34 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = T
                 bad(f"stock of {sku} not conserved: received {received} != on hand {on_hand} + sold {sold}")
             if on_hand < 0 or reserved < 0 or reserved > on_hand:
                 bad(f"negative stock of {sku}: on hand {on_hand}, reserved {reserved}")
+        # Heuristic decisions were taken by an operator, not the protocol: what they
+        # break is reported as theirs, not as a protocol violation.
+        heuristic = {
+            t: f"{name} {d.lower()}" for name, db in (("wallet", w), ("orders", o)) for t, d in _heuristics(db)
+        }
+        for t, what in sorted(heuristic.items()):
+            r.heuristic.append(f"txn {t}: heuristic decision at {what}")
+
+        def bad_unless_heuristic(t: str, message: str) -> None:
+            if t in heuristic:
+                r.heuristic.append(f"{message} (heuristic: {heuristic[t]})")
+            else:
+                bad(message)
+
         # Atomicity: a debit exactly for each confirmed order.
         debited = {t for (t,) in w.execute("SELECT txn_id FROM ledger WHERE kind = 'debit'")}
         confirmed = {t for (t,) in o.execute("SELECT txn_id FROM orders WHERE state = 'CONFIRMED'")}
         r.committed = len(debited & confirmed)
         for t in sorted(debited - confirmed):
-            bad(f"txn {t}: wallet debited, order {_order_state(o, t)}")
+            bad_unless_heuristic(t, f"txn {t}: wallet debited, order {_order_state(o, t)}")
         for t in sorted(confirmed - debited):
-            bad(f"txn {t}: order confirmed, wallet {_txn_state(w, t)}")
+            bad_unless_heuristic(t, f"txn {t}: order confirmed, wallet {_txn_state(w, t)}")
         # Agreement with the log: a participant committed only what the shop logged.
         logged = {t for (t,) in log.execute("SELECT txn_id FROM decisions")}
         for name, db in (("wallet", w), ("orders", o)):
             for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'"):
                 if t not in logged:
-                    bad(f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
+                    bad_unless_heuristic(t, f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
         # Liveness after healing: nothing in doubt, no reservation left behind.
         prepared = {t for db in (w, o) for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'PREPARED'")}
         r.in_doubt = len(prepared)
@@ -92,10 +107,19 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = T
             pending = _one(o, "SELECT count(*) FROM orders WHERE state = 'PENDING'")
             if pending:
                 bad(f"{pending} orders still PENDING after recovery")
-            open_commits = _one(log, "SELECT count(*) FROM decisions WHERE ended_at IS NULL")
-            if open_commits:
-                bad(f"{open_commits} logged commits not yet acknowledged by every participant")
+            open_commits = {t for (t,) in log.execute("SELECT txn_id FROM decisions WHERE ended_at IS NULL")}
+            for t in sorted(open_commits & heuristic.keys()):
+                r.heuristic.append(f"txn {t}: logged COMMIT never acknowledged (heuristic: {heuristic[t]})")
+            if open_commits - heuristic.keys():
+                bad(f"{len(open_commits - heuristic.keys())} logged commits not yet acknowledged by every participant")
     return r
+
+
+def _heuristics(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(txn id, decision) of each heuristic decision in a participant's store."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'twopc_heuristic'").fetchone():
+        return []
+    return db.execute("SELECT txn_id, decision FROM twopc_heuristic ORDER BY at").fetchall()
 
 
 def _one(db: sqlite3.Connection, sql: str) -> int:

@@ -1,0 +1,371 @@
+"""`twopc`: the operator's command, against real decision logs, stores and servers.
+
+    twopc log list shop.db                  commits not yet acknowledged by everyone
+    twopc log show shop.db TXN              one logged decision
+    twopc participant in-doubt wallet.db    transactions prepared here, not decided
+    twopc outcome TXN --coordinator ADDR    what the coordinator's GetOutcome says
+    twopc resolve TXN --db wallet.db --handler services.wallet.service:WalletHandler --abort
+
+Tables for people by default, `--json` for scripts. An error is one line on standard
+error and a non-zero exit status. Needs the `ops` extra (`pip install twopc[ops]`).
+
+`resolve` is the heuristic decision of last resort, for the day a coordinator's log
+is lost: it applies COMMIT or ABORT to one prepared transaction at one participant,
+running that participant's own handler in the same local transaction as the state
+change, and records it in the participant's `twopc_heuristic` table (and the log)
+so that invariant checkers report it as heuristic. It refuses while the coordinator
+still answers COMMITTED or PENDING (it will deliver the decision itself) unless
+`--force`, and asks for confirmation unless `--yes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import grpc
+import structlog
+
+from twopc.config import Credentials
+from twopc.logs import configure as configure_logs
+from twopc.participant import ABORTED, COMMITTED, PREPARED
+from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+_log = structlog.get_logger("twopc.cli")
+
+HEURISTIC_SCHEMA = """
+CREATE TABLE IF NOT EXISTS twopc_heuristic (
+    txn_id       TEXT PRIMARY KEY,
+    decision     TEXT NOT NULL CHECK (decision IN ('COMMITTED', 'ABORTED')),
+    coordinator  TEXT NOT NULL,   -- what the coordinator answered, or why it could not
+    forced       INTEGER NOT NULL,
+    operator     TEXT NOT NULL,
+    at           REAL NOT NULL
+);
+"""
+
+
+class CliError(click.ClickException):
+    """One line on standard error, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"twopc: error: {self.format_message()}", err=True)
+
+
+def fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(f)
+
+
+def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, *, empty: str) -> None:
+    """Prints `rows` as a JSON list or as an aligned table of `columns`."""
+    if as_json:
+        click.echo(json.dumps(list(rows), indent=1))
+        return
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@contextlib.contextmanager
+def _open(path: str, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A store's SQLite file, read-only unless `write`; refuses PostgreSQL URLs and
+    paths that do not exist (SQLite would create an empty file)."""
+    if "://" in path:
+        fail(f"{path.split('://')[0]} URLs are not supported by this command; give the SQLite file's path")
+    if not Path(path).is_file():
+        fail(f"no such file: {path}")
+    uri = f"file:{os.fspath(path)}{'' if write else '?mode=ro'}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+    try:
+        yield conn
+    except sqlite3.Error as e:
+        fail(f"{path}: {e}")
+    finally:
+        conn.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Look into and settle twopc transactions: decision logs, participants' stores,
+    coordinators."""
+
+
+# --- twopc log -------------------------------------------------------------------------
+
+
+@cli.group("log")
+def log_group() -> None:
+    """A coordinator's decision log (its SQLite file)."""
+
+
+def _decisions(path: str, where: str, *params: object) -> list[dict[str, Any]]:
+    now = time.time()
+    with _open(path) as db:
+        rows = db.execute(f"SELECT txn_id, targets, logged_at, ended_at FROM decisions {where}", params).fetchall()
+    return [
+        {
+            "txn_id": t,
+            "state": "ended" if ended is not None else "pending",
+            "age_s": round(now - logged, 3),
+            "branches": json.loads(targets),
+            "acknowledged": "all" if ended is not None else "not all",
+            "logged_at": logged,
+            "ended_at": ended,
+        }
+        for t, targets, logged, ended in rows
+    ]
+
+
+@log_group.command("list")
+@click.argument("log", metavar="LOG")
+@click.option("--all", "everything", is_flag=True, help="also ended (fully acknowledged) commits")
+@_json_option
+def log_list(log: str, everything: bool, as_json: bool) -> None:
+    """Logged COMMIT decisions not yet acknowledged by every participant (pending)."""
+    where = "ORDER BY logged_at" if everything else "WHERE ended_at IS NULL ORDER BY logged_at"
+    rows = _decisions(log, where)
+    emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="no pending commits")
+
+
+@log_group.command("show")
+@click.argument("log", metavar="LOG")
+@click.argument("txn_id", metavar="TXN")
+@_json_option
+def log_show(log: str, txn_id: str, as_json: bool) -> None:
+    """One transaction's record; a transaction with none was aborted (presumed abort)."""
+    rows = _decisions(log, "WHERE txn_id = ?", txn_id)
+    if not rows:
+        fail(f"{txn_id} is not in the log: aborted (presumed abort), or purged after its retention")
+    emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="")
+
+
+# --- twopc participant -----------------------------------------------------------------
+
+
+@cli.group("participant")
+def participant_group() -> None:
+    """A participant's store (its SQLite file)."""
+
+
+@participant_group.command("in-doubt")
+@click.argument("store", metavar="STORE")
+@click.option("--older-than-s", type=float, default=0.0, show_default=True, help="only those prepared this long ago")
+@_json_option
+def in_doubt(store: str, older_than_s: float, as_json: bool) -> None:
+    """Transactions prepared here and not yet decided, oldest first."""
+    now = time.time()
+    with _open(store) as db:
+        found = db.execute(
+            "SELECT txn_id, coordinator, prepared_at FROM twopc_txn WHERE state = ? AND prepared_at <= ?"
+            " ORDER BY prepared_at",
+            (PREPARED, now - older_than_s),
+        ).fetchall()
+    rows = [{"txn_id": t, "age_s": round(now - at, 3), "coordinator": c} for t, c, at in found]
+    emit(rows, ("txn_id", "age_s", "coordinator"), as_json, empty="nothing in doubt")
+
+
+# --- twopc outcome ---------------------------------------------------------------------
+
+
+def _tls_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--tls-key", type=click.Path(exists=True), help="client key (mutual TLS)")(f)
+    f = click.option("--tls-cert", type=click.Path(exists=True), help="client certificate (mutual TLS)")(f)
+    return click.option("--tls-ca", type=click.Path(exists=True), help="CA that signed the coordinator's certificate")(
+        f
+    )
+
+
+def _credentials(ca: str | None, cert: str | None, key: str | None) -> Credentials:
+    if ca is None:
+        return Credentials.insecure()
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return Credentials(channel=grpc.ssl_channel_credentials(read(ca), read(key), read(cert)), server=None)
+
+
+def ask_outcome(txn_id: str, coordinator: str, credentials: Credentials, timeout_s: float) -> str:
+    """COMMITTED, ABORTED or PENDING, from the coordinator's GetOutcome.
+
+    Raises:
+        grpc.aio.AioRpcError: the coordinator did not answer.
+    """
+    from twopc import rpc
+
+    async def ask() -> str:
+        async with rpc.channel(coordinator, credentials) as ch:
+            reply = await coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome(
+                coordinator_pb2.GetOutcomeRequest(txn_id=txn_id), timeout=timeout_s
+            )
+        return str(coordinator_pb2.Outcome.Name(reply.outcome)).removeprefix("OUTCOME_")
+
+    return asyncio.run(ask())
+
+
+@cli.command()
+@click.argument("txn_id", metavar="TXN")
+@click.option("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's GetOutcome address")
+@click.option("--timeout-s", type=float, default=5.0, show_default=True, help="deadline of the call")
+@_tls_options
+@_json_option
+def outcome(
+    txn_id: str,
+    coordinator: str,
+    timeout_s: float,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    as_json: bool,
+) -> None:
+    """What the coordinator says about TXN: COMMITTED, ABORTED or PENDING."""
+    from twopc import rpc
+
+    try:
+        answer = ask_outcome(txn_id, coordinator, _credentials(tls_ca, tls_cert, tls_key), timeout_s)
+    except grpc.aio.AioRpcError as e:
+        fail(f"{coordinator} did not answer: {rpc.describe(e)}")
+    if as_json:
+        click.echo(json.dumps({"txn_id": txn_id, "outcome": answer}))
+    else:
+        click.echo(answer)
+
+
+# --- twopc resolve ---------------------------------------------------------------------
+
+
+def load_handler(spec: str) -> Any:
+    """`module:Class` -> an instance of the participant's handler."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        fail(f"--handler takes module:Class, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError, TypeError) as e:
+        fail(f"cannot load handler {spec}: {e}")
+
+
+def apply_heuristic(
+    store: str, handler: Any, txn_id: str, decision: str, coordinator_said: str, *, forced: bool
+) -> None:
+    """Applies `decision` to a prepared transaction in one local transaction: the
+    handler's commit or abort, the state change, and the heuristic record."""
+    with _open(store, write=True) as db:
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(HEURISTIC_SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+            if row is None or row[0] != PREPARED:
+                fail(f"{txn_id} is {'unknown' if row is None else row[0]} here, not PREPARED: nothing to resolve")
+            (handler.commit if decision == COMMITTED else handler.abort)(db, txn_id)
+            now = time.time()
+            db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (decision, now, txn_id))
+            operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+            db.execute(
+                "INSERT INTO twopc_heuristic VALUES (?, ?, ?, ?, ?, ?)",
+                (txn_id, decision, coordinator_said, int(forced), operator, now),
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+@cli.command()
+@click.argument("txn_id", metavar="TXN")
+@click.option("--db", "store", required=True, metavar="STORE", help="the participant's SQLite file")
+@click.option(
+    "--handler", required=True, metavar="MODULE:CLASS", help="the participant's handler, whose commit/abort runs"
+)
+@click.option("--commit", "decision", flag_value=COMMITTED, help="apply the reservation")
+@click.option("--abort", "decision", flag_value=ABORTED, help="release the reservation")
+@click.option("--coordinator", metavar="HOST:PORT", help="ask this coordinator (default: the one that prepared it)")
+@click.option("--force", is_flag=True, help="decide even though the coordinator says COMMITTED or PENDING")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--timeout-s", type=float, default=5.0, show_default=True, help="deadline of GetOutcome")
+@_tls_options
+def resolve(
+    txn_id: str,
+    store: str,
+    handler: str,
+    decision: str | None,
+    coordinator: str | None,
+    force: bool,
+    yes: bool,
+    timeout_s: float,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
+    """Heuristically commit or abort TXN at one participant (last resort).
+
+    The coordinator is asked first: while it answers COMMITTED or PENDING it will
+    settle the transaction itself, and deciding here could break atomicity, so this
+    refuses unless --force. The decision is recorded as heuristic in the store's
+    twopc_heuristic table.
+    """
+    from twopc import rpc
+
+    if decision is None:
+        fail("say --commit or --abort")
+    with _open(store) as db:
+        row = db.execute("SELECT state, coordinator FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    if row is None or row[0] != PREPARED:
+        fail(f"{txn_id} is {'unknown' if row is None else row[0]} at {store}, not PREPARED: nothing to resolve")
+    address = coordinator or row[1]
+    if not address:
+        said = "no coordinator recorded"
+    else:
+        try:
+            said = ask_outcome(txn_id, address, _credentials(tls_ca, tls_cert, tls_key), timeout_s)
+        except grpc.aio.AioRpcError as e:
+            said = f"unreachable ({rpc.describe(e)})"
+    if said in ("COMMITTED", "PENDING") and not force:
+        fail(f"coordinator {address} says {said}: it will settle {txn_id} itself; use --force to override")
+    verb = "commit" if decision == COMMITTED else "abort"
+    click.echo(f"{txn_id}: PREPARED at {store}; coordinator {address or '-'}: {said}")
+    if not yes and not click.confirm(f"Heuristically {verb} {txn_id} here? This cannot be undone", default=False):
+        fail("not confirmed; nothing changed")
+    apply_heuristic(store, load_handler(handler), txn_id, decision, said, forced=force)
+    _log.warning("heuristic_decision", txn_id=txn_id, decision=decision, store=store, coordinator=said, forced=force)
+    click.echo(f"{txn_id}: heuristically {decision} at {store} (recorded in twopc_heuristic)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `twopc` console script."""
+    configure_logs("console", level="warning", stream=sys.stderr)
+    cli.main(args=argv, prog_name="twopc")
+
+
+if __name__ == "__main__":
+    main()

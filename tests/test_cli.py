@@ -1,0 +1,110 @@
+"""The `twopc` console script, run as a process against the services' real files and
+a real coordinator: listing, asking, and a guarded heuristic decision."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.cluster import Cluster, Settings
+from twopc.testing import query, wait_until
+
+TWOPC = str(Path(sys.executable).parent / "twopc")
+WALLET_HANDLER = "services.wallet.service:WalletHandler"
+
+
+def twopc(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TWOPC, *args], capture_output=True, text=True, input=stdin, timeout=60, check=False)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with Cluster(tmp_path, Settings(prepare_timeout_s=3.0)) as c:
+        await c.open_account("alice", 10_000)
+        await c.add_stock("widget", 100, 1_500)
+        yield c
+
+
+async def in_doubt_after_shop_crash(c: Cluster) -> str:
+    """A purchase whose shop dies right after logging COMMIT; returns its txn id."""
+    await asyncio.to_thread(c.shop.restart, env={"TWOPC_CRASH_AT": "coordinator.after_commit_logged"})
+    with pytest.raises(grpc.aio.AioRpcError):
+        await c.purchase("o1", "alice", {"widget": 2})
+    found = json.loads(twopc("participant", "in-doubt", str(c.wallet_db), "--json").stdout)
+    assert len(found) == 1 and found[0]["coordinator"] == c.shop.address
+    return str(found[0]["txn_id"])
+
+
+async def test_log_participant_and_outcome_show_a_stuck_transaction(cluster: Cluster) -> None:
+    """The in-doubt transaction appears in the log (pending, both branches) and at the wallet
+    (with its coordinator); outcome fails in one line while the shop is down, then says
+    COMMITTED; a table is the default output."""
+    txn = await in_doubt_after_shop_crash(cluster)
+    table = twopc("participant", "in-doubt", str(cluster.wallet_db))
+    assert table.returncode == 0 and table.stdout.split()[:3] == ["TXN_ID", "AGE_S", "COORDINATOR"]
+    assert txn in table.stdout
+    (record,) = json.loads(twopc("log", "list", str(cluster.shop_db), "--json").stdout)
+    assert record["txn_id"] == txn and record["state"] == "pending"
+    assert sorted(record["branches"]) == sorted([cluster.wallet.address, cluster.orders.address])
+    down = twopc("outcome", txn, "--coordinator", cluster.shop.address, "--timeout-s", "1")
+    assert down.returncode == 1 and down.stdout == ""
+    assert down.stderr.count("\n") == 1 and down.stderr.startswith("twopc: error: ") and "did not answer" in down.stderr
+    await asyncio.to_thread(cluster.shop.restart)
+    assert twopc("outcome", txn, "--coordinator", cluster.shop.address).stdout.strip() in {"COMMITTED", "ABORTED"}
+    await cluster.settled()
+    assert "no pending commits" in twopc("log", "list", str(cluster.shop_db)).stdout
+    (ended,) = json.loads(twopc("log", "show", str(cluster.shop_db), txn, "--json").stdout)
+    assert ended["state"] == "ended" and ended["acknowledged"] == "all"
+    missing = twopc("log", "show", str(cluster.shop_db), "nope")
+    assert missing.returncode == 1 and "presumed abort" in missing.stderr
+
+
+async def test_resolve_is_refused_while_the_coordinator_can_settle_it(cluster: Cluster) -> None:
+    """While the restarted shop says COMMITTED, a heuristic abort is refused and changes nothing."""
+    txn = await in_doubt_after_shop_crash(cluster)
+    cluster.wallet.pause()  # the re-driven Commit cannot reach the wallet yet
+    await asyncio.to_thread(cluster.shop.restart)
+    said = twopc("outcome", txn, "--coordinator", cluster.shop.address, "--json")
+    assert json.loads(said.stdout) == {"txn_id": txn, "outcome": "COMMITTED"}
+    refused = twopc("resolve", txn, "--db", str(cluster.wallet_db), "--handler", WALLET_HANDLER, "--abort", "--yes")
+    assert refused.returncode == 1 and "says COMMITTED" in refused.stderr and "--force" in refused.stderr
+    assert query(cluster.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn) == [("PREPARED",)]
+    cluster.wallet.resume()
+    await cluster.settled()
+
+
+async def test_heuristic_abort_is_recorded_and_reported_as_heuristic(cluster: Cluster) -> None:
+    """With the coordinator gone: an unconfirmed resolve changes nothing; a confirmed abort
+    releases the hold, is recorded in twopc_heuristic, and the invariant checker reports the
+    broken atomicity it causes as heuristic, not as a protocol violation."""
+    txn = await in_doubt_after_shop_crash(cluster)
+    resolve = ("resolve", txn, "--db", str(cluster.wallet_db), "--handler", WALLET_HANDLER, "--abort")
+    unconfirmed = twopc(*resolve, stdin="n\n")
+    assert unconfirmed.returncode == 1 and "not confirmed" in unconfirmed.stderr
+    assert "unreachable" in unconfirmed.stdout
+    assert query(cluster.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn) == [("PREPARED",)]
+    done = twopc(*resolve, stdin="y\n")
+    assert done.returncode == 0, done.stderr
+    assert "heuristic_decision" in done.stderr  # the operator's log line
+    assert query(cluster.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn) == [("ABORTED",)]
+    assert query(cluster.wallet_db, "SELECT decision, forced FROM twopc_heuristic WHERE txn_id = ?", txn) == [
+        ("ABORTED", 0)
+    ]
+    assert query(cluster.wallet_db, "SELECT count(*) FROM holds") == [(0,)]
+    await asyncio.to_thread(cluster.shop.restart)  # recovery commits the orders branch; the wallet refuses
+    assert await wait_until(lambda: _confirmed(cluster, "o1"), 15)
+    report = cluster.check()
+    assert report.ok, report.violations
+    assert any("heuristic decision at wallet aborted" in h for h in report.heuristic)
+    assert any("order confirmed" in h for h in report.heuristic)
+
+
+async def _confirmed(cluster: Cluster, order_id: str) -> bool:
+    return await cluster.order_state(order_id) == "confirmed"
