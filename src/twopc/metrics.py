@@ -214,7 +214,7 @@ class ParticipantMetrics:
             self.in_doubt.set(event.count)
             self.oldest.set(event.duration_s)
         elif kind is EventKind.IN_DOUBT_ASKED:
-            answer = event.outcome.value if event.outcome else ("pending" if not event.reason else "unreachable")
+            answer = event.outcome.value if event.outcome else "unreachable"
             self.questions.labels(answer).inc()
 
 
