@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test demo chaos bench check clean
+.PHONY: help install proto proto-check lint test demo console chaos bench check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ test: $(STAMP) ## run the test suite (real processes, real SQLite files)
 
 demo: $(STAMP) ## the purchase scenario with its failures, as separate processes
 	$(PY) -m services.demo
+
+CONSOLE_PORT ?= 8080
+console: $(STAMP) ## the services plus a web console on 127.0.0.1 (CONSOLE_PORT=), with demo fault controls
+	$(PY) -m services.console --demo --port $(CONSOLE_PORT)
 
 SEED ?=
 DURATION ?= 60

@@ -20,6 +20,7 @@ from services import invariants
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from twopc import Credentials, rpc
 from twopc.testing import ServiceProcess, free_port, wait_until
 
 RPC_TIMEOUT_S = 5.0
@@ -127,7 +128,7 @@ class Cluster:
             proc.stop()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = grpc.aio.insecure_channel(address)
+        ch = rpc.channel(address, Credentials.insecure())  # reconnects quickly to a restarted service
         self._channels.append(ch)
         return ch
 

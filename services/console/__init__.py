@@ -1,0 +1,1 @@
+"""The web console: make purchases and watch two-phase commit happen (`make console`)."""
