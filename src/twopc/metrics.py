@@ -125,7 +125,7 @@ class CoordinatorMetrics:
             )
         )
         self._logged: set[str] = set()
-        for outcome in Outcome:
+        for outcome in (Outcome.COMMITTED, Outcome.ABORTED):  # both series exist from the start
             self.transactions.labels(outcome.value)
         coordinator.observers.add(self)
 
