@@ -132,7 +132,7 @@ class CoordinatorMetrics:
     def on_event(self, event: Event) -> None:
         kind = event.kind
         if kind is EventKind.VOTED:
-            self.votes.labels(_vote(event.vote), reason_class(event.vote, event.reason)).inc()
+            self.votes.labels(*_vote_labels(event)).inc()
         elif kind is EventKind.DECIDED:
             assert event.outcome is not None
             self.transactions.labels(event.outcome.value).inc()
@@ -206,7 +206,7 @@ class ParticipantMetrics:
     def on_event(self, event: Event) -> None:
         kind = event.kind
         if kind is EventKind.PREPARED:
-            self.prepares.labels(_vote(event.vote), reason_class(event.vote, event.reason)).inc()
+            self.prepares.labels(*_vote_labels(event)).inc()
         elif kind is EventKind.APPLIED:
             assert event.outcome is not None
             self.decisions.labels(event.outcome.value).inc()
@@ -218,5 +218,6 @@ class ParticipantMetrics:
             self.questions.labels(answer).inc()
 
 
-def _vote(vote: Vote | None) -> str:
-    return vote.value if vote is not None else "none"
+def _vote_labels(event: Event) -> tuple[str, str]:
+    """The (vote, reason class) labels of a VOTED or PREPARED event."""
+    return (event.vote.value if event.vote is not None else "none"), reason_class(event.vote, event.reason)
