@@ -48,8 +48,9 @@ async def buy(page: Page, account: str, **items: int) -> None:
 
 async def test_buy_watch_crash_and_recover_in_a_browser(console: ServiceProcess, tmp_path: Path) -> None:
     """A purchase commits with both votes shown; one fails for funds with the reason; one
-    whose order service is killed after its yes vote completes after the restart; the
-    balances shown are the wallet's own; the invariants hold; a screenshot is saved."""
+    whose Prepare reply is dropped aborts; one whose order service is killed after its
+    yes vote completes after the restart; the balances shown are the wallet's own; the
+    invariants hold; a screenshot is saved."""
     assert async_playwright is not None and CHROMIUM is not None
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True)
@@ -68,6 +69,12 @@ async def test_buy_watch_crash_and_recover_in_a_browser(console: ServiceProcess,
         await buy(page, "bob", widget=1)  # 15.00 against 3.00
         await expect(page.locator("#result .outcome")).to_have_text("ABORTED")
         await expect(page.locator("#result .reason")).to_contain_text("insufficient funds")
+
+        await page.click('[data-fault="drop-next-reply:shop"]')
+        await expect(page.locator("#fault-result")).to_contain_text("lose the next reply")
+        await buy(page, "alice", gizmo=1)
+        await expect(page.locator("#result .outcome")).to_have_text("ABORTED")
+        await expect(page.locator("#result .reason")).to_contain_text("lost")
 
         await page.click('[data-fault="kill-after-vote:orders"]')
         await expect(page.locator("#fault-result")).to_contain_text("armed")

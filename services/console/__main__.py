@@ -25,7 +25,8 @@ from twopc import rpc
 async def main(args: argparse.Namespace) -> None:
     workdir = args.workdir or Path("var") / f"console-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = Settings(prepare_timeout_s=args.prepare_timeout_s, in_doubt_after_s=1.0, resolve_interval_s=0.3)
-    async with Cluster(workdir, settings, metrics=True, events=True) as cluster:
+    shop_args = ["--net-faults", "seed=0"] if args.demo else []  # no random faults: only those asked for
+    async with Cluster(workdir, settings, shop_args=shop_args, metrics=True, events=True) as cluster:
         await scenarios.seed(cluster)
         console = Console(cluster, Catalogue(tuple(scenarios.ACCOUNTS), tuple(scenarios.PRODUCTS)), demo=args.demo)
         console.start()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ FAULTS = {
     "pause": "pause the service (SIGSTOP) past the deadline, then resume it",
     "kill-after-vote": "kill the service when the next Commit arrives (after its yes vote); it is restarted",
     "crash-after-commit-logged": "crash the shop right after it logs COMMIT; it is restarted",
+    "drop-next-reply": "lose the next reply a participant sends the shop (the request was served)",
 }
 
 
@@ -186,6 +188,12 @@ class Console:
         if kind not in FAULTS or service not in procs:
             raise web.HTTPBadRequest(text=f"unknown fault {kind!r} or service {service!r}")
         proc = procs[service]
+        if kind == "drop-next-reply":
+            if service != "shop":
+                raise web.HTTPBadRequest(text="replies are dropped on their way to the shop")
+            proc.signal(signal.SIGUSR1)
+            self.note("armed", service, "the next reply from a participant is lost")
+            return "the shop will lose the next reply it gets"
         if kind == "pause":
             proc.pause()
             self.note("paused", service, "SIGSTOP: it answers nothing until resumed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 import grpc
@@ -175,6 +176,8 @@ async def serve(args: Any) -> None:
     credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
     interceptors = [FaultInjector(NetFaults.parse(args.net_faults))] if args.net_faults else []
+    if interceptors:  # testing only: SIGUSR1 loses the next reply from a participant
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, interceptors[0].arm, "lose_reply")
     async with (
         Coordinator(args.db, credentials=credentials, config=config, interceptors=interceptors) as coordinator,
         rpc.channel(args.orders, credentials) as orders_channel,
@@ -208,7 +211,8 @@ def main() -> None:
         "--net-faults",
         default="",
         metavar="SPEC",
-        help="testing only: lose/delay/duplicate messages to participants, e.g. lose_reply=0.05,delay=0.1,seed=7",
+        help="testing only: lose/delay/duplicate messages to participants, e.g. lose_reply=0.05,delay=0.1,seed=7;"
+        " SIGUSR1 then loses the next reply",
     )
     args = p.parse_args()
     configure_logs(args.log_format, level=args.log_level)

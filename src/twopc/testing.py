@@ -215,9 +215,17 @@ class FaultInjector(_Interceptor):
         self._rng = random.Random(faults.seed)
         self._log = structlog.get_logger("twopc.testing")
         self._copies: set[asyncio.Task[Any]] = set()
+        self._armed: set[str] = set()
+
+    def arm(self, kind: str) -> None:
+        """Makes the next call suffer `kind` (a `NetFaults` field, e.g. "lose_reply")
+        for sure, whatever its probability: a fault on demand (the web console)."""
+        self._armed.add(kind)
 
     def _hit(self, kind: str, probability: float, method: str) -> bool:
-        if probability <= 0 or self._rng.random() >= probability:
+        if kind in self._armed:
+            self._armed.discard(kind)
+        elif probability <= 0 or self._rng.random() >= probability:
             return False
         self.counts[kind] += 1
         self._log.info("net_fault", kind=kind, method=method)

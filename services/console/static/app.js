@@ -41,7 +41,7 @@ async function setup() {
     const combos = [
       ["pause", "wallet"], ["pause", "orders"],
       ["kill-after-vote", "wallet"], ["kill-after-vote", "orders"],
-      ["crash-after-commit-logged", "shop"],
+      ["crash-after-commit-logged", "shop"], ["drop-next-reply", "shop"],
     ];
     for (const [kind, service] of combos) {
       const b = el("button", { type: "button", title: cat.faults[kind], "data-fault": kind + ":" + service },
