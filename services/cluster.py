@@ -57,6 +57,8 @@ class Cluster:
         metrics: serve Prometheus /metrics from each service, at `metrics_address[name]`.
         events: each service appends its observer events as JSON lines to
             `events_path[name]` (what the web console shows).
+        traces: each service writes its OpenTelemetry spans as JSON lines to
+            `trace_path[name]`.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class Cluster:
         wallet_module: str = "services.wallet",
         metrics: bool = False,
         events: bool = False,
+        traces: bool = False,
     ) -> None:
         self.workdir = workdir
         self.settings = s = settings or Settings()
@@ -79,6 +82,7 @@ class Cluster:
         hosts = hosts or {}
         self.metrics_address: dict[str, str] = {}
         self.events_path: dict[str, Path] = {}
+        self.trace_path: dict[str, Path] = {}
 
         def process(name: str, module: str, args: list[str]) -> ServiceProcess:
             host = hosts.get(name, Host())
@@ -88,6 +92,9 @@ class Cluster:
             if events:
                 self.events_path[name] = workdir / f"{name}.events.jsonl"
                 args += ["--events-file", str(self.events_path[name])]
+            if traces:
+                self.trace_path[name] = workdir / f"{name}.spans.jsonl"
+                args += ["--trace-file", str(self.trace_path[name])]
             return ServiceProcess(
                 module, args, log_path=workdir / f"{name}.log", host=host.address, wrapper=host.wrapper
             )

@@ -24,6 +24,7 @@ from twopc import (
 from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.logs import configure as configure_logs
 from twopc.observe import JsonLines, Observers
+from twopc.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -49,6 +50,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default %(default)s)")
     p.add_argument("--events-file", help="append every transaction event as a JSON line here (the web console)")
+    p.add_argument("--trace-file", help="write OpenTelemetry spans as JSON lines here (default: no tracing)")
     p.add_argument(
         "--grace-s",
         type=float,
@@ -56,6 +58,22 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         help="on SIGTERM, time to drain work in progress and finish RPCs in flight (default %(default)s)",
     )
     return p
+
+
+def tracing(args: argparse.Namespace) -> Tracing | None:
+    """Tracing to `--trace-file` (one JSON span per line), or None when not asked for.
+    A deployment would configure its own exporter instead (OTLP to a collector)."""
+    if not args.trace_file:
+        return None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+    provider = TracerProvider()
+    out = open(args.trace_file, "a", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+    provider.add_span_processor(
+        SimpleSpanProcessor(ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n"))
+    )
+    return Tracing(provider)
 
 
 def observe(observers: Observers, args: argparse.Namespace) -> None:
@@ -107,11 +125,13 @@ def run_participant(
             health.watch(p.store.wait_failed)
             metrics.ParticipantMetrics(p)
             observe(p.observers, args)
+            traced = tracing(args)
             await p.serve(
                 f"{args.host}:{args.port}",
                 services=[lambda server: add_api(server, p)],
                 grace_s=args.grace_s,
                 health=health,
+                interceptors=[traced.server_interceptor()] if traced else [],
             )
 
     asyncio.run(serve())

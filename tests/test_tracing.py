@@ -3,15 +3,20 @@ participants, over real gRPC, collected with the SDK's in-memory exporter."""
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.cluster import Cluster
+from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, eventually, op
 from twopc import Branch, Coordinator, Participant, rpc
@@ -108,3 +113,46 @@ async def test_an_abort_trace_carries_the_reason(traced: tuple[Coordinator, list
     no = next(s for s in spans if s.name == "twopc.prepare" and (s.attributes or {}).get("twopc.branch") == "b")
     assert (no.attributes or {}).get("twopc.reason") == "told to abort"
     assert not [s for s in spans if s.name == "twopc.decision_write"]
+
+
+def read_spans(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+async def test_a_purchase_is_one_trace_across_the_three_service_processes(tmp_path: Path) -> None:
+    """With --trace-file, the shop's transaction span and the wallet's and the order
+    service's server spans for Prepare and Commit share one trace id: the context
+    crossed real process boundaries in gRPC metadata."""
+    async with Cluster(tmp_path, traces=True) as c:
+        await c.open_account("alice", 10_000)
+        await c.add_stock("widget", 10, 1_500)
+        result = await c.purchase("o1", "alice", {"widget": 1})
+        assert result.outcome == shop_pb2.OUTCOME_COMMITTED
+
+        def root() -> dict[str, Any] | None:
+            return next(
+                (
+                    s
+                    for s in read_spans(c.trace_path["shop"])
+                    if s["name"] == "twopc.transaction" and s["attributes"].get("twopc.txn_id") == result.txn_id
+                ),
+                None,
+            )
+
+        def server_spans(name: str) -> set[str]:
+            return {s["name"] for s in read_spans(c.trace_path[name]) if s["context"]["trace_id"] == trace_id}
+
+        await eventually(lambda: root() is not None, what="the shop's transaction span")
+        found = root()
+        assert found is not None
+        trace_id = found["context"]["trace_id"]
+        commits = {"/twopc.v1.Participant/Commit", "/twopc.v1.Participant/CommitMany"}
+
+        def prepared_and_committed(name: str) -> bool:
+            spans = server_spans(name)
+            return "/twopc.v1.Participant/Prepare" in spans and bool(spans & commits)
+
+        for name in ("wallet", "orders"):
+            await eventually(
+                functools.partial(prepared_and_committed, name), what=f"{name}'s Prepare and Commit spans in the trace"
+            )

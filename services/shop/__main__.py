@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from services.common import observe, parser
+from services.common import observe, parser, tracing
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
@@ -175,11 +175,22 @@ class Shop(shop_pb2_grpc.ShopServicer):
 async def serve(args: Any) -> None:
     credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
-    interceptors = [FaultInjector(NetFaults.parse(args.net_faults))] if args.net_faults else []
-    if interceptors:  # testing only: SIGUSR1 loses the next reply from a participant
-        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, interceptors[0].arm, "lose_reply")
+    interceptors: list[Any] = []
+    if args.net_faults:  # testing only: SIGUSR1 then loses the next reply from a participant
+        faults = FaultInjector(NetFaults.parse(args.net_faults))
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, faults.arm, "lose_reply")
+        interceptors.append(faults)
+    traced = tracing(args)
+    if traced is not None:
+        interceptors.append(traced.client_interceptor())
     async with (
-        Coordinator(args.db, credentials=credentials, config=config, interceptors=interceptors) as coordinator,
+        Coordinator(
+            args.db,
+            credentials=credentials,
+            config=config,
+            interceptors=interceptors,
+            observers=[traced] if traced else [],
+        ) as coordinator,
         rpc.channel(args.orders, credentials) as orders_channel,
     ):
         shop = Shop(coordinator, args.wallet, args.orders, order_pb2_grpc.OrdersStub(orders_channel))

@@ -203,6 +203,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         services: Sequence[Callable[[grpc.aio.Server], None]] = (),
         grace_s: float = 1.0,
         health: rpc.Health | None = None,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         """Serves the Participant contract and the caller's `services` on `address`
         until SIGTERM or SIGINT: the usual way to run a participant process.
@@ -216,6 +217,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             grace_s: on a signal, how long to drain (new Prepares refused, prepared
                 transactions decided) and let in-flight RPCs finish.
             health: the standard health and reflection services (`twopc.health`).
+            interceptors: server interceptors (e.g. `Tracing.server_interceptor()`).
 
         Raises:
             DurabilityError: the store failed; restart the process to recover.
@@ -228,6 +230,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             grace_s=grace_s,
             health=health,
             drain=self.drain,
+            interceptors=interceptors,
         )
 
     # --- the RPCs ------------------------------------------------------------------

@@ -107,6 +107,7 @@ async def serve(
     grace_s: float = 1.0,
     health: Health | None = None,
     drain: Drain | None = None,
+    interceptors: Sequence[Any] = (),
 ) -> None:
     """Runs a server with `services` on `address` until SIGTERM/SIGINT or failure.
 
@@ -119,8 +120,10 @@ async def serve(
     The graceful stop, on a signal: `health` turns NOT_SERVING for good, `drain`
     refuses new work while work in progress finishes, then the server stops; all
     within `grace_s`, after which RPCs still in flight are cancelled.
+
+    `interceptors` are server interceptors (tracing, authorization).
     """
-    srv = server()
+    srv = server(interceptors)
     for add in services:
         add(srv)
     if health is not None:
