@@ -26,6 +26,9 @@ from twopc.types import Outcome, Vote
 
 _log = structlog.get_logger("twopc.observe")
 
+MAX_OPEN = 65_536
+"""Transactions timed at once; past it the oldest is forgotten (bounded memory)."""
+
 
 class EventKind(enum.Enum):
     """The steps an observer hears about, in protocol order.
@@ -146,6 +149,8 @@ class Observers:
         coordinator steps since the decision (or since the restart, in recovery)."""
         now = time.monotonic()
         if kind in (EventKind.PHASE1_STARTED, EventKind.RECOVERING):
+            if len(self._marks) >= MAX_OPEN:  # a transaction that never reported END (its coordinator failed)
+                del self._marks[next(iter(self._marks))]
             self._marks[txn_id] = (now, now)
             return 0.0
         started, decided = self._marks.get(txn_id, (now, now))

@@ -28,7 +28,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from twopc.observe import Event, EventKind
+from twopc.observe import MAX_OPEN, Event, EventKind
 from twopc.types import Outcome
 
 if TYPE_CHECKING:
@@ -113,6 +113,9 @@ class Tracing:
             name, kind=SpanKind.INTERNAL, start_time=at, attributes={"twopc.txn_id": event.txn_id}
         )
         root.set_attribute("twopc.branches", list(event.branches))
+        if len(self._txns) >= MAX_OPEN:  # one that never reported END: end its spans now
+            oldest = next(iter(self._txns))
+            self._end(oldest, self._txns[oldest], at)
         parent = trace.set_span_in_context(root)
         first = "twopc.phase1" if event.kind is EventKind.PHASE1_STARTED else "twopc.phase2"  # recovery: decided
         txn = self._txns[event.txn_id] = _Txn(root, self._tracer.start_span(first, context=parent, start_time=at), at)
