@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import pytest
 
+from tests.model.checker import Report, check, replay
 from tests.model.twopc_model import (
     ABORTED,
     COMMITTED,
+    DONE,
     LOG_COMMIT,
+    PREPARED,
+    PROMPT,
     Model,
-    Report,
-    check,
-    replay,
+    State,
 )
 
 CRASH_POINTS = {
@@ -30,7 +32,7 @@ CRASH_POINTS = {
 
 
 @pytest.fixture(scope="module")
-def two() -> Report:
+def two() -> Report[State]:
     """The real protocol with 2 participants and the default bounds."""
     return check(Model(2))
 
@@ -41,7 +43,7 @@ def coordinator_crashes(trace: tuple[str, ...]) -> list[int]:
     return [k for k, step in enumerate(trace) if step in names]
 
 
-def test_two_participants_safe_and_live(two: Report) -> None:
+def test_two_participants_safe_and_live(two: Report[State]) -> None:
     """2 participants: no reachable state breaks a property, and every one can terminate."""
     assert two.violation is None
     assert two.stuck is None and two.stuck_states == 0
@@ -49,7 +51,7 @@ def test_two_participants_safe_and_live(two: Report) -> None:
     assert two.terminal_states > 0
 
 
-def test_two_participants_exercise_every_fault_and_outcome(two: Report) -> None:
+def test_two_participants_exercise_every_fault_and_outcome(two: Report[State]) -> None:
     """The search takes every crash point, power loss and outcome, and never a refused phase 2."""
     assert two.steps >= CRASH_POINTS
     assert {"coordinator.power_loss", "p0.power_loss", "coordinator.restart", "p1.restart"} <= two.steps
@@ -132,9 +134,69 @@ def test_orphaned_decision_on_cancel_breaks_atomicity() -> None:
     v = check(model).violation
     assert v is not None and v.prop == "atomicity"
     cancel = v.trace.index("coordinator.run_cancelled")
-    assert v.trace[cancel - 1] == "coordinator.log_submit"
+    assert v.trace.index("coordinator.log_submit") < cancel and "coordinator.log_commit" not in v.trace
     assert any(s.startswith("coordinator.outcome(") and s.endswith(":ABORTED") for s in v.trace[cancel:])
     assert "coordinator.restart" in v.trace[cancel:]
+    assert replay(model, v.trace) == v.state
+
+
+@pytest.fixture(scope="module")
+def closing() -> Report[State]:
+    """The real protocol with `Coordinator.close` possible at any time."""
+    return check(Model(2, shutdown=True))
+
+
+def test_close_at_any_time_safe_and_live(closing: Report[State]) -> None:
+    """`close` anywhere (with crashes, loss, duplication): no violation, every state can terminate."""
+    assert closing.violation is None
+    assert closing.stuck is None and closing.stuck_states == 0
+    assert closing.states > 75_000  # measured: 112,219
+
+
+def test_close_reaches_every_kind_of_stop(closing: Report[State]) -> None:
+    """The search closes during phase 1, during the decision write and in phase 2, and
+    a write outlasting the close leaves the decision to the next start."""
+    assert {"coordinator.close", "coordinator.grace_over", "coordinator.stop"} <= closing.steps
+    assert {"coordinator.log_submit", "coordinator.record_lands", "coordinator.write_outlasts_close"} <= closing.steps
+    assert "coordinator.begin" in closing.steps and "coordinator.restart" in closing.steps
+
+
+def test_close_cancelling_the_decision_write_breaks_atomicity() -> None:
+    """The code before issue 8: close cancels the decision mid-write, the record lands,
+    GetOutcome says ABORTED, a participant aborts, and recovery re-drives the COMMIT."""
+    model = Model(2, shutdown=True, bug="close_cancels_write")
+    v = check(model).violation
+    assert v is not None and v.prop == "atomicity"
+    t = v.trace
+    assert t.index("coordinator.close") < t.index("coordinator.log_submit") < t.index("coordinator.grace_over")
+    assert "coordinator.log_commit" not in t  # the write never returned to anyone
+    aborted = next(
+        k for k, step in enumerate(t) if step.startswith("coordinator.outcome(") and step.endswith("ABORTED")
+    )
+    assert t.index("coordinator.record_lands") < aborted < t.index("coordinator.restart")
+    assert t.index("coordinator.grace_over") < aborted < t.index("coordinator.stop")
+    assert {p.row for p in v.state.parts} == {COMMITTED, ABORTED} and v.state.coord.log == LOG_COMMIT
+    assert replay(model, v.trace) == v.state
+
+
+def test_cancelled_phase1_releases_reservations_without_a_query() -> None:
+    """Fault-free, a run cancelled in phase 1 (by its caller or by close) sends Abort to
+    every branch: no participant keeps a reservation until its in-doubt query."""
+    report = check(Model(2, cancel_run=True, shutdown=True, faults=False), properties=(PROMPT,))
+    assert report.violation is None and report.stuck is None
+    assert {"coordinator.run_cancelled", "coordinator.grace_over"} <= report.steps
+    assert report.states > 1_000  # measured: 1,768
+
+
+def test_silent_cancel_holds_reservations_until_the_query() -> None:
+    """The code before issue 8 sends nothing on a cancelled phase 1: safe and live, but a
+    prepared participant waits for its in-doubt query."""
+    assert check(Model(2, cancel_run=True, bug="silent_cancel")).problems() == []
+    model = Model(2, cancel_run=True, faults=False, bug="silent_cancel")
+    v = check(model, properties=(PROMPT,), liveness=False).violation
+    assert v is not None and v.prop == PROMPT
+    assert "coordinator.run_cancelled" in v.trace and v.trace[-1].endswith(".prepare:COMMIT")
+    assert v.state.coord.pc == DONE and PREPARED in {p.row for p in v.state.parts}
     assert replay(model, v.trace) == v.state
 
 

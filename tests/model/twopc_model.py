@@ -152,28 +152,39 @@ through `asyncio.shield`, so a cancellation then changes nothing and is not mode
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from tests.model.checker import (
+    Bag,
+    Step,
+    check,
+    in_flight,
+    network_faults,
+    print_counterexample,
+    print_report,
+    put,
+    replace,
+    take,
+)
 
 # Participant rows.
 NONE, PREPARED, COMMITTED, ABORTED = "none", "PREPARED", "COMMITTED", "ABORTED"
 # Votes.
 COMMIT, ABORT, READ_ONLY = "COMMIT", "ABORT", "READ_ONLY"
-_YES = (COMMIT, READ_ONLY)
+YES = (COMMIT, READ_ONLY)
 # GetOutcome answers (COMMITTED and ABORTED are spelt as the rows).
 PENDING = "PENDING"
 # Coordinator program counter.
-INIT, PHASE1, VOTED, SENT_UNLOGGED, LOGGING, ORPHANED, LOGGED, PHASE2, ABORTING, DONE, DOWN = (
+INIT, PHASE1, VOTED, SENT_UNLOGGED, WRITING, UNCERTAIN, ORPHANED, LOGGED, PHASE2, ABORTING, DONE, DOWN = (
     "init",
     "phase1",
     "voted",
     "sent_unlogged",
-    "logging",
+    "writing",
+    "uncertain",
     "orphaned",
     "logged",
     "phase2",
@@ -181,12 +192,22 @@ INIT, PHASE1, VOTED, SENT_UNLOGGED, LOGGING, ORPHANED, LOGGED, PHASE2, ABORTING,
     "done",
     "down",
 )
-_IN_FLIGHT = (PHASE1, VOTED, SENT_UNLOGGED, LOGGING)  # `Coordinator._in_flight`: GetOutcome says PENDING
+# GetOutcome says PENDING: `Coordinator._in_flight` (phase 1 and the decision write)
+# and `_uncertain` (a decision write whose end the coordinator could not see).
+_PENDING_PCS = (PHASE1, VOTED, SENT_UNLOGGED, WRITING, UNCERTAIN)
+# Where the coordinator knows a COMMIT is in its log (`_committed`).
+_KNOWS_COMMIT = (LOGGED, PHASE2, SENT_UNLOGGED)
+# `Coordinator.close`: open, closing (no new run; work goes on), stopping (the grace
+# is over: background work cancelled, GetOutcome still served).
+OPEN, CLOSING, STOPPING = 0, 1, 2
 # Decision log.
 LOG_NONE, LOG_COMMIT, LOG_END = "none", "COMMIT", "END"
 
-BUGS = ("commit_before_log", "outcome_aborted_in_flight", "orphan_on_cancel")
+BUGS = ("commit_before_log", "outcome_aborted_in_flight", "orphan_on_cancel", "close_cancels_write", "silent_cancel")
 PROPERTIES = ("atomicity", "agreement", "validity")
+PROMPT = "prompt"
+"""Not a safety property of 2PC, checked on fault-free runs only: no participant
+keeps a reservation that only its in-doubt query can release (`Model.left_for_query`)."""
 
 Msg = tuple[str, int, str]
 """A message: (kind, participant index, value). Kinds to a participant: Prepare,
@@ -194,10 +215,27 @@ Commit, Abort, Outcome (value: the answer); to the coordinator: Vote (value: the
 vote), Ack (value: "Commit:ok", "Commit:refused", "Abort:ok", "Abort:refused"),
 GetOutcome."""
 
-Bag = frozenset[tuple[Msg, int]]
-"""The network: each distinct message in flight with its number of copies."""
-
 _TO_PARTICIPANT = frozenset({"Prepare", "Commit", "Abort", "Outcome"})
+
+
+# --- a participant's row: the rules every model shares --------------------------------
+
+
+def on_commit(row: str) -> tuple[str, bool]:
+    """Commit: the row after it, and whether it is acknowledged (else refused)."""
+    ok = row in (PREPARED, COMMITTED)
+    return (COMMITTED if ok else row), ok
+
+
+def on_abort(row: str) -> tuple[str, bool]:
+    """Abort: the row after it (a tombstone for none), and whether it is acknowledged."""
+    ok = row != COMMITTED
+    return (ABORTED if ok else row), ok
+
+
+def repeat_vote(row: str) -> str:
+    """A repeated Prepare answers from the row, with no work: ABORT for a tombstone."""
+    return ABORT if row == ABORTED else COMMIT
 
 
 class CoordState(NamedTuple):
@@ -212,6 +250,8 @@ class CoordState(NamedTuple):
             in ``aborting``, the branches that Abort goes to.
         log: the decision log: none, COMMIT, or END.
         crashes: crashes so far (bounded).
+        closing: OPEN, CLOSING or STOPPING (`Coordinator.close`).
+        closes: closes so far (bounded).
     """
 
     pc: str = INIT
@@ -221,6 +261,15 @@ class CoordState(NamedTuple):
     targets: frozenset[int] = frozenset()
     log: str = LOG_NONE
     crashes: int = 0
+    closing: int = OPEN
+    closes: int = 0
+
+    def fresh(self, pc: str, targets: frozenset[int] | None = None) -> CoordState:
+        """At `pc` with nothing volatile but `targets` (by default those the log
+        holds, durable with its COMMIT record); the log and the counters kept."""
+        if targets is None:
+            targets = self.targets if self.log != LOG_NONE else frozenset()
+        return CoordState(pc, targets=targets, log=self.log, crashes=self.crashes, closes=self.closes)
 
 
 class PartState(NamedTuple):
@@ -257,7 +306,7 @@ class State(NamedTuple):
 
     coord: CoordState
     parts: tuple[PartState, ...]
-    bag: Bag = frozenset()
+    bag: Bag[Msg] = frozenset()
     dups: int = 0
     yes_voters: frozenset[int] = frozenset()
     ever_decided_commit: bool = False
@@ -268,11 +317,8 @@ class State(NamedTuple):
         c = self.coord
         rows = " ".join(f"p{i}={p.row}{'' if p.up else '(down)'}" for i, p in enumerate(self.parts))
         msgs = ", ".join(f"{fmt_msg(m)}x{n}" if n > 1 else fmt_msg(m) for m, n in sorted(self.bag))
-        return f"coordinator={c.pc} log={c.log} | {rows} | net=[{msgs}]"
-
-
-Step = tuple[str, State, bool]
-"""A transition: (step name, next state, whether it is a fault)."""
+        closing = ("", " closing", " stopping")[c.closing]
+        return f"coordinator={c.pc}{closing} log={c.log} | {rows} | net=[{msgs}]"
 
 
 def fmt_msg(msg: Msg) -> str:
@@ -294,7 +340,13 @@ class Model:
         max_dups: message duplications over a run.
         bag_cap: copies of one message the network holds at most.
         cancel_run: the caller may cancel `Coordinator.run` (see the module
-            docstring); off by default, as the code does not survive it.
+            docstring).
+        shutdown: `Coordinator.close` may be called at any time (see the module
+            docstring).
+        max_closes: closes over a run, with ``shutdown``.
+        faults: False takes away every fault (loss, duplication, crashes, power
+            loss, a decision write outlasting `close`), whatever the bounds say;
+            cancellations and closes remain. `PROMPT` is checked that way.
     """
 
     n_participants: int = 2
@@ -305,6 +357,9 @@ class Model:
     max_dups: int = 1
     bag_cap: int = 2
     cancel_run: bool = False
+    shutdown: bool = False
+    max_closes: int = 1
+    faults: bool = True
 
     def __post_init__(self) -> None:
         if self.n_participants < 2:
@@ -313,6 +368,30 @@ class Model:
             raise ValueError("read_only must be between 0 and n_participants")
         if self.bug is not None and self.bug not in BUGS:
             raise ValueError(f"unknown bug {self.bug!r}; known: {', '.join(BUGS)}")
+
+    @property
+    def known_properties(self) -> tuple[str, ...]:
+        """The safety properties, and `PROMPT`."""
+        return (*PROPERTIES, PROMPT)
+
+    @property
+    def default_properties(self) -> tuple[str, ...]:
+        """The safety properties of 2PC."""
+        return PROPERTIES
+
+    @property
+    def split_write(self) -> bool:
+        """Whether the COMMIT write takes three steps (submitted, on disk, returned):
+        only what may happen in between (a cancellation, a close) needs them."""
+        return self.cancel_run or self.shutdown
+
+    def coordinator_crashes(self) -> int:
+        """Crashes the coordinator may have over a run."""
+        return self.max_coordinator_crashes if self.faults else 0
+
+    def participant_crashes(self) -> int:
+        """Crashes each participant may have over a run."""
+        return self.max_participant_crashes if self.faults else 0
 
     # --- states ------------------------------------------------------------------
 
@@ -325,14 +404,30 @@ class Model:
         return p >= self.n_participants - self.read_only
 
     def violations(self, s: State, properties: Iterable[str] = PROPERTIES) -> list[str]:
-        """The safety properties that `s` violates, in the order given."""
+        """The properties that `s` violates, in the order given."""
         rows = {p.row for p in s.parts}
         broken = {
-            "atomicity": COMMITTED in rows and ABORTED in rows,
-            "agreement": COMMITTED in rows and not s.ever_logged_commit,
-            "validity": s.ever_decided_commit and len(s.yes_voters) < self.n_participants,
+            "atomicity": lambda: COMMITTED in rows and ABORTED in rows,
+            "agreement": lambda: COMMITTED in rows and not s.ever_logged_commit,
+            "validity": lambda: s.ever_decided_commit and len(s.yes_voters) < self.n_participants,
+            PROMPT: lambda: any(self.left_for_query(s, i) for i in range(self.n_participants)),
         }
-        return [name for name in properties if broken[name]]
+        return [name for name in properties if broken[name]()]
+
+    def left_for_query(self, s: State, i: int) -> bool:
+        """Whether participant `i` holds a reservation that only its in-doubt query
+        can release: PREPARED, no Commit or Abort on its way to it, and a
+        coordinator that will send it none (recovery re-drives only a COMMIT)."""
+        if s.parts[i].row != PREPARED or in_flight(s.bag, ("Commit", i), ("Abort", i)):
+            return False
+        c = s.coord
+        if c.log == LOG_COMMIT:
+            return False
+        if c.pc == DOWN or c.closing == STOPPING:
+            return True
+        if c.pc == ABORTING:
+            return i not in c.targets
+        return c.pc in (DONE, ORPHANED, UNCERTAIN)
 
     def is_terminal(self, s: State) -> bool:
         """Liveness goal: nobody in doubt, and no COMMIT left without END."""
@@ -366,58 +461,95 @@ class Model:
         )
 
     def _send(self, bag: dict[Msg, int], *msgs: Msg) -> None:
-        for m in msgs:
-            bag[m] = min(bag.get(m, 0) + 1, self.bag_cap)
+        put(bag, self.bag_cap, *msgs)
 
     # --- transitions ---------------------------------------------------------------
 
-    def successors(self, s: State) -> list[Step]:
+    def successors(self, s: State) -> list[Step[State]]:
         """Every transition enabled in `s`."""
-        out: list[Step] = []
+        out: list[Step[State]] = []
         self._coordinator_steps(s, out)
         for i in range(self.n_participants):
             self._participant_steps(s, i, out)
-        self._network_steps(s, out)
+        if self.faults:
+            out += network_faults(
+                s.bag,
+                s.dups,
+                self.max_dups,
+                self.bag_cap,
+                fmt_msg,
+                lambda bag, dups: self._freeze(s, bag=bag, dups=dups),
+            )
         return out
 
-    def _coordinator_steps(self, s: State, out: list[Step]) -> None:
+    def _coordinator_steps(self, s: State, out: list[Step[State]]) -> None:
         c = s.coord
         if c.pc == DOWN:
             bag = dict(s.bag)
             if c.log == LOG_COMMIT:  # recovery: re-drive the COMMIT without END
                 self._send(bag, *(("Commit", p, "") for p in sorted(c.targets)))
-                nc = CoordState(PHASE2, targets=c.targets, log=c.log, crashes=c.crashes)
+                nc = c.fresh(PHASE2)
             else:
-                nc = CoordState(DONE, log=c.log, crashes=c.crashes)
+                nc = c.fresh(DONE)
             out.append(("coordinator.restart", self._freeze(s, nc, bag=bag), False))
             return
+        if c.closing == STOPPING:
+            self._stopping_steps(s, out)
+        else:
+            self._working_steps(s, out)
+        for m, _ in s.bag:
+            if m[0] not in _TO_PARTICIPANT:
+                out.append(self._coordinator_receives(s, m))
+        if self.shutdown:
+            self._close_steps(s, out)
+        if c.crashes < self.coordinator_crashes():
+            if c.pc not in (INIT, DONE):
+                out.append((_crash_name(c), self._freeze(s, c.fresh(DOWN)._replace(crashes=c.crashes + 1)), True))
+            elif c.log == LOG_END:  # END is not forced: a power loss may take it back
+                nc = c.fresh(DOWN)._replace(log=LOG_COMMIT, crashes=c.crashes + 1)
+                out.append(("coordinator.power_loss", self._freeze(s, nc), True))
+
+    def _working_steps(self, s: State, out: list[Step[State]]) -> None:
+        """What the coordinator does while open or closing (its work goes on)."""
+        c = s.coord
         n = self.n_participants
         if c.pc == INIT:
             bag = dict(s.bag)
             self._send(bag, *(("Prepare", p, "") for p in range(n)))
             out.append(("coordinator.begin", self._freeze(s, c._replace(pc=PHASE1, votes=(None,) * n), bag=bag), False))
-            return
-        if c.pc == PHASE1:
+        elif c.pc == PHASE1:
             out.append(("coordinator.timeout", self._decide_abort(s), False))
+            # `run` can be cancelled at its awaits: in phase 1, and (before the shield)
+            # while the COMMIT write is queued.
+            if self.cancel_run:
+                out.append(("coordinator.run_cancelled", self._abandon_phase1(s), True))
         elif c.pc == VOTED:
             targets = frozenset(p for p, v in enumerate(c.votes) if v == COMMIT)
             if not targets:  # every branch read-only: nothing to log, nothing to send
-                nc = CoordState(DONE, log=c.log, crashes=c.crashes)
-                out.append(("coordinator.decide_commit(read_only)", self._freeze(s, nc, decided=True), False))
+                out.append(
+                    ("coordinator.decide_commit(read_only)", self._freeze(s, c.fresh(DONE), decided=True), False)
+                )
             elif self.bug == "commit_before_log":
                 bag = dict(s.bag)
                 self._send(bag, *(("Commit", p, "") for p in sorted(targets)))
                 nc = c._replace(pc=SENT_UNLOGGED, votes=(), targets=targets)
                 out.append(("coordinator.send_commits", self._freeze(s, nc, bag=bag, decided=True), False))
-            elif self.cancel_run:  # the write is on the store's queue; `run` awaits it
-                nc = c._replace(pc=LOGGING, votes=(), targets=targets)
-                out.append(("coordinator.log_submit", self._freeze(s, nc), False))
+            elif self.split_write:  # the job is on the store's queue; the decision awaits it
+                out.append(
+                    (
+                        "coordinator.log_submit",
+                        self._freeze(s, c._replace(pc=WRITING, votes=(), targets=targets)),
+                        False,
+                    )
+                )
             else:
                 nc = c._replace(pc=LOGGED, votes=(), targets=targets, log=LOG_COMMIT)
                 out.append(("coordinator.log_commit", self._freeze(s, nc, decided=True, logged=True), False))
-        elif c.pc == LOGGING:
-            nc = c._replace(pc=LOGGED, log=LOG_COMMIT)
-            out.append(("coordinator.log_commit", self._freeze(s, nc, decided=True, logged=True), False))
+        elif c.pc == WRITING:
+            if c.log == LOG_COMMIT:  # the write returns: `_committed` knows it
+                out.append(("coordinator.log_commit", self._freeze(s, c._replace(pc=LOGGED)), False))
+            if self.cancel_run and self.bug == "orphan_on_cancel":
+                out.append(("coordinator.run_cancelled", self._freeze(s, c._replace(pc=ORPHANED)), True))
         elif c.pc == SENT_UNLOGGED:
             nc = c._replace(pc=PHASE2, log=LOG_COMMIT)
             out.append(("coordinator.log_commit", self._freeze(s, nc, logged=True), False))
@@ -426,41 +558,80 @@ class Model:
             self._send(bag, *(("Commit", p, "") for p in sorted(c.targets)))
             out.append(("coordinator.send_commits", self._freeze(s, c._replace(pc=PHASE2), bag=bag), False))
         elif c.pc == PHASE2:
-            if c.acks == c.targets:
-                nc = CoordState(DONE, targets=c.targets, log=LOG_END, crashes=c.crashes)
-                out.append(("coordinator.log_end", self._freeze(s, nc), False))
-            for p in sorted(c.targets - c.acks - c.refused):
-                if not _in_flight(s.bag, ("Commit", p), ("Ack", p, "Commit")):
-                    bag = dict(s.bag)
-                    self._send(bag, ("Commit", p, ""))
-                    out.append((f"coordinator.retry_commit(p{p})", self._freeze(s, bag=bag), False))
+            self._phase2_steps(s, out)
         elif c.pc == ABORTING:
-            out.append(("coordinator.abort_give_up", self._freeze(s, CoordState(DONE, crashes=c.crashes)), False))
+            out.append(("coordinator.abort_give_up", self._freeze(s, c.fresh(DONE)), False))
             for p in sorted(c.targets):
-                if not _in_flight(s.bag, ("Abort", p), ("Ack", p, "Abort")):
+                if not in_flight(s.bag, ("Abort", p), ("Ack", p, "Abort")):
                     bag = dict(s.bag)
                     self._send(bag, ("Abort", p, ""))
                     out.append((f"coordinator.retry_abort(p{p})", self._freeze(s, bag=bag), False))
-        for m, _ in s.bag:
-            if m[0] not in _TO_PARTICIPANT:
-                out.append(self._coordinator_receives(s, m))
-        # `run` can be cancelled at its awaits: in phase 1, and while the COMMIT write is
-        # queued (`store.write` queues the job before its first await).
-        if self.cancel_run and (c.pc == PHASE1 or (c.pc == LOGGING and self.bug == "orphan_on_cancel")):
-            if c.pc == LOGGING:  # the store's thread still commits the record; nobody knows
-                nc = CoordState(ORPHANED, targets=c.targets, log=LOG_COMMIT, crashes=c.crashes)
-                cancelled = self._freeze(s, nc, decided=True, logged=True)
-            else:  # `_phase1` cancels its Prepares; no Abort is sent
-                cancelled = self._freeze(s, CoordState(DONE, log=c.log, crashes=c.crashes))
-            out.append(("coordinator.run_cancelled", cancelled, True))
-        if c.crashes < self.max_coordinator_crashes:
-            if c.pc != DONE:
-                targets = c.targets if c.log == LOG_COMMIT else frozenset()
-                nc = CoordState(DOWN, targets=targets, log=c.log, crashes=c.crashes + 1)
-                out.append((_crash_name(c), self._freeze(s, nc), True))
-            elif c.log == LOG_END:  # END is not forced: a power loss may take it back
-                nc = CoordState(DOWN, targets=c.targets, log=LOG_COMMIT, crashes=c.crashes + 1)
-                out.append(("coordinator.power_loss", self._freeze(s, nc), True))
+        self._record_lands(s, out)
+
+    def _phase2_steps(self, s: State, out: list[Step[State]]) -> None:
+        c = s.coord
+        if c.acks == c.targets:
+            out.append(("coordinator.log_end", self._freeze(s, c.fresh(DONE)._replace(log=LOG_END)), False))
+        for p in sorted(c.targets - c.acks - c.refused):
+            if not in_flight(s.bag, ("Commit", p), ("Ack", p, "Commit")):
+                bag = dict(s.bag)
+                self._send(bag, ("Commit", p, ""))
+                out.append((f"coordinator.retry_commit(p{p})", self._freeze(s, bag=bag), False))
+
+    def _record_lands(self, s: State, out: list[Step[State]]) -> None:
+        """The store's thread commits a submitted COMMIT record, whatever became of
+        the task that awaits it."""
+        c = s.coord
+        if c.pc in (WRITING, UNCERTAIN, ORPHANED) and c.log == LOG_NONE:
+            landed = self._freeze(s, c._replace(log=LOG_COMMIT), decided=True, logged=True)
+            out.append(("coordinator.record_lands", landed, False))
+
+    def _stopping_steps(self, s: State, out: list[Step[State]]) -> None:
+        """The grace is over: only a submitted record may still land, then the
+        server stops (GetOutcome is answered until then)."""
+        self._record_lands(s, out)
+        c = s.coord
+        out.append(("coordinator.stop", self._freeze(s, c.fresh(DOWN)), False))
+
+    def _close_steps(self, s: State, out: list[Step[State]]) -> None:
+        """`Coordinator.close`: refuses new runs at once; after the grace period the
+        background work is cancelled; a started decision write is waited for."""
+        c = s.coord
+        if c.closing == OPEN and c.closes < self.max_closes:
+            nc = c._replace(closing=CLOSING, closes=c.closes + 1)
+            if c.pc == INIT:  # `run` refused: the transaction never begins
+                nc = nc.fresh(DONE)._replace(closing=CLOSING)
+            out.append(("coordinator.close", self._freeze(s, nc), True))
+            return
+        if c.closing != CLOSING:
+            return
+        if c.pc == WRITING:
+            if self.bug == "close_cancels_write":  # the task is cancelled; the record still lands
+                out.append(
+                    ("coordinator.grace_over", self._freeze(s, c._replace(pc=ORPHANED, closing=STOPPING)), False)
+                )
+            elif self.faults:  # the write outlasts any grace: only a restart can tell
+                nc = c._replace(pc=UNCERTAIN, closing=STOPPING)
+                out.append(("coordinator.write_outlasts_close", self._freeze(s, nc), True))
+            return
+        if c.pc == VOTED:  # no await between the last vote and the write: it has started
+            return
+        if c.pc == PHASE1:  # the run is cancelled
+            stopped = self._abandon_phase1(s)
+            nc = stopped.coord.fresh(DONE)._replace(closing=STOPPING)
+        elif c.pc in (LOGGED, PHASE2, SENT_UNLOGGED):  # phase 2 cancelled; recovery resumes it
+            stopped, nc = s, c._replace(pc=PHASE2, closing=STOPPING)
+        else:  # INIT never (refused), ABORTING (retries cancelled), DONE, UNCERTAIN, ORPHANED
+            nc = c.fresh(DONE) if c.pc == ABORTING else c.fresh(c.pc, c.targets)
+            stopped, nc = s, nc._replace(closing=STOPPING)
+        out.append(("coordinator.grace_over", self._freeze(stopped, nc, bag=dict(stopped.bag)), False))
+
+    def _abandon_phase1(self, s: State) -> State:
+        """A run cancelled in phase 1: Abort to every branch (issue 8), or, with
+        ``silent_cancel``, nothing (the branches wait for their in-doubt query)."""
+        if self.bug == "silent_cancel":
+            return self._freeze(s, s.coord.fresh(DONE))
+        return self._decide_abort(s)
 
     def _decide_abort(self, s: State, bag: dict[Msg, int] | None = None) -> State:
         """ABORT: Abort to every branch that did not vote READ_ONLY, nothing logged."""
@@ -468,18 +639,17 @@ class Model:
         bag = dict(s.bag) if bag is None else bag
         targets = frozenset(p for p, v in enumerate(c.votes) if v != READ_ONLY)
         self._send(bag, *(("Abort", p, "") for p in sorted(targets)))
-        nc = CoordState(ABORTING, targets=targets, log=c.log, crashes=c.crashes)
-        return self._freeze(s, nc, bag=bag)
+        return self._freeze(s, c.fresh(ABORTING, targets)._replace(closing=c.closing), bag=bag)
 
-    def _coordinator_receives(self, s: State, m: Msg) -> Step:
+    def _coordinator_receives(self, s: State, m: Msg) -> Step[State]:
         c = s.coord
         kind, p, value = m
-        bag = _take(s.bag, m)
+        bag = take(s.bag, m)
         name = f"coordinator.recv {fmt_msg(m)}"
         if kind == "Vote":  # only useful ones are in the bag: phase 1, first vote of p
             if value == ABORT:
                 return name, self._decide_abort(s, bag), False
-            votes = (*c.votes[:p], value, *c.votes[p + 1 :])
+            votes = replace(c.votes, p, value)
             pc = VOTED if all(v is not None for v in votes) else PHASE1
             return name, self._freeze(s, c._replace(pc=pc, votes=votes), bag=bag), False
         if kind == "Ack":
@@ -487,11 +657,10 @@ class Model:
             # Only Commit answers are in the bag (see `_useful`).
             nc = c._replace(acks=c.acks | {p}) if result == "ok" else c._replace(refused=c.refused | {p})
             return name, self._freeze(s, nc, bag=bag), False
-        # GetOutcome, answered from memory (`_committed`, `_in_flight`), which knows
-        # the log's COMMIT except in ``orphaned``.
-        if c.log == LOG_COMMIT and c.pc != ORPHANED:
+        # GetOutcome, answered from memory (`_committed`, `_in_flight`, `_uncertain`).
+        if c.log == LOG_COMMIT and c.pc in _KNOWS_COMMIT:
             answer = COMMITTED
-        elif c.pc in _IN_FLIGHT and self.bug != "outcome_aborted_in_flight":
+        elif c.pc in _PENDING_PCS and self.bug != "outcome_aborted_in_flight":
             answer = PENDING
         else:
             answer = ABORTED
@@ -499,59 +668,59 @@ class Model:
             self._send(bag, ("Outcome", p, answer))
         return f"coordinator.outcome(p{p}):{answer}", self._freeze(s, bag=bag), False
 
-    def _participant_steps(self, s: State, i: int, out: list[Step]) -> None:
+    def _participant_steps(self, s: State, i: int, out: list[Step[State]]) -> None:
         part = s.parts[i]
         if not part.up:
-            out.append((f"p{i}.restart", self._freeze(s, parts=_set(s.parts, i, part._replace(up=True))), False))
+            out.append((f"p{i}.restart", self._freeze(s, parts=replace(s.parts, i, part._replace(up=True))), False))
             return
-        if part.unsynced and part.crashes < self.max_participant_crashes:
+        if part.unsynced and part.crashes < self.participant_crashes():
             lost = PartState(part.unsynced, up=False, crashes=part.crashes + 1)
-            out.append((f"p{i}.power_loss", self._freeze(s, parts=_set(s.parts, i, lost)), True))
+            out.append((f"p{i}.power_loss", self._freeze(s, parts=replace(s.parts, i, lost)), True))
         for m, _ in s.bag:
             if m[1] == i and m[0] in _TO_PARTICIPANT:
                 self._participant_receives(s, i, m, out)
-        if part.row == PREPARED and s.coord.pc != DOWN and not _in_flight(s.bag, ("GetOutcome", i), ("Outcome", i)):
+        if part.row == PREPARED and s.coord.pc != DOWN and not in_flight(s.bag, ("GetOutcome", i), ("Outcome", i)):
             bag = dict(s.bag)
             self._send(bag, ("GetOutcome", i, ""))
             out.append((f"p{i}.ask_outcome", self._freeze(s, bag=bag), False))
 
-    def _participant_receives(self, s: State, i: int, m: Msg, out: list[Step]) -> None:
+    def _participant_receives(self, s: State, i: int, m: Msg, out: list[Step[State]]) -> None:
         part = s.parts[i]
         kind, _, value = m
-        bag = _take(s.bag, m)
+        bag = take(s.bag, m)
         if kind == "Prepare":
             if part.row != NONE:  # a repeated Prepare: the same answer from the row, no work
-                vote = ABORT if part.row == ABORTED else COMMIT
+                vote = repeat_vote(part.row)
                 self._reply_vote(s, i, bag, vote, f"p{i}.prepare(repeat):{vote}", out)
                 return
             if self.is_read_only(i):
                 self._reply_vote(s, i, bag, READ_ONLY, f"p{i}.prepare:{READ_ONLY}", out)
             else:
-                parts = _set(s.parts, i, part._replace(row=PREPARED))
+                parts = replace(s.parts, i, part._replace(row=PREPARED))
                 self._reply_vote(s, i, bag, COMMIT, f"p{i}.prepare:{COMMIT}", out, parts)
-                if part.crashes < self.max_participant_crashes:
-                    dead = _set(s.parts, i, PartState(PREPARED, up=False, crashes=part.crashes + 1))
+                if part.crashes < self.participant_crashes():
+                    dead = replace(s.parts, i, PartState(PREPARED, up=False, crashes=part.crashes + 1))
                     out.append((f"participant.after_prepare_durable@p{i}", self._freeze(s, parts=dead, bag=bag), True))
             self._reply_vote(s, i, bag, ABORT, f"p{i}.prepare:{ABORT}", out)
             return
         if kind == "Outcome":  # only useful ones are in the bag: the participant is PREPARED
             if value == COMMITTED:
-                parts = _set(s.parts, i, part._replace(row=COMMITTED, unsynced=""))
+                parts = replace(s.parts, i, part._replace(row=COMMITTED, unsynced=""))
             else:
-                parts = _set(s.parts, i, part._replace(row=ABORTED, unsynced=PREPARED))
+                parts = replace(s.parts, i, part._replace(row=ABORTED, unsynced=PREPARED))
             out.append((f"p{i}.apply_outcome:{value}", self._freeze(s, parts=parts, bag=bag), False))
             return
         # Commit or Abort: idempotent, refused (unchanged) when the row forbids it.
         # A commit is forced to disk (and with it any earlier write); an abort is not.
         if kind == "Commit":
-            ok = part.row in (PREPARED, COMMITTED)
-            new = part._replace(row=COMMITTED, unsynced="") if ok else part
+            row, ok = on_commit(part.row)
+            new = part._replace(row=row, unsynced="") if ok else part
         else:
-            ok = part.row != COMMITTED
-            new = part if not ok or part.row == ABORTED else part._replace(row=ABORTED, unsynced=part.row)
+            row, ok = on_abort(part.row)
+            new = part if not ok or part.row == ABORTED else part._replace(row=row, unsynced=part.row)
         result = "ok" if ok else "refused"
         self._send(bag, ("Ack", i, f"{kind}:{result}"))
-        parts = _set(s.parts, i, new)
+        parts = replace(s.parts, i, new)
         out.append((f"p{i}.{kind.lower()}:{result}", self._freeze(s, parts=parts, bag=bag), False))
 
     def _reply_vote(
@@ -561,21 +730,13 @@ class Model:
         bag: dict[Msg, int],
         vote: str,
         name: str,
-        out: list[Step],
+        out: list[Step[State]],
         parts: tuple[PartState, ...] | None = None,
     ) -> None:
         bag = dict(bag)
         self._send(bag, ("Vote", i, vote))
-        yes = s.yes_voters | {i} if vote in _YES else s.yes_voters
+        yes = s.yes_voters | {i} if vote in YES else s.yes_voters
         out.append((name, self._freeze(s, parts=parts, bag=bag, yes_voters=yes), False))
-
-    def _network_steps(self, s: State, out: list[Step]) -> None:
-        for m, n in sorted(s.bag):
-            out.append((f"net.lose {fmt_msg(m)}", self._freeze(s, bag=_take(s.bag, m)), True))
-            if s.dups < self.max_dups and n < self.bag_cap:
-                bag = dict(s.bag)
-                bag[m] = n + 1
-                out.append((f"net.dup {fmt_msg(m)}", self._freeze(s, bag=bag, dups=s.dups + 1), True))
 
 
 def _crash_name(c: CoordState) -> str:
@@ -605,262 +766,25 @@ def _useful(m: Msg, c: CoordState, parts: tuple[PartState, ...]) -> bool:
         return c.pc == PHASE1 and c.votes[p] is None
     if kind == "Ack":
         # An Abort's answer only stops its retries: dropped, so Abort may be retried
-        # after it succeeded (harmless: Abort is idempotent).
-        return value.startswith("Commit") and c.pc in (PHASE2, SENT_UNLOGGED) and p not in (c.acks | c.refused)
+        # after it succeeded (harmless: Abort is idempotent). Once stopping, phase 2
+        # is cancelled and no answer counts.
+        live = c.pc in (PHASE2, SENT_UNLOGGED) and c.closing != STOPPING
+        return value.startswith("Commit") and live and p not in (c.acks | c.refused)
     return True  # GetOutcome to a running coordinator
-
-
-def _in_flight(bag: Bag, *prefixes: tuple[object, ...]) -> bool:
-    """Whether a message starting with one of `prefixes` is in the bag."""
-    return any(m[: len(pre)] == pre for m, _ in bag for pre in prefixes)
-
-
-def _take(bag: Bag, m: Msg) -> dict[Msg, int]:
-    d = dict(bag)
-    d[m] -= 1
-    return d
-
-
-def _set(parts: tuple[PartState, ...], i: int, part: PartState) -> tuple[PartState, ...]:
-    return (*parts[:i], part, *parts[i + 1 :])
-
-
-# --- the checker ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Violation:
-    """A counterexample: a shortest trace from the initial state to a bad state.
-
-    Attributes:
-        prop: the violated property ("atomicity", "agreement", "validity", or
-            "liveness" for a state from which no fault-free path terminates).
-        trace: the step names, first step first.
-        state: the state the trace ends in.
-    """
-
-    prop: str
-    trace: tuple[str, ...]
-    state: State
-
-    def render(self) -> str:
-        """The trace, one numbered step per line, then the final state."""
-        lines = [f"violated: {self.prop} ({len(self.trace)} steps)"]
-        lines += [f"  {k:2d}. {step}" for k, step in enumerate(self.trace, 1)]
-        lines.append(f"  => {self.state.describe()}")
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Report:
-    """What `check` found.
-
-    Attributes:
-        states: distinct reachable states explored.
-        transitions: transitions followed (fault and fault-free).
-        violation: the first safety violation (a shortest trace), or None.
-        stuck: a shallowest state that cannot terminate once faults stop, or None.
-        stuck_states: how many reachable states cannot terminate.
-        terminal_states: how many reachable states are terminal.
-        steps: the distinct step names taken anywhere in the search.
-        seconds: wall time of the check.
-        cpu_seconds: CPU time of the check (the wall time is noisy on a busy machine).
-    """
-
-    states: int
-    transitions: int
-    violation: Violation | None
-    stuck: Violation | None
-    stuck_states: int
-    terminal_states: int
-    steps: frozenset[str]
-    seconds: float
-    cpu_seconds: float
-
-    def summary(self) -> str:
-        """One line: counts and times."""
-        return (
-            f"{self.states} states, {self.transitions} transitions, {self.terminal_states} terminal, "
-            f"{self.stuck_states} stuck; {self.seconds:.1f} s ({self.cpu_seconds:.1f} s CPU)"
-        )
-
-
-def check(model: Model, *, properties: Sequence[str] = PROPERTIES, liveness: bool = True) -> Report:
-    """Explores every reachable state of `model` by BFS and checks it.
-
-    Args:
-        model: the transition system.
-        properties: the safety properties to check in every state (a subset of
-            `PROPERTIES`).
-        liveness: also check that every reachable state can terminate once faults
-            stop (not done when a safety property fails).
-
-    Returns:
-        The number of states explored, the first violation if any, and the result
-        of the liveness check.
-
-    Raises:
-        ValueError: an unknown property name.
-    """
-    unknown = set(properties) - set(PROPERTIES)
-    if unknown:
-        raise ValueError(f"unknown properties {sorted(unknown)}; known: {', '.join(PROPERTIES)}")
-    enabled = gc.isenabled()
-    gc.disable()  # millions of tuples and no cycles: the collector would only rescan them
-    try:
-        return _Search(model, properties, liveness).run()
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _Search:
-    """One BFS over a model's states, then the backward liveness pass."""
-
-    def __init__(self, model: Model, properties: Sequence[str], liveness: bool) -> None:
-        self.model = model
-        self.properties = tuple(properties)
-        self.liveness = liveness
-        self.states: list[State] = []
-        self.parent = array("q")  # BFS tree: the index of the state each was found from
-        self.via: list[str] = []  # ... and the step that found it
-        self.src = array("q")  # fault-free edges, for the liveness pass
-        self.dst = array("q")
-        self.steps: set[str] = set()
-        self.transitions = 0
-        self.start = time.monotonic()
-        self.cpu_start = time.process_time()
-
-    def run(self) -> Report:
-        model, states = self.model, self.states
-        init = model.initial()
-        index = {init: 0}
-        states.append(init)
-        self.parent.append(-1)
-        self.via.append("")
-        if model.violations(init, self.properties):
-            return self._report(violation=self._violation(0))
-        k = 0
-        while k < len(states):
-            for name, t, fault in model.successors(states[k]):
-                self.transitions += 1
-                self.steps.add(name)
-                j = index.get(t)
-                if j is None:
-                    j = len(states)
-                    index[t] = j
-                    states.append(t)
-                    self.parent.append(k)
-                    self.via.append(name)
-                    if model.violations(t, self.properties):
-                        return self._report(violation=self._violation(j))
-                if self.liveness and not fault:
-                    self.src.append(k)
-                    self.dst.append(j)
-            k += 1
-        if not self.liveness:
-            return self._report()
-        return self._liveness()
-
-    def _liveness(self) -> Report:
-        """Backward reachability from the terminal states over fault-free edges."""
-        n = len(self.states)
-        starts = array("q", [0]) * (n + 1)  # predecessors of b: preds[starts[b]:starts[b + 1]]
-        for b in self.dst:
-            starts[b + 1] += 1
-        for b in range(n):
-            starts[b + 1] += starts[b]
-        fill = array("q", starts)
-        preds = array("q", [0]) * len(self.dst)
-        for a, b in zip(self.src, self.dst, strict=True):
-            preds[fill[b]] = a
-            fill[b] += 1
-        can_end = bytearray(n)
-        frontier = [j for j, t in enumerate(self.states) if self.model.is_terminal(t)]
-        terminal = len(frontier)
-        for j in frontier:
-            can_end[j] = 1
-        while frontier:
-            found: list[int] = []
-            for b in frontier:
-                for a in preds[starts[b] : starts[b + 1]]:
-                    if not can_end[a]:
-                        can_end[a] = 1
-                        found.append(a)
-            frontier = found
-        stuck_states = n - sum(can_end)
-        stuck = None
-        if stuck_states:
-            first = can_end.index(0)  # states are in BFS order: a shallowest stuck one
-            stuck = Violation("liveness", self._trace(first), self.states[first])
-        return self._report(stuck=stuck, stuck_states=stuck_states, terminal_states=terminal)
-
-    def _trace(self, k: int) -> tuple[str, ...]:
-        steps: list[str] = []
-        while self.parent[k] >= 0:
-            steps.append(self.via[k])
-            k = self.parent[k]
-        return tuple(reversed(steps))
-
-    def _violation(self, k: int) -> Violation:
-        prop = self.model.violations(self.states[k], self.properties)[0]
-        return Violation(prop, self._trace(k), self.states[k])
-
-    def _report(
-        self,
-        *,
-        violation: Violation | None = None,
-        stuck: Violation | None = None,
-        stuck_states: int = 0,
-        terminal_states: int = 0,
-    ) -> Report:
-        return Report(
-            states=len(self.states),
-            transitions=self.transitions,
-            violation=violation,
-            stuck=stuck,
-            stuck_states=stuck_states,
-            terminal_states=terminal_states,
-            steps=frozenset(self.steps),
-            seconds=time.monotonic() - self.start,
-            cpu_seconds=time.process_time() - self.cpu_start,
-        )
-
-
-def replay(model: Model, trace: Iterable[str]) -> State:
-    """Follows `trace`, step name by step name, from the initial state.
-
-    Args:
-        model: the transition system the trace was found in.
-        trace: step names, as in `Violation.trace`.
-
-    Returns:
-        The state the trace ends in.
-
-    Raises:
-        ValueError: a step that is not enabled where the trace takes it.
-    """
-    state = model.initial()
-    for k, step in enumerate(trace, 1):
-        nxt = next((t for name, t, _ in model.successors(state) if name == step), None)
-        if nxt is None:
-            raise ValueError(f"step {k} {step!r} is not enabled in {state.describe()}")
-        state = nxt
-    return state
 
 
 # --- command line --------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Checks the protocol, finds both broken variants' counterexamples, then shows
-    what a cancelled `Coordinator.run` does (``cancel_run``).
+    """Checks the protocol, finds every broken variant's counterexample, then checks
+    what a cancelled `Coordinator.run` and `Coordinator.close` do.
 
     Args:
         argv: the command line arguments (``sys.argv[1:]`` by default).
 
     Returns:
-        The exit status: 0 if the protocol holds and both bugs are found.
+        The exit status: 0 if the protocol holds and every bug is found.
     """
     parser = argparse.ArgumentParser(
         prog="python -m tests.model.twopc_model", description=(__doc__ or "").split("\n")[0]
@@ -881,28 +805,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_participant_crashes=args.participant_crashes,
             max_dups=dups,
         )
-        r = check(model)
-        print(f"{model}\n  {r.summary()}", flush=True)
-        for v in (r.violation, r.stuck):
-            if v is not None:
-                ok = False
-                print(v.render())
-    for bug in BUGS:
+        ok &= print_report(str(model), check(model))
+    for title, model in VARIANTS.items():
+        ok &= print_report(f"\n{title}: {model}", check(model))
+    for bug, model in BROKEN.items():
         for props in (PROPERTIES, ("atomicity",)):
-            r = check(Model(2, bug=bug, cancel_run=bug == "orphan_on_cancel"), properties=props, liveness=False)
-            print(f"\nbug={bug}, checking {', '.join(props)}: {r.summary()}")
-            if r.violation is None:
-                ok = False
-                print("  no counterexample found")
-            else:
-                print(r.violation.render())
-    r = check(Model(2, cancel_run=True))
-    print(f"\nthe code with its caller cancelling run (cancel_run=True): {r.summary()}")
-    for v in (r.violation, r.stuck):
-        if v is not None:
-            ok = False
-            print(v.render())
+            r = check(model, properties=props, liveness=False)
+            ok &= print_counterexample(f"bug={bug}, checking {', '.join(props)}", r)
+    for title, model in PROMPTNESS.items():
+        r = check(model, properties=(PROMPT,), liveness=False)
+        if model.bug is None:
+            ok &= print_report(f"\n{title}, checking {PROMPT}: {model}", r)
+        else:
+            ok &= print_counterexample(f"{title}, checking {PROMPT}", r)
     return 0 if ok else 1
+
+
+VARIANTS = {
+    "callers cancelling run": Model(2, cancel_run=True),
+    "close at any time": Model(2, shutdown=True),
+}
+"""The protocol with what may befall it besides faults: each must be safe and live."""
+
+BROKEN = {
+    "commit_before_log": Model(2, bug="commit_before_log"),
+    "outcome_aborted_in_flight": Model(2, bug="outcome_aborted_in_flight"),
+    "orphan_on_cancel": Model(2, cancel_run=True, bug="orphan_on_cancel"),
+    "close_cancels_write": Model(2, shutdown=True, bug="close_cancels_write"),
+}
+"""Each broken variant, set up so that it can show its bug."""
+
+PROMPTNESS = {
+    "a cancelled run or a close, no faults": Model(2, cancel_run=True, shutdown=True, faults=False),
+    "bug=silent_cancel, no faults": Model(2, cancel_run=True, faults=False, bug="silent_cancel"),
+}
+"""`PROMPT`, on fault-free runs: the fix of issue 8 keeps it, the old code does not."""
 
 
 if __name__ == "__main__":
