@@ -11,6 +11,10 @@ BFS (as TLC checks Lamport's TwoPhase spec) and checks, in every state:
 * ``validity``: the coordinator decides COMMIT only if every participant voted yes
   (COMMIT or READ_ONLY; ghost set of the participants that ever sent a yes vote).
 
+The BFS, the liveness pass and the traces are `tests.model.checker`'s, shared with
+`identity_model` (two coordinators, one local id) and `ha_model` (two coordinator
+instances sharing a decision log).
+
 It then checks a liveness property: from every reachable state, once faults stop
 (no more loss, duplication or crash; crashed processes restart; retries, timeouts
 and in-doubt queries go on), a state is reachable where no participant is PREPARED
@@ -47,9 +51,11 @@ Coordinator (`CoordState`), program counter ``pc``:
   re-drives a COMMIT without END (Commit to all its targets again, `__aenter__`)
   or else knows nothing of the transaction (presumed abort). END is not forced
   (`log_end(durable=False)`): "coordinator.power_loss" after END takes it back.
-* GetOutcome: COMMITTED if the log holds COMMIT without END; PENDING if the
-  transaction is in phase 1 in this incarnation (``phase1``, ``voted``); ABORTED
-  otherwise (also after END, when every target has acknowledged).
+* GetOutcome, answered from memory: COMMITTED if the coordinator knows its COMMIT
+  is logged (``logged``, ``phase2``); PENDING while the transaction is in phase 1
+  or its decision write in this incarnation (``phase1``, ``voted``, ``writing``)
+  or the write's end was not seen (``uncertain``); ABORTED otherwise (also after
+  END, when every target has acknowledged).
 
 Participants (`PartState`), a durable row: none, PREPARED, COMMITTED, ABORTED:
 
@@ -97,10 +103,11 @@ Bounds and abstractions
 
 Measured on the 2-core development machine (``python -m tests.model.twopc_model``,
 CPU time, as the wall time depends on what else runs): 2 participants with the
-defaults, 33,627 states in about 1.3 s; 3 participants need ``max_dups=0`` (the
+defaults, 33,627 states in about 1 s; 3 participants need ``max_dups=0`` (the
 bound the tests and the command line use for 3): 220,372 states in about 10 s.
 3 participants with ``max_dups=1`` and ``max_coordinator_crashes=1`` is about 1.2
-million states and over a minute, too slow for the test suite.
+million states and over a minute, too slow for the test suite. With ``shutdown``
+(2 participants), 112,219 states in about 4 s.
 
 Crash points and step names
 ---------------------------
@@ -128,25 +135,70 @@ Other steps: "coordinator.<action>", "coordinator.recv <message>",
 
 Broken variants (``bug=``)
 --------------------------
+Besides those of the next sections:
+
 * ``"commit_before_log"``: in ``voted`` the coordinator sends Commit
   ("coordinator.send_commits") before "coordinator.log_commit"; a crash in between
   loses the decision while a participant may already be COMMITTED.
 * ``"outcome_aborted_in_flight"``: GetOutcome answers ABORTED, not PENDING, for a
   transaction still in phase 1.
 
+The decision write in three steps
+---------------------------------
+With ``cancel_run`` or ``shutdown`` the COMMIT write is not one step but three, as
+in the code, so that a cancellation or a close can fall between them:
+"coordinator.log_submit" (the job is on the store's queue: ``writing``),
+"coordinator.record_lands" (the store's thread commits it: the log holds COMMIT,
+whatever became of the task awaiting it), "coordinator.log_commit" (the write
+returns: ``logged``). A crash in ``writing`` keeps the record only if it landed.
+
 Cancelling `Coordinator.run` (``cancel_run=True``)
 ---------------------------------------------------
 The caller may cancel `Coordinator.run` (a task cancelled, a timeout around it, the
-RPC that called it cancelled). With ``cancel_run`` the COMMIT write takes two steps,
-"coordinator.log_submit" (the job is queued on the store's thread, ``logging``) and
-"coordinator.log_commit", and "coordinator.run_cancelled" may come in ``phase1``
-(`_phase1` cancels its Prepares, no Abort is sent; GetOutcome then says ABORTED).
-Once the votes are in, the code runs the decision in a task the caller only awaits
-through `asyncio.shield`, so a cancellation then changes nothing and is not modelled.
-* ``bug="orphan_on_cancel"`` (with ``cancel_run``) is the code before that fix: a
-  cancellation in ``logging`` lets the store's thread commit the record while
-  `_in_flight` is cleared and no phase 2 starts, so GetOutcome answers ABORTED for a
-  logged COMMIT, which the next restart re-drives: an atomicity violation.
+RPC that called it cancelled). "coordinator.run_cancelled" may come in ``phase1``:
+`_phase1` cancels its Prepares and Abort goes to every branch (issue 8, finding 9),
+as on a timeout. Once the votes are in, the code runs the decision in a task the
+caller only awaits through `asyncio.shield`, so a cancellation then changes nothing
+and is not modelled.
+
+* ``bug="silent_cancel"`` is the code before issue 8: a cancelled phase 1 sends
+  nothing. It is safe and live (the participants' in-doubt queries end it), and
+  its reachable states are the same as the fix's, because a timeout followed by
+  the loss of every Abort reaches them too. What differs is how long a
+  reservation is held, which the property ``prompt`` states on fault-free runs
+  (``faults=False``): no participant is PREPARED with no Commit or Abort on its
+  way and a coordinator that will send it none (`Model.left_for_query`). The fix
+  keeps it; ``silent_cancel`` breaks it in 3 steps.
+* ``bug="orphan_on_cancel"`` (with ``cancel_run``) is the code before the shield:
+  a cancellation in ``writing`` forgets the decision (``orphaned``) while the
+  store's thread still commits the record, and no phase 2 starts, so GetOutcome
+  answers ABORTED for a logged COMMIT, which the next restart re-drives: an
+  atomicity violation (14 steps).
+
+Closing the coordinator (``shutdown=True``)
+-------------------------------------------
+`Coordinator.close` may be called at any time (``max_closes`` times, 1 by
+default), as issue 8 (finding 1) fixes it:
+
+* "coordinator.close" (``closing``): no new run (a close before "coordinator.begin"
+  means the transaction never begins); work under way goes on: phase 1, the
+  decision, phase 2.
+* "coordinator.grace_over" (``stopping``): the background work is cancelled. A run
+  still in phase 1 is abandoned as a cancelled run is (Abort to every branch);
+  phase 2 and Abort retries stop (the log keeps the COMMIT, recovery resumes it);
+  a started decision write is waited for, so the grace is never over in ``voted``
+  or ``writing`` - unless the write outlasts any grace
+  ("coordinator.write_outlasts_close", a fault): then the coordinator cannot know
+  and says PENDING (``uncertain``) until a restart reads the disk, and the record
+  may still land.
+* "coordinator.stop": the server stops, GetOutcome last; the process is gone
+  (``down``) and "coordinator.restart" recovers as after a crash.
+
+* ``bug="close_cancels_write"`` is the code before issue 8: the grace ends in
+  ``writing`` too, the decision task is cancelled (``orphaned``: `_in_flight`
+  cleared, `_committed` never set), the record lands, GetOutcome answers ABORTED
+  until the server stops, a participant aborts, and the restart re-drives the
+  COMMIT: an atomicity violation (15 steps).
 """
 
 from __future__ import annotations
