@@ -339,23 +339,36 @@ def in_flight(bag: Bag[M], *prefixes: tuple[object, ...]) -> bool:
     return any(m[: len(pre)] == pre for m, _ in bag for pre in prefixes)
 
 
+class Network(Protocol):
+    """The bounds of a model's network."""
+
+    @property
+    def max_dups(self) -> int:
+        """Duplications allowed over a run."""
+        ...
+
+    @property
+    def bag_cap(self) -> int:
+        """Copies of one message the network holds at most."""
+        ...
+
+
 def network_faults(
-    bag: Bag[M], dups: int, max_dups: int, cap: int, fmt: Callable[[M], str], rebuild: Callable[[dict[M, int], int], S]
+    net: Network, bag: Bag[M], dups: int, fmt: Callable[[M], str], rebuild: Callable[[dict[M, int], int], S]
 ) -> list[Step[S]]:
-    """Loss of any message in flight, and duplication while `dups < max_dups`.
+    """Loss of any message in flight, and duplication while `dups < net.max_dups`.
 
     Args:
+        net: the model's bounds.
         bag: the messages in flight.
         dups: duplications so far.
-        max_dups: duplications allowed over a run.
-        cap: copies of one message the network holds at most.
         fmt: how a message prints in a step name.
         rebuild: the next state from the new bag and the new duplication count.
     """
     out: list[Step[S]] = []
     for m, n in sorted(bag):
         out.append((f"net.lose {fmt(m)}", rebuild(take(bag, m), dups), True))
-        if dups < max_dups and n < cap:
+        if dups < net.max_dups and n < net.bag_cap:
             more = dict(bag)
             more[m] = n + 1
             out.append((f"net.dup {fmt(m)}", rebuild(more, dups + 1), True))

@@ -219,20 +219,13 @@ class Model:
     max_crashes: int = 1
     max_partitions: int = 1
     bag_cap: int = 2
+    max_dups = 0  # not a field: duplication is `twopc_model`'s to check
 
     def __post_init__(self) -> None:
         if self.bug is not None and self.bug not in BUGS:
             raise ValueError(f"unknown bug {self.bug!r}; known: {', '.join(BUGS)}")
 
-    @property
-    def known_properties(self) -> tuple[str, ...]:
-        """`twopc_model.PROPERTIES`."""
-        return PROPERTIES
-
-    @property
-    def default_properties(self) -> tuple[str, ...]:
-        """`twopc_model.PROPERTIES`."""
-        return PROPERTIES
+    known_properties = default_properties = PROPERTIES
 
     def initial(self) -> State:
         """I0 about to begin T; I1 standing by; every lease live."""
@@ -285,9 +278,7 @@ class Model:
         for p in range(N_PARTICIPANTS):
             self._participant_steps(s, p, out)
         self._database_steps(s, out)
-        out += network_faults(
-            s.bag, 0, 0, self.bag_cap, fmt_msg, lambda bag, _: self._freeze(s, bag=frozenset(bag.items()))
-        )
+        out += network_faults(self, s.bag, 0, fmt_msg, lambda bag, _: self._freeze(s, bag=frozenset(bag.items())))
         return out
 
     def _owner_steps(self, s: State, out: list[Step[State]]) -> None:

@@ -163,15 +163,7 @@ class Model:
         if self.bug is not None and self.bug not in BUGS:
             raise ValueError(f"unknown bug {self.bug!r}; known: {', '.join(BUGS)}")
 
-    @property
-    def known_properties(self) -> tuple[str, ...]:
-        """`PROPERTIES`."""
-        return PROPERTIES
-
-    @property
-    def default_properties(self) -> tuple[str, ...]:
-        """`PROPERTIES`."""
-        return PROPERTIES
+    known_properties = default_properties = PROPERTIES
 
     def key(self, x: int) -> int:
         """The row coordinator `x`'s transaction is found by at a participant."""
@@ -243,14 +235,7 @@ class Model:
             if m[0] not in _TO_PARTICIPANT:
                 out.append(self._coordinator_receives(s, m))
         if self.lossy:
-            out += network_faults(
-                s.bag,
-                s.dups,
-                self.max_dups,
-                self.bag_cap,
-                fmt_msg,
-                lambda bag, dups: self._freeze(s, bag=bag, dups=dups),
-            )
+            out += network_faults(self, s.bag, s.dups, fmt_msg, lambda bag, dups: self._freeze(s, bag=bag, dups=dups))
         return out
 
     def _with(self, s: State, x: int, c: CoordState, bag: dict[Msg, int] | None = None) -> State:

@@ -524,14 +524,7 @@ class Model:
         for i in range(self.n_participants):
             self._participant_steps(s, i, out)
         if self.faults:
-            out += network_faults(
-                s.bag,
-                s.dups,
-                self.max_dups,
-                self.bag_cap,
-                fmt_msg,
-                lambda bag, dups: self._freeze(s, bag=bag, dups=dups),
-            )
+            out += network_faults(self, s.bag, s.dups, fmt_msg, lambda bag, dups: self._freeze(s, bag=bag, dups=dups))
         return out
 
     def _coordinator_steps(self, s: State, out: list[Step[State]]) -> None:
