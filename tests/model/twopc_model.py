@@ -194,6 +194,11 @@ default), as issue 8 (finding 1) fixes it:
 * "coordinator.stop": the server stops, GetOutcome last; the process is gone
   (``down``) and "coordinator.restart" recovers as after a crash.
 
+The code (`Coordinator.close`) takes the narrowest of these paths: it lets phase 1
+end by itself (the deadline bounds it) and waits for every started decision, so it
+never abandons phase 1 or gives up on a write; the model also allows both, and
+shows they would be safe too.
+
 * ``bug="close_cancels_write"`` is the code before issue 8: the grace ends in
   ``writing`` too, the decision task is cancelled (``orphaned``: `_in_flight`
   cleared, `_committed` never set), the record lands, GetOutcome answers ABORTED
