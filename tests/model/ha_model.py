@@ -11,34 +11,38 @@ without END).
 The rules the implementation must keep
 --------------------------------------
 1. Lease rows. Every instance has a row in the database: (instance id, epoch,
-   expiry). An instance holds its row at the epoch it read when it took the row;
-   it renews the expiry while it runs. A transaction belongs to the instance that
-   began it, and its id names that instance ("<instance id>:<local id>"). A
-   restarted process is a new instance (a new row); its old row is taken over
-   like any other (the model's I0 never comes back after a crash).
+   expiry). An instance holds its row at the epoch it read when it took the row,
+   and renews the expiry while it runs (a renewal checks the epoch too). A
+   transaction belongs to the instance that began it, and its id names that
+   instance ("<instance id>:<local id>"). A row's epoch moves only on takeover,
+   and never back: an instance that finds its row taken over (a fenced write, a
+   renewal that finds another epoch) stops deciding for good and exits; a
+   restarted process is a new instance with a new row.
 2. Fencing, by the database. The COMMIT record is written in one database
    transaction that also checks the writer's lease row still has the epoch the
-   writer holds (``UPDATE lease ... WHERE id = me AND epoch = held`` or a
-   ``SELECT ... FOR SHARE`` of the row, then the INSERT, one commit); if the
-   epoch moved, nothing is written and the instance stops deciding. No local
-   clock, no earlier check: a pause or a partition can fall between any check
-   and the write, and only the database sees the epoch at the commit.
+   writer holds (``SELECT epoch ... FOR SHARE`` or an ``UPDATE ... WHERE epoch =
+   held`` on the row, then the INSERT, one commit); if the epoch moved, nothing
+   is written. No local clock, no earlier check: a pause or a partition can fall
+   between any check and the write, and only the database sees the epoch at the
+   commit.
 3. Takeover. An instance may take over a row whose expiry has passed (by the
-   database's clock): in one database transaction it bumps the row's epoch
-   first, then reads that instance's COMMIT records without END (in the same
-   transaction or after it commits, never before the bump), and drives each to
-   the end (Commit to every target, retried; END). Ownership changes are logged.
-4. GetOutcome, by any instance, from the shared log: COMMITTED if a COMMIT record
-   exists; otherwise PENDING while the owner's row still has the epoch the
-   transaction began under (the owner may still write: expired but not yet taken
-   over counts as live); ABORTED only once that epoch moved (the owner is fenced
-   and can never write it). An instance that cannot reach the database answers
+   database's clock): it bumps the row's epoch first, then reads that instance's
+   COMMIT records without END (in the same database transaction, or after it
+   commits, never before the bump), and drives each to the end (Commit to every
+   target, retried; END). Ownership changes are logged.
+4. GetOutcome, by any instance, from the shared log: COMMITTED if T's record is
+   COMMIT; ABORTED if it is ABORT (rule 5); otherwise PENDING while the owner's
+   row has not been taken over (expired but not yet taken over counts as live:
+   the owner may still write), and ABORTED once it has (the owner is fenced and
+   can never write it). An instance that cannot reach the database answers
    nothing (UNAVAILABLE) and the participant asks another.
-5. A decision write whose result the writer did not see (a connection lost
-   mid-commit, a partition) is not a failure and not a success: the instance
-   sends nothing for that transaction until it can read the record back, and
-   then follows the record (COMMIT: phase 2; none: abort, safe because the write
-   can no longer land - it was rejected, rolled back, or the epoch moved).
+5. A COMMIT write whose result the writer did not see (a connection lost, a
+   client timeout, a partition) may still be pending in the database, so "no
+   record" when reading back does not mean "aborted". The writer settles it by
+   inserting an ABORT record under the same key (T's id; ``INSERT ... ON
+   CONFLICT DO NOTHING``, then reading the row): whichever commits first wins,
+   and a late COMMIT fails on the key. It then follows the row (COMMIT: phase 2;
+   ABORT: Abort to the branches), and sends nothing for T before that.
 6. END needs no fencing: it is written only after every target acknowledged, and
    two instances driving the same COMMIT (the fenced owner and the taker) send
    idempotent Commits.
@@ -47,14 +51,17 @@ What is modelled
 ----------------
 * Database: I0's lease row (epoch 0 as I0 holds it; 1 once taken over; the
   expiry a boolean "expired" that the environment may set at any time, since
-  there are no clocks), T's decision record (none, COMMIT, END), and I0's COMMIT
-  write in flight to the database ("db.commit_write" executes it, with the fence
-  check; "db.drop_write" loses it while I0 is partitioned).
+  there are no clocks - once set it stays: a renewal in time is a lease that had
+  not expired yet), T's decision record (none, COMMIT, END, ABORT), and I0's
+  COMMIT write: "db.commit_write" runs it with the fence and key checks ("...:
+  fenced", "...:conflict" when they refuse it); "db.drop_write", while I0 is
+  partitioned, loses it or its result.
 * I0: phase 1 as in `twopc_model` (votes, ABORT vote or timeout aborts with Abort
   to both); "I0.log_submit" sends the write (I0 must reach the database);
-  "I0.write_returns" reads the record back (rule 5) once the write is executed
-  or lost and I0 reaches the database; phase 2 retried; END. "I0.crash" (once):
-  I0 is gone for good.
+  "I0.write_returns" follows the write's result once it ran; "I0.read_back"
+  settles it without a result (rule 5), at any time while I0 reaches the
+  database, even while the write is still pending; phase 2 retried; END.
+  "I0.crash" (once): I0 is gone for good.
 * I1: "I1.takeover(I0)" when I0's lease expired and I1 reaches the database
   (rule 3); then phase 2 for T if T's COMMIT was logged.
 * Partitions: "Ij.cut" puts an instance out of reach of the database (once in a
@@ -67,19 +74,29 @@ What is modelled
 * Participants as in `twopc_model` (durable rows, tombstones, repeated Prepare,
   in-doubt queries to either instance); no participant crashes (`twopc_model`
   checks those); messages may be lost and reordered.
+* Not modelled: I1 crashing (it would need a third instance to take over from
+  it: the same rules, one level up), transactions begun by I1, renewals.
 
 Broken variants (``bug=``)
 --------------------------
 * ``"no_fencing"``: the write checks only the writer's local belief that its
   lease is live (a clock read before a pause): the database commits it whatever
-  the epoch. I1 takes over, a participant learns ABORTED, then I0's COMMIT lands.
+  the epoch. I1 takes over, a participant learns ABORTED, then I0's COMMIT lands
+  (atomicity, 14 steps).
 * ``"aborted_on_expiry"``: GetOutcome answers ABORTED as soon as the owner's
   lease expired, before the epoch moved: the owner, slow but not fenced, still
-  logs COMMIT.
+  logs COMMIT (atomicity, 13 steps).
+* ``"read_back_without_tombstone"``: the writer reads the record back without
+  settling it, finds none while its write is still pending, and aborts; the write
+  then lands (atomicity, 12 steps).
 * ``"redrive_before_fence"``: the taker reads the records, then bumps the epoch.
   A COMMIT that lands in between is never re-driven: safe (GetOutcome says
   COMMITTED, so participants commit once they ask) but, with the owner gone, no
-  instance drives it and it never gets its END: the liveness check finds it.
+  instance drives it and it never gets its END: the liveness check finds it
+  (10 steps).
+
+Measured (``python -m tests.model.ha_model``): the rules above, 70,340 states in
+about 3 s of CPU, no violation, nothing stuck.
 """
 
 from __future__ import annotations
@@ -125,7 +142,10 @@ from tests.model.twopc_model import (
     repeat_vote,
 )
 
-BUGS = ("no_fencing", "aborted_on_expiry", "redrive_before_fence")
+BUGS = ("no_fencing", "aborted_on_expiry", "read_back_without_tombstone", "redrive_before_fence")
+LOG_ABORT = "ABORT"
+"""The record rule 5 writes to settle a COMMIT write whose result was not seen."""
+NO_WRITE, PENDING_WRITE, DONE_WRITE, LOST_WRITE = "", "pending", "done", "lost"
 SCANNED = "scanned"
 """I1 with ``redrive_before_fence``: it read I0's records, and has not bumped the epoch."""
 OWNER, TAKER = 0, 1
@@ -145,14 +165,16 @@ class Db(NamedTuple):
     Attributes:
         epoch: the epoch of I0's lease row (I0 holds 0; a takeover makes it 1).
         expired: I0's lease expiry has passed.
-        log: T's decision record: none, COMMIT or END.
-        write: I0's COMMIT write is in flight to the database.
+        log: T's decision record: none, COMMIT, END, or ABORT (rule 5).
+        write: I0's COMMIT write: none, pending in the database, done (its result
+            on its way to I0), or lost (the connection dropped before it ran or
+            before its result reached I0).
     """
 
     epoch: int = 0
     expired: bool = False
     log: str = NONE
-    write: bool = False
+    write: str = NO_WRITE
 
 
 class State(NamedTuple):
@@ -193,7 +215,7 @@ class State(NamedTuple):
         lease = f"lease(I0)=epoch {db.epoch}{' expired' if db.expired else ''}"
         rows = " ".join(f"p{p}={r}" for p, r in enumerate(self.rows))
         msgs = ", ".join(fmt_msg(m) + (f"x{n}" if n > 1 else "") for m, n in sorted(self.bag))
-        write = " write in flight" if db.write else ""
+        write = f" write {db.write}" if db.write else ""
         return f"{insts} | db: {lease} log={db.log}{write} | {rows} | net=[{msgs}]"
 
 
@@ -272,7 +294,7 @@ class Model:
         for j in (OWNER, TAKER):
             if s.up[j]:
                 self._partition_steps(s, j, out)
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[0] not in _TO_PARTICIPANT:
                 out.append(self._instance_receives(s, m))
         for p in range(N_PARTICIPANTS):
@@ -296,17 +318,35 @@ class Model:
             out.append(("I0.timeout", self._abort(s), False))
         elif c.pc == VOTED and not cut:
             nc = c._replace(pc=WRITING, votes=(), targets=frozenset(range(N_PARTICIPANTS)))
-            out.append(("I0.log_submit", self._inst(s, OWNER, nc, db=db._replace(write=True)), False))
-        elif c.pc == WRITING and not db.write and not cut:  # rule 5: read the record back
-            if db.log == NONE:
-                out.append(("I0.write_returns:none", self._abort(s), False))
-            else:
-                out.append(("I0.write_returns:COMMIT", self._start_phase2(s, OWNER), False))
+            out.append(("I0.log_submit", self._inst(s, OWNER, nc, db=db._replace(write=PENDING_WRITE)), False))
+        elif c.pc == WRITING and not cut:
+            self._settle_write(s, out)
         elif c.pc in (PHASE2, ABORTING):
             self._phase2_steps(s, OWNER, out)
         if s.crashes < self.max_crashes:
             up = replace(s.up, OWNER, False)
             out.append(("I0.crash", self._freeze(s, up=up, crashes=s.crashes + 1), True))
+
+    def _settle_write(self, s: State, out: list[Step[State]]) -> None:
+        """I0 learns what became of its COMMIT write: from its result, or (rule 5)
+        by settling it with an ABORT record under the same key."""
+        db = s.db
+        if db.write == DONE_WRITE:  # the result came back: committed, or fenced
+            settled = s._replace(db=db._replace(write=NO_WRITE))
+            if db.log == LOG_COMMIT:
+                out.append(("I0.write_returns:COMMIT", self._start_phase2(settled, OWNER), False))
+            else:
+                out.append(("I0.write_returns:fenced", self._abort(settled), False))
+            return
+        # No result (the connection was lost, or the client gave up waiting): the
+        # write may still be pending in the database.
+        if self.bug != "read_back_without_tombstone" and db.log == NONE:
+            db = db._replace(log=LOG_ABORT)  # INSERT ... ON CONFLICT DO NOTHING: first commit wins
+        settled = s._replace(db=db._replace(write=NO_WRITE if db.write == LOST_WRITE else db.write))
+        if db.log == LOG_COMMIT:
+            out.append(("I0.read_back:COMMIT", self._start_phase2(settled, OWNER), False))
+        else:
+            out.append((f"I0.read_back:{'ABORT' if db.log == LOG_ABORT else 'none'}", self._abort(settled), False))
 
     def _taker_steps(self, s: State, out: list[Step[State]]) -> None:
         c, db = s.insts[TAKER], s.db
@@ -367,16 +407,22 @@ class Model:
             # No clocks: I0's lease may expire at any time (a slow renewal, a pause, a
             # partition). Not a fault: a lease that is not renewed does expire.
             out.append(("lease(I0).expires", self._freeze(s, db=db._replace(expired=True)), False))
-        if db.write:
-            # Rule 2: the write and the fence check commit together, or nothing does.
-            fenced = db.epoch != 0 and self.bug != "no_fencing"
-            if fenced:
-                out.append(("db.commit_write:fenced", self._freeze(s, db=db._replace(write=False)), False))
+        if db.write == PENDING_WRITE:
+            # Rule 2: the write and the fence check commit together, or nothing does;
+            # the record's key is T's id, so a settled T (rule 5) refuses it too.
+            waiting = s.up[OWNER] and s.insts[OWNER].pc == WRITING
+            result = DONE_WRITE if waiting else NO_WRITE
+            if db.log != NONE:
+                out.append(("db.commit_write:conflict", self._freeze(s, db=db._replace(write=result)), False))
+            elif db.epoch != 0 and self.bug != "no_fencing":
+                out.append(("db.commit_write:fenced", self._freeze(s, db=db._replace(write=result)), False))
             else:
-                nd = db._replace(write=False, log=LOG_COMMIT)
+                nd = db._replace(write=result, log=LOG_COMMIT)
                 out.append(("db.commit_write", self._freeze(s, db=nd, ever_logged_commit=True), False))
-            if s.cut[OWNER]:
-                out.append(("db.drop_write", self._freeze(s, db=db._replace(write=False)), True))
+        if db.write in (PENDING_WRITE, DONE_WRITE) and s.cut[OWNER]:
+            # The partition breaks the connection: the write never runs, or its
+            # result never reaches I0.
+            out.append(("db.drop_write", self._freeze(s, db=db._replace(write=LOST_WRITE)), True))
 
     def _instance_receives(self, s: State, m: Msg) -> Step[State]:
         kind, p, j, value = m
@@ -397,6 +443,8 @@ class Model:
         db = s.db
         if db.log == LOG_COMMIT:
             answer = COMMITTED
+        elif db.log == LOG_ABORT:
+            answer = ABORTED
         elif db.epoch == 0 and not (db.expired and self.bug == "aborted_on_expiry"):
             answer = PENDING
         else:
@@ -406,7 +454,7 @@ class Model:
 
     def _participant_steps(self, s: State, p: int, out: list[Step[State]]) -> None:
         row = s.rows[p]
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[1] == p and m[0] in _TO_PARTICIPANT:
                 self._participant_receives(s, p, m, out)
         if row == PREPARED and not in_flight(s.bag, ("GetOutcome", p), ("Outcome", p)):
@@ -465,7 +513,7 @@ def _useful(m: Msg, s: State) -> bool:
 def main() -> int:
     """Checks the rules, then finds both broken variants' counterexamples."""
     ok = print_report(f"two instances, one shared log: {Model()}", check(Model()))
-    for bug in BUGS[:2]:
+    for bug in BUGS[:3]:
         ok &= print_counterexample(f"bug={bug}", check(Model(bug=bug), liveness=False))
     r = check(Model(bug="redrive_before_fence"))
     print(f"\nbug=redrive_before_fence: {r.summary()}")

@@ -231,7 +231,7 @@ class Model:
             self._coordinator_steps(s, x, out)
         for p in range(len(s.rows)):
             self._participant_steps(s, p, out)
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[0] not in _TO_PARTICIPANT:
                 out.append(self._coordinator_receives(s, m))
         if self.lossy:
@@ -304,7 +304,7 @@ class Model:
 
     def _participant_steps(self, s: State, p: int, out: list[Step[State]]) -> None:
         table = s.rows[p]
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[1] == p and m[0] in _TO_PARTICIPANT:
                 self._participant_receives(s, p, m, out)
         for status, op in table:  # in doubt: ask the coordinator the Prepare named

@@ -547,7 +547,7 @@ class Model:
             self._stopping_steps(s, out)
         else:
             self._working_steps(s, out)
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[0] not in _TO_PARTICIPANT:
                 out.append(self._coordinator_receives(s, m))
         if self.shutdown:
@@ -726,7 +726,7 @@ class Model:
         if part.unsynced and part.crashes < self.participant_crashes():
             lost = PartState(part.unsynced, up=False, crashes=part.crashes + 1)
             out.append((f"p{i}.power_loss", self._freeze(s, parts=replace(s.parts, i, lost)), True))
-        for m, _ in s.bag:
+        for m, _ in sorted(s.bag):  # sorted: the same traces whatever the hash seed
             if m[1] == i and m[0] in _TO_PARTICIPANT:
                 self._participant_receives(s, i, m, out)
         if part.row == PREPARED and s.coord.pc != DOWN and not in_flight(s.bag, ("GetOutcome", i), ("Outcome", i)):
