@@ -22,9 +22,11 @@ The rules the implementation must keep
    transaction that also checks the writer's lease row still has the epoch the
    writer holds (``SELECT epoch ... FOR SHARE`` or an ``UPDATE ... WHERE epoch =
    held`` on the row, then the INSERT, one commit); if the epoch moved, nothing
-   is written. No local clock, no earlier check: a pause or a partition can fall
-   between any check and the write, and only the database sees the epoch at the
-   commit.
+   is written. The check must lock the row: a plain SELECT lets a takeover bump
+   the epoch and read the records between the check and the INSERT's commit. No
+   local clock, no earlier check: a pause or a partition can fall between any
+   check and the write, and only the database sees the epoch at the commit. The
+   model takes the check and the write as one atomic step, which the lock gives.
 3. Takeover. An instance may take over a row whose expiry has passed (by the
    database's clock): it bumps the row's epoch first, then reads that instance's
    COMMIT records without END (in the same database transaction, or after it
