@@ -117,6 +117,19 @@ def test_outcome_aborted_in_flight_breaks_atomicity() -> None:
     assert replay(model, v.trace) == v.state
 
 
+def test_outcome_before_the_log_is_loaded_breaks_atomicity() -> None:
+    """A restarted coordinator answering GetOutcome before reading its log says ABORTED
+    for a logged COMMIT, which it then re-drives."""
+    model = Model(2, bug="outcome_before_load")
+    v = check(model, liveness=False).violation
+    assert v is not None and v.prop == "atomicity"
+    t = v.trace
+    assert t.index("coordinator.log_commit") < t.index("coordinator.restart")
+    assert any(step.startswith("coordinator.outcome(") and step.endswith(":ABORTED") for step in t)
+    assert "coordinator.log_loaded" not in t and v.state.coord.log == LOG_COMMIT
+    assert replay(model, t) == v.state
+
+
 def test_liveness_check_catches_a_commit_that_can_never_end() -> None:
     """The liveness pass is not vacuous: with the GetOutcome bug a refused Commit leaves COMMIT without END."""
     report = check(Model(2, bug="outcome_aborted_in_flight", max_dups=0, max_coordinator_crashes=1), properties=())

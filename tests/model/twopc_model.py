@@ -142,6 +142,11 @@ Besides those of the next sections:
   loses the decision while a participant may already be COMMITTED.
 * ``"outcome_aborted_in_flight"``: GetOutcome answers ABORTED, not PENDING, for a
   transaction still in phase 1.
+* ``"outcome_before_load"``: the code before issue 8 (finding 3): a restarted
+  coordinator serves GetOutcome before it has read its log ("coordinator.restart"
+  to ``loading``, then "coordinator.log_loaded"), and answers ABORTED for a
+  logged COMMIT it has not loaded yet. In the fixed code the question gets
+  UNAVAILABLE until the log is read, which the model has as the question lost.
 
 The decision write in three steps
 ---------------------------------
@@ -235,7 +240,7 @@ YES = (COMMIT, READ_ONLY)
 # GetOutcome answers (COMMITTED and ABORTED are spelt as the rows).
 PENDING = "PENDING"
 # Coordinator program counter.
-INIT, PHASE1, VOTED, SENT_UNLOGGED, WRITING, UNCERTAIN, ORPHANED, LOGGED, PHASE2, ABORTING, DONE, DOWN = (
+INIT, PHASE1, VOTED, SENT_UNLOGGED, WRITING, UNCERTAIN, ORPHANED, LOGGED, PHASE2, ABORTING, DONE, DOWN, LOADING = (
     "init",
     "phase1",
     "voted",
@@ -248,6 +253,7 @@ INIT, PHASE1, VOTED, SENT_UNLOGGED, WRITING, UNCERTAIN, ORPHANED, LOGGED, PHASE2
     "aborting",
     "done",
     "down",
+    "loading",
 )
 # GetOutcome says PENDING: `Coordinator._in_flight` (phase 1 and the decision write)
 # and `_uncertain` (a decision write whose end the coordinator could not see).
@@ -260,7 +266,14 @@ OPEN, CLOSING, STOPPING = 0, 1, 2
 # Decision log.
 LOG_NONE, LOG_COMMIT, LOG_END = "none", "COMMIT", "END"
 
-BUGS = ("commit_before_log", "outcome_aborted_in_flight", "orphan_on_cancel", "close_cancels_write", "silent_cancel")
+BUGS = (
+    "commit_before_log",
+    "outcome_aborted_in_flight",
+    "outcome_before_load",
+    "orphan_on_cancel",
+    "close_cancels_write",
+    "silent_cancel",
+)
 PROPERTIES = ("atomicity", "agreement", "validity")
 PROMPT = "prompt"
 """Not a safety property of 2PC, checked on fault-free runs only: no participant
@@ -535,14 +548,15 @@ class Model:
     def _coordinator_steps(self, s: State, out: list[Step[State]]) -> None:
         c = s.coord
         if c.pc == DOWN:
-            bag = dict(s.bag)
-            if c.log == LOG_COMMIT:  # recovery: re-drive the COMMIT without END
-                self._send(bag, *(("Commit", p, "") for p in sorted(c.targets)))
-                nc = c.fresh(PHASE2)
-            else:
-                nc = c.fresh(DONE)
-            out.append(("coordinator.restart", self._freeze(s, nc, bag=bag), False))
+            # The log is read before GetOutcome is served (UNAVAILABLE until then: a
+            # question sent meanwhile is lost), except with ``outcome_before_load``.
+            loading = self.bug == "outcome_before_load"
+            out.append(
+                ("coordinator.restart", self._freeze(s, c.fresh(LOADING)) if loading else self._recover(s), False)
+            )
             return
+        if c.pc == LOADING:
+            out.append(("coordinator.log_loaded", self._recover(s), False))
         if c.closing == STOPPING:
             self._stopping_steps(s, out)
         else:
@@ -558,6 +572,15 @@ class Model:
             elif c.log == LOG_END:  # END is not forced: a power loss may take it back
                 nc = c.fresh(DOWN)._replace(log=LOG_COMMIT, crashes=c.crashes + 1)
                 out.append(("coordinator.power_loss", self._freeze(s, nc), True))
+
+    def _recover(self, s: State) -> State:
+        """Recovery (`__aenter__`): re-drive the COMMIT without END, if any."""
+        c = s.coord
+        if c.log != LOG_COMMIT:
+            return self._freeze(s, c.fresh(DONE))
+        bag = dict(s.bag)
+        self._send(bag, *(("Commit", p, "") for p in sorted(c.targets)))
+        return self._freeze(s, c.fresh(PHASE2), bag=bag)
 
     def _working_steps(self, s: State, out: list[Step[State]]) -> None:
         """What the coordinator does while open or closing (its work goes on)."""
@@ -880,6 +903,7 @@ VARIANTS = {
 BROKEN = {
     "commit_before_log": Model(2, bug="commit_before_log"),
     "outcome_aborted_in_flight": Model(2, bug="outcome_aborted_in_flight"),
+    "outcome_before_load": Model(2, bug="outcome_before_load"),
     "orphan_on_cancel": Model(2, cancel_run=True, bug="orphan_on_cancel"),
     "close_cancels_write": Model(2, shutdown=True, bug="close_cancels_write"),
 }
