@@ -193,10 +193,9 @@ class _Search(Generic[S]):
             for name, t, fault in model.successors(states[k]):
                 self.transitions += 1
                 self.steps.add(name)
-                j = index.get(t)
-                if j is None:
-                    j = len(states)
-                    index[t] = j
+                n = len(states)
+                j = index.setdefault(t, n)  # one hash of `t`, not two
+                if j == n:
                     states.append(t)
                     self.parent.append(k)
                     self.via.append(name)
