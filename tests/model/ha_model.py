@@ -1,5 +1,5 @@
 """Two coordinator instances sharing one decision log in a database: leases,
-takeover and fencing (issue 11, DESIGN.md rules 9-11), checked before the code.
+takeover and fencing (issue 11; rules 9-11 of docs/design.md), checked before the code.
 
 Instance I0 runs transaction T over participants p0 and p1; instance I1 shares the
 decision log (a database, PostgreSQL in the code) and takes I0's work over when
@@ -33,7 +33,7 @@ The rules the implementation must keep
    commits, never before the bump), and drives each to the end (Commit to every
    target, retried; END). Ownership changes are logged.
 4. GetOutcome, by any instance, from the shared log: COMMITTED if T's record is
-   COMMIT; ABORTED if it is ABORT (rule 5); otherwise PENDING while the owner's
+   COMMIT (with or without END); ABORTED if it is ABORT (rule 5); otherwise PENDING while the owner's
    row has not been taken over (expired but not yet taken over counts as live:
    the owner may still write), and ABORTED once it has (the owner is fenced and
    can never write it). An instance that cannot reach the database answers
@@ -443,7 +443,7 @@ class Model:
         if s.cut[j]:
             return f"I{j}.outcome(p{p}):UNAVAILABLE", self._freeze(s, bag=frozenset(bag.items())), False
         db = s.db
-        if db.log == LOG_COMMIT:
+        if db.log in (LOG_COMMIT, LOG_END):
             answer = COMMITTED
         elif db.log == LOG_ABORT:
             answer = ABORTED

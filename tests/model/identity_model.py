@@ -292,7 +292,7 @@ class Model:
             return f"{name} -> log_commit, send_commits", self._with(s, x, nc, bag), False
         if kind == "Ack":  # only first "Commit:ok" answers are in the bag
             return name, self._with(s, x, c._replace(acks=c.acks | {p}), bag), False
-        if c.log == LOG_COMMIT:  # GetOutcome, DESIGN.md rule 5
+        if c.log in (LOG_COMMIT, LOG_END):  # GetOutcome, rule 5 of docs/design.md
             answer = COMMITTED
         elif c.pc == PHASE1:
             answer = PENDING

@@ -54,8 +54,9 @@ Coordinator (`CoordState`), program counter ``pc``:
 * GetOutcome, answered from memory: COMMITTED if the coordinator knows its COMMIT
   is logged (``logged``, ``phase2``); PENDING while the transaction is in phase 1
   or its decision write in this incarnation (``phase1``, ``voted``, ``writing``)
-  or the write's end was not seen (``uncertain``); ABORTED otherwise (also after
-  END, when every target has acknowledged).
+  or the write's end was not seen (``uncertain``); ABORTED otherwise. After END
+  it still says COMMITTED (the record is kept for `retention_s`; the model never
+  purges it), though no participant is left in doubt to ask by then.
 
 Participants (`PartState`), a durable row: none, PREPARED, COMMITTED, ABORTED:
 
@@ -731,7 +732,7 @@ class Model:
             nc = c._replace(acks=c.acks | {p}) if result == "ok" else c._replace(refused=c.refused | {p})
             return name, self._freeze(s, nc, bag=bag), False
         # GetOutcome, answered from memory (`_committed`, `_in_flight`, `_uncertain`).
-        if c.log == LOG_COMMIT and c.pc in _KNOWS_COMMIT:
+        if (c.log == LOG_COMMIT and c.pc in _KNOWS_COMMIT) or c.log == LOG_END:
             answer = COMMITTED
         elif c.pc in _PENDING_PCS and self.bug != "outcome_aborted_in_flight":
             answer = PENDING
