@@ -106,7 +106,7 @@ class Fleet:
         """Starts the wallet and order services and seeds them for `customers` callers."""
         services = self.start(
             [
-                (name, f"services.{name}", [*self._db(name), "--log-level", self.log_level], self.probe)
+                (name, f"services.{name}", [*self._db(name), "--log-level", self.log_level, "--insecure"], self.probe)
                 for name in ("wallet", "order")
             ]
         )

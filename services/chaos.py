@@ -66,6 +66,7 @@ class Options:
     net_faults: str = "lose_request=0.02,lose_reply=0.02,delay=0.05,duplicate=0.05,delay_max_s=0.3"
     wallet_module: str = "services.wallet"
     workdir: str = ""
+    tls: bool = True
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,12 @@ async def run(opts: Options) -> Result:
         if network:
             network.up()
         cluster = Cluster(
-            workdir, settings, hosts=hosts, shop_args=["--net-faults", net_faults], wallet_module=opts.wallet_module
+            workdir,
+            settings,
+            hosts=hosts,
+            shop_args=["--net-faults", net_faults],
+            wallet_module=opts.wallet_module,
+            tls=opts.tls,
         )
         async with cluster as c:
             for i, account in enumerate(accounts):  # some buyers are poor: purchases fail for funds
@@ -380,6 +386,7 @@ def main() -> None:
     p.add_argument("--net-faults", default=Options.net_faults, help="probabilities for the shop's interceptor")
     p.add_argument("--wallet-module", default=Options.wallet_module, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="")
+    p.add_argument("--insecure", action="store_true", help="plaintext instead of mutual TLS between the services")
     p.add_argument("--json", type=Path, default=None, help="where to write the report as JSON")
     a = p.parse_args()
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -393,6 +400,7 @@ def main() -> None:
         net_faults=a.net_faults,
         wallet_module=a.wallet_module,
         workdir=a.workdir,
+        tls=not a.insecure,
     )
     result = asyncio.run(run(opts))
     print(render(result))

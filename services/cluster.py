@@ -20,10 +20,13 @@ from services import invariants
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import Credentials, rpc
+from twopc import Credentials, pki, rpc
 from twopc.testing import ServiceProcess, free_port, wait_until
 
 RPC_TIMEOUT_S = 5.0
+SERVICES = ("wallet", "orders", "shop")
+OPERATOR = "operator"
+"""The identity of the cluster's own client: seeds (an operator) and reads."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class Cluster:
             `events_path[name]` (what the web console shows).
         traces: each service writes its OpenTelemetry spans as JSON lines to
             `trace_path[name]`.
+        tls: mutual TLS everywhere, with a throwaway CA made in `workdir`/pki: the
+            services are "wallet", "orders" and "shop", and this client is
+            "operator" (it seeds and reads). Otherwise plaintext (`--insecure`).
     """
 
     def __init__(
@@ -72,19 +78,30 @@ class Cluster:
         metrics: bool = False,
         events: bool = False,
         traces: bool = False,
+        tls: bool = False,
     ) -> None:
         self.workdir = workdir
         self.settings = s = settings or Settings()
         workdir.mkdir(parents=True, exist_ok=True)
         self.wallet_db, self.orders_db, self.shop_db = (workdir / f"{n}.db" for n in ("wallet", "orders", "shop"))
-        common = ["--log-level", s.log_level]
-        resolve = ["--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)]
         hosts = hosts or {}
         self.metrics_address: dict[str, str] = {}
         self.events_path: dict[str, Path] = {}
         self.trace_path: dict[str, Path] = {}
+        self.pki = workdir / "pki"
+        if tls:
+            addresses = {h.address for h in hosts.values()}
+            pki.issue(self.pki, [*SERVICES, OPERATOR], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses}))
+        self.credentials = Credentials.from_dir(self.pki / OPERATOR) if tls else Credentials.insecure()
+        # The participants trust exactly the shop's address: pick its port now.
+        shop_host = hosts.get("shop", Host())
+        shop_port = free_port()
+        resolve = [
+            *("--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)),
+            *("--trust-coordinator", f"{shop_host.address}:{shop_port}"),
+        ]
 
-        def process(name: str, module: str, args: list[str]) -> ServiceProcess:
+        def process(name: str, module: str, args: list[str], port: int = 0) -> ServiceProcess:
             host = hosts.get(name, Host())
             if metrics:
                 self.metrics_address[name] = f"127.0.0.1:{free_port()}"
@@ -95,16 +112,28 @@ class Cluster:
             if traces:
                 self.trace_path[name] = workdir / f"{name}.spans.jsonl"
                 args += ["--trace-file", str(self.trace_path[name])]
+            if tls:
+                security = ["--tls-dir", str(self.pki / name)]
+            else:
+                security = ["--insecure"]
+                if not rpc.is_loopback(f"{host.address}:0"):
+                    security.append("--insecure-beyond-loopback")
             return ServiceProcess(
-                module, args, log_path=workdir / f"{name}.log", host=host.address, wrapper=host.wrapper
+                module,
+                [*args, "--log-level", s.log_level, *security],
+                log_path=workdir / f"{name}.log",
+                host=host.address,
+                wrapper=host.wrapper,
+                port=port,
             )
 
-        self.wallet = process("wallet", wallet_module, ["--db", str(self.wallet_db), *common, *resolve])
-        self.orders = process("orders", "services.order", ["--db", str(self.orders_db), *common, *resolve])
+        self.wallet = process("wallet", wallet_module, ["--db", str(self.wallet_db), *resolve])
+        self.orders = process("orders", "services.order", ["--db", str(self.orders_db), *resolve])
         self.shop = process(
             "shop",
             "services.shop",
-            ["--db", str(self.shop_db), *common, "--prepare-timeout-s", str(s.prepare_timeout_s), *shop_args],
+            ["--db", str(self.shop_db), "--prepare-timeout-s", str(s.prepare_timeout_s), *shop_args],
+            port=shop_port,
         )
         self._channels: list[grpc.aio.Channel] = []
 
@@ -135,7 +164,7 @@ class Cluster:
             proc.stop()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = rpc.channel(address, Credentials.insecure())  # reconnects quickly to a restarted service
+        ch = rpc.channel(address, self.credentials)
         self._channels.append(ch)
         return ch
 

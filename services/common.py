@@ -8,9 +8,12 @@ import base64
 import binascii
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import structlog
+from google.protobuf.descriptor import ServiceDescriptor
 
 from twopc import (
     Credentials,
@@ -21,10 +24,13 @@ from twopc import (
     ParticipantHandler,
     metrics,
 )
+from twopc.auth import Policy, operations_rules, participant_rules
 from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.logs import configure as configure_logs
 from twopc.observe import JsonLines, Observers
 from twopc.tracing import Tracing
+
+_log = structlog.get_logger("services")
 
 T = TypeVar("T")
 
@@ -57,6 +63,21 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
         default=5.0,
         help="on SIGTERM, time to drain work in progress and finish RPCs in flight (default %(default)s)",
     )
+    tls = p.add_argument_group(
+        "transport security", "mutual TLS (--tls-dir, or --tls-cert/--tls-key/--tls-ca), or an explicit --insecure"
+    )
+    tls.add_argument("--tls-dir", metavar="DIR", help="cert.pem, key.pem and ca.pem of this service")
+    tls.add_argument("--tls-cert", metavar="PEM", help="this service's certificate chain")
+    tls.add_argument("--tls-key", metavar="PEM", help="this service's private key")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA every peer's certificate must chain to")
+    tls.add_argument(
+        "--insecure", action="store_true", help="plaintext, no authentication: anyone who reaches the port may call"
+    )
+    tls.add_argument(
+        "--insecure-beyond-loopback",
+        action="store_true",
+        help="with --insecure, allow listening on a non-loopback address (readable and forgeable on the network)",
+    )
     return p
 
 
@@ -85,6 +106,64 @@ def observe(observers: Observers, args: argparse.Namespace) -> None:
         observers.add(JsonLines(args.events_file))
 
 
+def identities(text: str) -> frozenset[str]:
+    """A comma-separated allowlist ("shop,backup-shop"; "*" = any authenticated)."""
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_api_access_args(p: argparse.ArgumentParser, *, writers: str, writers_default: str) -> None:
+    """--operators (who may call the service's own write RPCs) and --readers."""
+    g = p.add_argument_group("authorization (client certificate names; comma-separated; '*' = any)")
+    g.add_argument(f"--{writers}", type=identities, default=writers_default, help=f"default {writers_default}")
+    g.add_argument("--readers", type=identities, default="*", help="who may call the read RPCs (default *)")
+
+
+def credentials(args: argparse.Namespace) -> Credentials:
+    """The transport security the flags chose; exits with a usage error otherwise."""
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if args.insecure:
+        if args.tls_dir or any(files):
+            raise SystemExit("error: --insecure and --tls-* exclude each other")
+        return Credentials.insecure(beyond_loopback=args.insecure_beyond_loopback)
+    if args.insecure_beyond_loopback:
+        raise SystemExit("error: --insecure-beyond-loopback needs --insecure")
+    try:
+        if args.tls_dir and not any(files):
+            return Credentials.from_dir(args.tls_dir)
+        if all(files) and not args.tls_dir:
+            return Credentials.mutual_tls(*files)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    raise SystemExit("error: give --tls-dir, or all of --tls-cert, --tls-key and --tls-ca, or say --insecure")
+
+
+@dataclass(frozen=True)
+class ApiAccess:
+    """Which of a service's own RPCs are reads; every other one is a write.
+
+    Attributes:
+        service: the service's descriptor (e.g. `wallet_pb2.DESCRIPTOR.services_by_name["Wallet"]`).
+        reads: names of its read RPCs (any `--readers` identity); the rest need `--operators`.
+    """
+
+    service: ServiceDescriptor
+    reads: frozenset[str]
+
+    def rules(self, writers: frozenset[str], readers: frozenset[str]) -> dict[str, frozenset[str]]:
+        return {
+            f"/{self.service.full_name}/{m.name}": readers if m.name in self.reads else writers
+            for m in self.service.methods
+        }
+
+
+def policy(credentials: Credentials, rules: dict[str, frozenset[str]]) -> Policy | None:
+    """Who may call what, under TLS; None for plaintext, where no caller has a name."""
+    if not credentials.secure:
+        _log.warning("plaintext", note="no transport security and no authorization: anyone may call anything")
+        return None
+    return Policy(rules)
+
+
 def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The flags of a participant service: the common ones and in-doubt resolution."""
     p = parser(prog, description)
@@ -101,6 +180,33 @@ def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
         default=d.resolve_interval_s,
         help="how often to look for in-doubt transactions (default %(default)s)",
     )
+    g = p.add_argument_group("trust (who drives this participant, and whom it asks for outcomes)")
+    g.add_argument(
+        "--coordinators",
+        type=identities,
+        default="shop",
+        help="identities that may call Prepare, Commit, CommitMany and Abort (default %(default)s)",
+    )
+    g.add_argument(
+        "--trust-coordinator",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a coordinator address a Prepare may name (repeatable); under TLS, also the caller's own name."
+        " Without it and with --insecure, any address is trusted",
+    )
+    g.add_argument(
+        "--allow-no-coordinator",
+        action="store_true",
+        help="accept a two-phase Prepare that names no coordinator (nobody to ask if in doubt)",
+    )
+    g.add_argument(
+        "--max-undecided-per-coordinator",
+        type=int,
+        default=d.max_undecided_per_coordinator,
+        help="prepared, undecided transactions one coordinator may hold here (default %(default)s)",
+    )
+    add_api_access_args(p, writers="operators", writers_default="operator")
     return p
 
 
@@ -111,16 +217,30 @@ def run_participant(
     participant: type[Participant] = Participant,
     *,
     services: Sequence[str] = (),
+    access: ApiAccess,
 ) -> None:
     """Serves the Participant contract and the service's own API (`services`, by full
     name, for health and reflection) until SIGTERM/SIGINT, then stops gracefully.
-    `participant` lets a test run a deliberately broken helper."""
+    `participant` lets a test run a deliberately broken helper; `access` says which
+    of the service's own RPCs are reads."""
     configure_logs(args.log_format, level=args.log_level)
-    config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
+    creds = credentials(args)
+    trusted = frozenset(args.trust_coordinator) if args.trust_coordinator or creds.secure else None
+    config = ParticipantConfig(
+        in_doubt_after_s=args.in_doubt_after_s,
+        resolve_interval_s=args.resolve_interval_s,
+        trusted_coordinators=trusted,
+        allow_no_coordinator=args.allow_no_coordinator,
+        max_undecided_per_coordinator=args.max_undecided_per_coordinator,
+    )
+    rules = (
+        participant_rules(args.coordinators)
+        | access.rules(args.operators, args.readers)
+        | operations_rules(args.readers)  # health and reflection: whoever may read
+    )
 
     async def serve() -> None:
-        credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
-        async with participant(handler, args.db, credentials=credentials, config=config) as p:
+        async with participant(handler, args.db, credentials=creds, config=config) as p:
             health = Health([PARTICIPANT_SERVICE, *services])
             health.watch(p.store.wait_failed)
             metrics.ParticipantMetrics(p)
@@ -132,6 +252,7 @@ def run_participant(
                 grace_s=args.grace_s,
                 health=health,
                 interceptors=[traced.server_interceptor()] if traced else [],
+                policy=policy(creds, rules),
             )
 
     asyncio.run(serve())
@@ -153,7 +274,7 @@ async def api(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[T]) -
     try:
         return await work
     except (InvalidOperation, NotFound, AlreadyExists) as e:
-        await context.abort(_STATUS[type(e)], str(e))
+        await context.abort(next(code for kind, code in _STATUS.items() if isinstance(e, kind)), str(e))
         raise  # unreachable: abort raises
 
 

@@ -5,7 +5,7 @@ the seven scenarios of services/scenarios.py, and ends by checking the invariant
 of docs/design.md over both services and the shop's log. Exits non-zero if any fails.
 Every process it started is stopped when it exits, also on Ctrl-C.
 
-    python -m services.demo [--workdir DIR]
+    python -m services.demo [--workdir DIR] [--tls]
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def show(n: int, step: Step) -> None:
     say("why:", step.why)
 
 
-async def main(workdir: Path) -> int:
-    print(f"twopc demo: wallet, orders and shop as separate processes; data and logs in {workdir}/")
-    async with Cluster(workdir) as c:
+async def main(workdir: Path, *, tls: bool = False) -> int:
+    security = "mutual TLS (throwaway CA in pki/)" if tls else "plaintext on loopback"
+    print(f"twopc demo: wallet, orders and shop as separate processes, {security}; data and logs in {workdir}/")
+    async with Cluster(workdir, tls=tls) as c:
         print(f"  wallet {c.wallet.address}   orders {c.orders.address}   shop (coordinator) {c.shop.address}")
         await scenarios.seed(c)
         for n, scenario in enumerate(scenarios.SCENARIOS, 1):
@@ -67,9 +68,10 @@ async def main(workdir: Path) -> int:
 def cli() -> None:
     p = argparse.ArgumentParser(prog="python -m services.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("var") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    p.add_argument("--tls", action="store_true", help="mutual TLS between every process, with a throwaway CA")
     args = p.parse_args()
     try:
-        sys.exit(asyncio.run(main(args.workdir)))
+        sys.exit(asyncio.run(main(args.workdir, tls=args.tls)))
     except KeyboardInterrupt:  # the Cluster has stopped every process on the way out
         print("\ninterrupted; every process was stopped", file=sys.stderr)
         sys.exit(130)

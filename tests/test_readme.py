@@ -29,8 +29,12 @@ def readme_example() -> str:
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
-    wallet = ServiceProcess("services.wallet", ["--db", str(tmp_path / "w.db")], log_path=tmp_path / "w.log")
-    orders = ServiceProcess("services.order", ["--db", str(tmp_path / "o.db")], log_path=tmp_path / "o.log")
+    wallet = ServiceProcess(
+        "services.wallet", ["--db", str(tmp_path / "w.db"), "--insecure"], log_path=tmp_path / "w.log"
+    )
+    orders = ServiceProcess(
+        "services.order", ["--db", str(tmp_path / "o.db"), "--insecure"], log_path=tmp_path / "o.log"
+    )
     yield wallet.start(), orders.start()
     wallet.stop()
     orders.stop()

@@ -57,7 +57,8 @@ def procs() -> Iterator[list[ServiceProcess]]:
 
 async def _service(module: str, tmp_path: Path, procs: list[ServiceProcess]) -> Service:
     db = tmp_path / f"{module}.db"
-    proc = ServiceProcess(module, ["--db", str(db)], log_path=tmp_path / f"{module}.log").start()
+    args = ["--db", str(db), "--insecure", "--allow-no-coordinator"]  # the test drives Prepare by hand
+    proc = ServiceProcess(module, args, log_path=tmp_path / f"{module}.log").start()
     procs.append(proc)
     return Service(proc, db)
 

@@ -1,7 +1,7 @@
 """python -m services.order --db orders.db --port 50052"""
 
 from services.common import participant_parser, run_participant
-from services.order.service import OrderHandler, OrdersApi
+from services.order.service import ACCESS, OrderHandler, OrdersApi
 from services.order.v1 import order_pb2, order_pb2_grpc
 
 if __name__ == "__main__":
@@ -13,4 +13,5 @@ if __name__ == "__main__":
         lambda server, p: order_pb2_grpc.add_OrdersServicer_to_server(OrdersApi(p), server),
         args,
         services=[order_pb2.DESCRIPTOR.services_by_name["Orders"].full_name],
+        access=ACCESS,
     )

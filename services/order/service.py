@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 
-from services.common import MAX_AMOUNT, MAX_QUANTITY, api, check_amount, page_after, page_size, page_token
+from services.common import MAX_AMOUNT, MAX_QUANTITY, ApiAccess, api, check_amount, page_after, page_size, page_token
 from services.order.v1 import order_pb2, order_pb2_grpc
-from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
+from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -43,6 +43,7 @@ _STATES = {
 
 def stock(db: sqlite3.Connection, sku: str) -> order_pb2.Stock:
     """A product's stock; NotFound if unknown."""
+    limits.check_id("sku", sku)
     row = db.execute("SELECT unit_price, on_hand, reserved, sold FROM products WHERE sku = ?", (sku,)).fetchone()
     if row is None:
         raise NotFound(f"no product {sku!r}")
@@ -54,18 +55,16 @@ def stock(db: sqlite3.Connection, sku: str) -> order_pb2.Stock:
 
 def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
     """The order's items validated and in a canonical order (to compare content)."""
-    if not place.order_id:
-        raise InvalidOperation("order_id is required")
-    if not place.account:
-        raise InvalidOperation("account is required")
+    limits.check_id("order_id", place.order_id)
+    limits.check_id("account", place.account)
     if not place.items:
         raise InvalidOperation("an order needs at least one item")
     if not 0 <= place.amount <= MAX_AMOUNT:
         raise InvalidOperation(f"amount must be between 0 and {MAX_AMOUNT}, got {place.amount}")
+    limits.check_count("items", len(place.items), limits.MAX_ITEMS)
     items = sorted((i.sku, i.quantity) for i in place.items)
     for sku, quantity in items:
-        if not sku:
-            raise InvalidOperation("every item needs a sku")
+        limits.check_id("sku", sku)
         check_amount(f"quantity of {sku}", quantity, MAX_QUANTITY)
     if len({sku for sku, _ in items}) != len(items):
         raise InvalidOperation("a sku appears twice; give one item per sku")
@@ -73,6 +72,7 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
 
 
 def _order(db: sqlite3.Connection, order_id: str) -> order_pb2.Order:
+    limits.check_id("order_id", order_id)
     row = db.execute(
         "SELECT account, items, state, txn_id, amount FROM orders WHERE order_id = ?", (order_id,)
     ).fetchone()
@@ -150,8 +150,7 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
         self, request: order_pb2.AddStockRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.Stock:
         def add(db: sqlite3.Connection) -> order_pb2.Stock:
-            if not request.sku:
-                raise InvalidOperation("sku is required")
+            limits.check_id("sku", request.sku)
             if not 0 <= request.quantity <= MAX_QUANTITY:
                 raise InvalidOperation(f"quantity must be between 0 and {MAX_QUANTITY}, got {request.quantity}")
             if not 0 <= request.unit_price <= MAX_AMOUNT:
@@ -202,3 +201,9 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
             )
 
         return await api(context, self.store.read(orders))
+
+
+ACCESS = ApiAccess(
+    order_pb2.DESCRIPTOR.services_by_name["Orders"], reads=frozenset({"GetStock", "GetOrder", "ListOrders"})
+)
+"""Reads are open to --readers; every other RPC of the API (writes) needs --operators."""

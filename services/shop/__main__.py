@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from services.common import observe, parser, tracing
+from services import common
+from services.common import MAX_QUANTITY, observe, parser, tracing
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2
@@ -17,18 +19,41 @@ from twopc import (
     Coordinator,
     CoordinatorConfig,
     CoordinatorFailedError,
-    Credentials,
     Outcome,
     TransactionResult,
     TwoPCError,
+    limits,
     metrics,
     rpc,
 )
+from twopc.auth import coordinator_rules, grant, operations_rules
 from twopc.health import COORDINATOR_SERVICE, Health
 from twopc.logs import configure as configure_logs
 from twopc.testing import FaultInjector, NetFaults
 
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
+
+
+def check_purchase(request: shop_pb2.PurchaseRequest) -> None:
+    """The bounds of a PurchaseRequest (documented in shop.proto)."""
+    limits.check_id("order_id", request.order_id)
+    limits.check_id("account", request.account)
+    if not request.items:
+        raise limits.LimitError("items are required")
+    limits.check_count("items", len(request.items), limits.MAX_ITEMS)
+    for item in request.items:
+        limits.check_id("sku", item.sku)
+        if not 0 < item.quantity <= MAX_QUANTITY:
+            raise limits.LimitError(f"quantity must be from 1 to {MAX_QUANTITY}")
+    limits.check_timeout("timeout_s", request.timeout_s)
+
+
+def total(prices: Sequence[int], items: Sequence[order_pb2.Item]) -> int:
+    """What the items cost; LimitError if it does not fit the int64 `amount`."""
+    amount = sum(
+        limits.checked_product("the purchase's amount", p, i.quantity) for p, i in zip(prices, items, strict=True)
+    )
+    return limits.checked_product("the purchase's amount", amount, 1)
 
 
 class Shop(shop_pb2_grpc.ShopServicer):
@@ -71,19 +96,19 @@ class Shop(shop_pb2_grpc.ShopServicer):
     async def _purchase(
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> shop_pb2.PurchaseResponse:
-        if not request.order_id or not request.account or not request.items:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id, account and items are required")
+        await rpc.validate(context, lambda: check_purchase(request))
         earlier = await self._earlier(request, context)
         if earlier is not None:
             return earlier
         # Prices are read before the transaction: the demo's catalogue does not change.
-        amount = 0
+        prices = []
         for item in request.items:
             try:
                 product = await self.orders_api.GetStock(order_pb2.GetStockRequest(sku=item.sku), timeout=2.0)
             except grpc.aio.AioRpcError as e:
-                await context.abort(e.code(), e.details() or "price lookup failed")
-            amount += product.unit_price * item.quantity
+                await context.abort(e.code(), limits.clip(e.details() or "price lookup failed"))
+            prices.append(product.unit_price)
+        amount = await rpc.validate(context, lambda: total(prices, request.items))
         place = order_pb2.PlaceOrder(order_id=request.order_id, account=request.account, items=request.items)
         place.amount = amount
         branches = [
@@ -114,8 +139,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
     async def GetPurchase(  # noqa: N802 - the RPC's name
         self, request: shop_pb2.GetPurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> shop_pb2.PurchaseResponse:
-        if not request.order_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "order_id is required")
+        await rpc.validate(context, lambda: limits.check_id("order_id", request.order_id))
         order = await self._order(request.order_id, context)
         if order is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no purchase of order {request.order_id!r}")
@@ -146,7 +170,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.NOT_FOUND:
                 return None
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"order lookup failed: {e.details()}")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"order lookup failed: {limits.clip(e.details() or '')}")
             raise  # unreachable: abort raises
 
     async def _answer(
@@ -173,7 +197,12 @@ class Shop(shop_pb2_grpc.ShopServicer):
 
 
 async def serve(args: Any) -> None:
-    credentials = Credentials.insecure()  # loopback demo; pass TLS credentials in production
+    credentials = common.credentials(args)
+    rules = (
+        coordinator_rules(args.participants)
+        | grant(args.purchasers, "shop.v1.Shop", "Purchase", "GetPurchase")
+        | operations_rules(args.purchasers)  # health and reflection
+    )
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
     interceptors: list[Any] = []
     if args.net_faults:  # testing only: SIGUSR1 then loses the next reply from a participant
@@ -205,6 +234,7 @@ async def serve(args: Any) -> None:
                 grace_s=args.grace_s,
                 health=health,
                 drain=shop.drain,
+                policy=common.policy(credentials, rules),
             )
         except TwoPCError as e:
             raise SystemExit(f"the decision log failed ({e}): stopping so that a restart recovers from disk") from e
@@ -218,6 +248,14 @@ def main() -> None:
     p.add_argument(
         "--phase2-wait-s", type=float, default=5.0, help="wait this long for Commit acks (default %(default)s)"
     )
+    g = p.add_argument_group("authorization (client certificate names; comma-separated; '*' = any)")
+    g.add_argument(
+        "--participants",
+        type=common.identities,
+        default="wallet,orders",
+        help="who may ask GetOutcome (default %(default)s)",
+    )
+    g.add_argument("--purchasers", type=common.identities, default="*", help="who may call Purchase (default *)")
     p.add_argument(
         "--net-faults",
         default="",

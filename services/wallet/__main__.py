@@ -1,7 +1,7 @@
 """python -m services.wallet --db wallet.db --port 50051"""
 
 from services.common import participant_parser, run_participant
-from services.wallet.service import WalletApi, WalletHandler
+from services.wallet.service import ACCESS, WalletApi, WalletHandler
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 
 if __name__ == "__main__":
@@ -13,4 +13,5 @@ if __name__ == "__main__":
         lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
         args,
         services=[wallet_pb2.DESCRIPTOR.services_by_name["Wallet"].full_name],
+        access=ACCESS,
     )

@@ -8,9 +8,19 @@ from typing import Any
 
 import grpc
 
-from services.common import MAX_AMOUNT, MAX_BALANCE, AlreadyExists, api, check_amount, page_after, page_size, page_token
+from services.common import (
+    MAX_AMOUNT,
+    MAX_BALANCE,
+    AlreadyExists,
+    ApiAccess,
+    api,
+    check_amount,
+    page_after,
+    page_size,
+    page_token,
+)
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
+from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -36,6 +46,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 def balance(db: sqlite3.Connection, account: str) -> wallet_pb2.Balance:
     """The account's balance, holds and available money; NotFound if unknown."""
+    limits.check_id("account", account)
     row = db.execute(
         "SELECT balance, (SELECT coalesce(sum(amount), 0) FROM holds WHERE account = ?) FROM accounts"
         " WHERE account = ?",
@@ -55,8 +66,7 @@ class WalletHandler:
 
     def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
         debit: wallet_pb2.Debit = operation
-        if not debit.account:
-            raise InvalidOperation("account is required")
+        limits.check_id("account", debit.account)
         check_amount("amount", debit.amount, MAX_AMOUNT)
         available = balance(db, debit.account).available
         if available < debit.amount:
@@ -87,8 +97,7 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
         self, request: wallet_pb2.OpenAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.OpenAccountResponse:
         def open_account(db: sqlite3.Connection) -> None:
-            if not request.account:
-                raise InvalidOperation("account is required")
+            limits.check_id("account", request.account)
             if db.execute("SELECT 1 FROM accounts WHERE account = ?", (request.account,)).fetchone():
                 raise AlreadyExists(f"account {request.account!r} exists")
             db.execute("INSERT INTO accounts VALUES (?, 0)", (request.account,))
@@ -100,6 +109,7 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
         self, request: wallet_pb2.DepositRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.DepositResponse:
         def deposit(db: sqlite3.Connection) -> wallet_pb2.Balance:
+            limits.check_id("account", request.account)
             check_amount("amount", request.amount, MAX_AMOUNT)
             before = balance(db, request.account)
             if before.balance + request.amount > MAX_BALANCE:
@@ -144,3 +154,7 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
             )
 
         return await api(context, self.store.read(ledger))
+
+
+ACCESS = ApiAccess(wallet_pb2.DESCRIPTOR.services_by_name["Wallet"], reads=frozenset({"GetBalance", "ListLedger"}))
+"""Reads are open to --readers; every other RPC of the API (writes) needs --operators."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+
+from twopc.limits import MAX_COMMIT_MANY, MAX_UNDECIDED_PER_COORDINATOR
 
 
 def _positive(**values: float) -> None:
@@ -18,18 +22,71 @@ def _positive(**values: float) -> None:
 class Credentials:
     """Transport security for channels and servers, chosen explicitly.
 
-    Use `Credentials.insecure()` for plaintext (tests, loopback demos) or pass gRPC
-    TLS credentials (`grpc.ssl_channel_credentials`, `grpc.ssl_server_credentials`,
-    with `require_client_auth=True` for mutual TLS). Call sites never change.
+    `Credentials.mutual_tls(cert, key, ca)` (or `Credentials.from_dir(path)`) is
+    mutual TLS: servers present `cert` and require a client certificate signed by
+    `ca`; channels present `cert` and accept only servers whose certificate `ca`
+    signed and names the host dialled. `Credentials.insecure()` is plaintext, an
+    explicit choice for tests and loopback demos: a plaintext server binds only a
+    loopback address unless `beyond_loopback=True` says otherwise. Call sites never
+    change; `twopc.rpc` is the only reader.
+
+    Attributes:
+        channel: gRPC channel credentials, None for plaintext.
+        server: gRPC server credentials, None for plaintext.
+        plaintext_beyond_loopback: a plaintext server may bind a non-loopback address.
     """
 
     channel: grpc.ChannelCredentials | None
     server: grpc.ServerCredentials | None
+    plaintext_beyond_loopback: bool = False
 
     @classmethod
-    def insecure(cls) -> Credentials:
-        """Plaintext HTTP/2: an explicit choice, never a default."""
-        return cls(channel=None, server=None)
+    def insecure(cls, *, beyond_loopback: bool = False) -> Credentials:
+        """Plaintext HTTP/2: an explicit choice, never a default.
+
+        Args:
+            beyond_loopback: allow a plaintext server on a non-loopback address,
+                where anyone on the network can read and forge its traffic.
+        """
+        return cls(channel=None, server=None, plaintext_beyond_loopback=beyond_loopback)
+
+    @classmethod
+    def mutual_tls(
+        cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]
+    ) -> Credentials:
+        """Mutual TLS from PEM files: this process's certificate chain and private
+        key, and the CA certificate(s) that every peer's certificate must chain to.
+
+        Raises:
+            ValueError: a file is missing, empty or not PEM.
+        """
+        chain, private, roots = (_pem(name, Path(path)) for name, path in (("cert", cert), ("key", key), ("ca", ca)))
+        return cls(
+            channel=grpc.ssl_channel_credentials(root_certificates=roots, private_key=private, certificate_chain=chain),
+            server=grpc.ssl_server_credentials([(private, chain)], root_certificates=roots, require_client_auth=True),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Credentials:
+        """`mutual_tls` from a directory holding cert.pem, key.pem and ca.pem (the
+        layout `python -m twopc.pki` writes)."""
+        d = Path(path)
+        return cls.mutual_tls(d / "cert.pem", d / "key.pem", d / "ca.pem")
+
+    @property
+    def secure(self) -> bool:
+        """True for TLS: peers are authenticated, and authorization can apply."""
+        return self.server is not None or self.channel is not None
+
+
+def _pem(name: str, path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"TLS {name} file {str(path)!r}: {e.strerror}") from e
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"TLS {name} file {str(path)!r} is not PEM")
+    return data
 
 
 @dataclass(frozen=True)
@@ -77,8 +134,10 @@ class CoordinatorConfig:
             retry_max_s=self.retry_max_s,
             abort_retry_s=self.abort_retry_s,
         )
-        if not (0 <= self.phase2_wait_s < math.inf and 0 <= self.shutdown_grace_s < math.inf):
-            raise ValueError("phase2_wait_s and shutdown_grace_s must be >= 0")
+        if not all(v >= 0 and math.isfinite(v) for v in (self.phase2_wait_s, self.shutdown_grace_s)):
+            raise ValueError("phase2_wait_s and shutdown_grace_s must be finite numbers >= 0")
+        if self.max_commit_batch > MAX_COMMIT_MANY:
+            raise ValueError(f"max_commit_batch must be at most {MAX_COMMIT_MANY} (what a participant accepts)")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
 
@@ -98,12 +157,28 @@ class ParticipantConfig:
             than the longest coordinator outage: a coordinator that lost an END
             (power loss) re-sends Commit at its restart, and a purged transaction
             would refuse it as never prepared.
+        trusted_coordinators: the coordinator addresses ("host:port") a Prepare may
+            name; a Prepare naming another is refused (PERMISSION_DENIED), unless
+            its host is the mutually authenticated caller's own name. None trusts
+            every address: only for plaintext tests and demos on loopback.
+        allow_no_coordinator: accept a two-phase Prepare with no coordinator
+            address (nobody to ask if it is left in doubt). Refused by default.
+        max_undecided_per_coordinator: prepared, undecided transactions one
+            coordinator may hold here; past it Prepare answers RESOURCE_EXHAUSTED.
+        resolve_concurrency: coordinators asked at once by the in-doubt resolver.
+        resolve_backoff_max_s: ceiling of the per-coordinator backoff while a
+            coordinator does not answer (it starts at `resolve_interval_s`).
     """
 
     in_doubt_after_s: float = 10.0
     resolve_interval_s: float = 2.0
     rpc_timeout_s: float = 2.0
     retention_s: float = 7 * 24 * 3600.0
+    trusted_coordinators: frozenset[str] | None = None
+    allow_no_coordinator: bool = False
+    max_undecided_per_coordinator: int = MAX_UNDECIDED_PER_COORDINATOR
+    resolve_concurrency: int = 16
+    resolve_backoff_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         _positive(
@@ -111,4 +186,7 @@ class ParticipantConfig:
             resolve_interval_s=self.resolve_interval_s,
             rpc_timeout_s=self.rpc_timeout_s,
             retention_s=self.retention_s,
+            max_undecided_per_coordinator=self.max_undecided_per_coordinator,
+            resolve_concurrency=self.resolve_concurrency,
+            resolve_backoff_max_s=self.resolve_backoff_max_s,
         )

@@ -32,7 +32,8 @@ import structlog
 from google.protobuf import any_pb2
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_never, wait_random_exponential
 
-from twopc import rpc
+from twopc import limits, rpc
+from twopc.auth import Policy
 from twopc.config import CoordinatorConfig, Credentials
 from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
@@ -215,6 +216,7 @@ class Coordinator:
         grace_s: float = 1.0,
         health: rpc.Health | None = None,
         drain: rpc.Drain | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """Serves GetOutcome and the caller's `services` on `address` until SIGTERM or
         SIGINT, the usual way to run a coordinator in a process of its own.
@@ -232,6 +234,7 @@ class Coordinator:
             drain: on a signal, stops the caller's services taking new work and
                 waits for what they started; by default, waits for phase 2
                 (`wait_idle`). What is left is on disk: recovery finishes it.
+            policy: who may call what (`twopc.auth`), enforced under mutual TLS.
 
         Raises:
             CoordinatorFailedError: the decision log failed; restart the process.
@@ -250,6 +253,7 @@ class Coordinator:
             grace_s=grace_s,
             health=health,
             drain=drain or self.wait_idle,
+            policy=policy,
         )
 
     async def __aexit__(
@@ -336,14 +340,15 @@ class Coordinator:
             raise ValueError("a transaction needs at least one branch")
         if len({b.target for b in branches}) != len(branches):
             raise ValueError("two branches name the same target; give each participant one branch")
+        limits.check_count("branches", len(branches), limits.MAX_BRANCHES)
         timeout = self.config.prepare_timeout_s if timeout_s is None else timeout_s
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout_s must be a finite number > 0, got {timeout!r}")
+        limits.check_timeout("timeout_s", timeout)
         if txn_id is None:
             gid = f"{self.id}:{uuid.uuid4().hex}"
         else:
-            if not txn_id or len(txn_id) > MAX_LOCAL_ID:
-                raise ValueError(f"txn_id must be 1 to {MAX_LOCAL_ID} characters")
+            limits.check_id("txn_id", txn_id, max_len=MAX_LOCAL_ID)
             gid = self.global_id(txn_id)
             # A caller's own id may be a retry: refuse it before any message if it
             # was committed here (the record stays on disk for the log's retention).
@@ -843,8 +848,7 @@ class _OutcomeServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetOutcome(  # noqa: N802 - the RPC's name
         self, request: coordinator_pb2.GetOutcomeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GetOutcomeResponse:
-        if not request.txn_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
+        await rpc.validate(context, lambda: limits.check_txn_id(request.txn_id))
         if not self._coordinator._open:
             # Before the log is read an ABORTED could contradict a logged COMMIT.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is starting or stopped; ask again")

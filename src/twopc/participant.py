@@ -39,9 +39,9 @@ from typing import Any, Protocol, Self
 
 import grpc
 import structlog
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from twopc import rpc
+from twopc import auth, limits, rpc, trust
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS twopc_txn (
 );
 CREATE INDEX IF NOT EXISTS twopc_txn_state ON twopc_txn (state, prepared_at);
 CREATE INDEX IF NOT EXISTS twopc_txn_decided ON twopc_txn (decided_at);
+CREATE INDEX IF NOT EXISTS twopc_txn_coordinator ON twopc_txn (coordinator, state);
 """
 
 _PB_VOTE = {
@@ -131,6 +132,29 @@ class _RefusedError(Exception):
     """A Commit or Abort that the transaction's state forbids."""
 
 
+class _ExhaustedError(Exception):
+    """A Prepare past the coordinator's cap of undecided transactions."""
+
+
+def _check_prepare(request: participant_pb2.PrepareRequest) -> None:
+    limits.check_txn_id(request.txn_id)
+    if not request.HasField("operation"):
+        raise limits.LimitError("operation is required")
+    if (
+        len(request.operation.value) > limits.MAX_OPERATION_BYTES
+        or len(request.operation.type_url) > limits.MAX_ID_LEN * 2
+    ):
+        raise limits.LimitError(f"operation is larger than {limits.MAX_OPERATION_BYTES} bytes")
+
+
+def _check_commit_many(txn_ids: Sequence[str]) -> None:
+    if not txn_ids:
+        raise limits.LimitError("txn_ids are required")
+    limits.check_count("txn_ids", len(txn_ids), limits.MAX_COMMIT_MANY)
+    for txn_id in txn_ids:
+        limits.check_txn_id(txn_id, "each of txn_ids")
+
+
 class Participant(participant_pb2_grpc.ParticipantServicer):
     """The `twopc.v1.Participant` servicer around a business handler.
 
@@ -171,6 +195,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self._resolver: asyncio.Task[None] | None = None
         self.observers = Observers(observers)
         self.draining = False  # shutting down: new Prepares are refused (UNAVAILABLE)
+        self._outreach = trust.Outreach(self.config)
 
     async def __aenter__(self) -> Self:
         if self.store.is_open:
@@ -204,6 +229,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         grace_s: float = 1.0,
         health: rpc.Health | None = None,
         interceptors: Sequence[Any] = (),
+        policy: auth.Policy | None = None,
     ) -> None:
         """Serves the Participant contract and the caller's `services` on `address`
         until SIGTERM or SIGINT: the usual way to run a participant process.
@@ -218,6 +244,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 transactions decided) and let in-flight RPCs finish.
             health: the standard health and reflection services (`twopc.health`).
             interceptors: server interceptors (e.g. `Tracing.server_interceptor()`).
+            policy: who may call what (`twopc.auth`), enforced under mutual TLS.
 
         Raises:
             DurabilityError: the store failed; restart the process to recover.
@@ -231,6 +258,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             health=health,
             drain=self.drain,
             interceptors=interceptors,
+            policy=policy,
         )
 
     # --- the RPCs ------------------------------------------------------------------
@@ -241,19 +269,22 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         txn_id = request.txn_id
         if self.draining:  # the coordinator decides ABORT at once; nothing is reserved
             await context.abort(grpc.StatusCode.UNAVAILABLE, "participant is shutting down")
-        if not txn_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
-        if not request.HasField("operation"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation is required")
+        await rpc.validate(context, lambda: _check_prepare(request))
+        await self._admit(request, context)
         kind = self._types.get(request.operation.TypeName())
         if kind is None:
             accepted = ", ".join(sorted(self._types))
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown operation type {request.operation.type_url!r}; this participant accepts {accepted}",
+                f"unknown operation type {limits.clip(request.operation.type_url, 100)!r};"
+                f" this participant accepts {accepted}",
             )
         operation = kind()
-        if not request.operation.Unpack(operation):
+        try:
+            unpacked = request.operation.Unpack(operation)
+        except DecodeError:
+            unpacked = False
+        if not unpacked:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -265,6 +296,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             vote, reason, repeat = await self.store.write(prepare)
         except VoteAbort as e:
             vote, reason, repeat = Vote.ABORT, e.reason, False
+        except _ExhaustedError as e:
+            _log.warning("prepare_refused_cap", txn_id=txn_id, coordinator=request.coordinator)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except InvalidOperation as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except NotFound as e:
@@ -274,7 +308,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         except Exception as e:  # noqa: BLE001 - a bug in the service's prepare is INTERNAL, not a crash
             _log.exception("prepare_raised", txn_id=txn_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {e!r}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {limits.clip(repr(e))}")
         if not repeat and vote is Vote.COMMIT and not request.one_phase:
             crash_point("participant.after_prepare_durable")
         # Happy-path events are debug: at info they cost more than the fsync they log.
@@ -300,8 +334,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     async def CommitMany(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.CommitManyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.CommitManyResponse:
-        if not request.txn_ids or not all(request.txn_ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_ids are required")
+        await rpc.validate(context, lambda: _check_commit_many(request.txn_ids))
         crash_point("participant.before_commit")
         try:
             refused = await self.store.write(functools.partial(self._commit_many_tx, list(request.txn_ids)))
@@ -322,8 +355,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         return participant_pb2.AbortResponse()
 
     async def _decide(self, txn_id: str, state: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if not txn_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "txn_id is required")
+        await rpc.validate(context, lambda: limits.check_txn_id(txn_id))
         try:
             await self.apply(txn_id, state)
         except _RefusedError as e:
@@ -351,6 +383,34 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             _log.debug("decided", txn_id=txn_id, state=state)
             self.observers.emit(EventKind.APPLIED, txn_id, outcome=_OUTCOME[state])
 
+    # --- admission: limits and trust (twopc.limits, twopc.trust) ------------------
+
+    async def _admit(
+        self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Refuses a Prepare naming a coordinator this participant does not trust."""
+        try:
+            trust.admit(self.config, request.coordinator, request.one_phase, auth.peer_identities(context))
+        except trust.Refused as e:
+            _log.warning(
+                "prepare_refused_coordinator",
+                txn_id=request.txn_id,
+                coordinator=limits.clip(request.coordinator),
+                caller=",".join(auth.peer_identities(context)[:4]),
+            )
+            await context.abort(grpc.StatusCode[e.code], str(e))
+
+    def _check_capacity(self, db: sqlite3.Connection, coordinator: str) -> None:
+        """Raises _ExhaustedError if `coordinator` holds its cap of undecided
+        transactions here (counted in the Prepare's own local transaction)."""
+        cap = self.config.max_undecided_per_coordinator
+        (held,) = db.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM twopc_txn WHERE coordinator = ? AND state = ? LIMIT ?)",
+            (coordinator, PREPARED, cap),
+        ).fetchone()
+        if held >= cap:
+            raise _ExhaustedError(f"the coordinator holds {cap} undecided transactions here; try later")
+
     # --- the local transactions (on the store's thread) ----------------------------
 
     def _prepare_tx(
@@ -375,6 +435,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             return Vote.COMMIT, "", True
         if deadline is not None and time.monotonic() >= deadline:
             return Vote.ABORT, "deadline passed before prepare", False
+        if not one_phase:
+            self._check_capacity(db, coordinator)
         vote = self.handler.prepare(db, txn_id, operation)
         if vote is Vote.READ_ONLY:
             return vote, "", False
@@ -462,23 +524,31 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self.observers.emit(EventKind.IN_DOUBT_SCANNED, "", count=count, duration_s=max(age, 0.0))
 
     async def resolve_in_doubt(self) -> int:
-        """Asks the coordinator about every in-doubt transaction once and applies
-        what it says. Returns how many were resolved."""
+        """Asks the coordinators about every in-doubt transaction once (several
+        coordinators at once, each in its own backoff while it does not answer) and
+        applies what they say. Returns how many were resolved."""
+        return await self._outreach.ask(await self.in_doubt(self.config.in_doubt_after_s), self._ask_coordinator)
+
+    async def _ask_coordinator(self, coordinator: str, txn_ids: list[str]) -> tuple[int, bool]:
+        """Asks one coordinator about its txn ids, one by one; stops at the first
+        failure. Returns (how many resolved, whether it answered)."""
         resolved = 0
-        for txn_id, coordinator in await self.in_doubt(self.config.in_doubt_after_s):
+        for txn_id in txn_ids:
             log = _log.bind(txn_id=txn_id, coordinator=coordinator)
             if not coordinator:
                 log.warning("in_doubt_no_coordinator")
-                continue
+                return resolved, True  # nobody to ask; only with allow_no_coordinator
             stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(coordinator))
             try:
                 reply = await stub.GetOutcome(
                     coordinator_pb2.GetOutcomeRequest(txn_id=txn_id), timeout=self.config.rpc_timeout_s
                 )
             except grpc.aio.AioRpcError as e:
-                log.info("in_doubt_unreachable", error=rpc.describe(e))
-                self.observers.emit(EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, reason=rpc.describe(e))
-                continue
+                log.info("in_doubt_unreachable", error=limits.clip(rpc.describe(e)))
+                self.observers.emit(
+                    EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, reason=limits.clip(rpc.describe(e))
+                )
+                return resolved, False
             log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
             answer = _ANSWERED.get(reply.outcome)
             self.observers.emit(EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, outcome=answer)
@@ -491,7 +561,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 log.error("in_doubt_refused", error=str(e))
                 continue
             resolved += 1
-        return resolved
+        return resolved, True
 
     async def _resolve_forever(self) -> None:
         interval = self.config.resolve_interval_s

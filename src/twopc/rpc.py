@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import structlog
 
+from twopc import limits
+from twopc.auth import Authorizer, Policy
 from twopc.config import Credentials
 
 _log = structlog.get_logger("twopc.rpc")
+T = TypeVar("T")
 
 # Keepalives find a dead peer on an idle channel; reconnect backoff is kept short
 # so that a restarted participant is reached again within the retry schedule.
@@ -49,7 +53,18 @@ def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:
-    """Binds `address` ("host:port", port 0 for any free one); returns the port."""
+    """Binds `address` ("host:port", port 0 for any free one); returns the port.
+
+    Raises:
+        ValueError: plaintext on a non-loopback address, unless the credentials
+            allow it in so many words (`Credentials.insecure(beyond_loopback=True)`).
+        OSError: the address is in use or not one of this host's.
+    """
+    if credentials.server is None and not (credentials.plaintext_beyond_loopback or is_loopback(address)):
+        raise ValueError(
+            f"refusing plaintext on {address}: a non-loopback port needs TLS, or say"
+            " Credentials.insecure(beyond_loopback=True) (--insecure-beyond-loopback)"
+        )
     try:
         if credentials.server is None:
             port = server.add_insecure_port(address)
@@ -60,6 +75,27 @@ def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) ->
     if port == 0:
         raise OSError(f"cannot bind {address}")
     return port
+
+
+def is_loopback(address: str) -> bool:
+    """True if "host:port" names a loopback interface (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def validate(context: grpc.aio.ServicerContext[Any, Any], check: Callable[[], T]) -> T:
+    """Runs `check` (the `twopc.limits` checks of a request); a `LimitError` aborts
+    the call with INVALID_ARGUMENT and its message, which never echoes the input."""
+    try:
+        return check()
+    except limits.LimitError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        raise  # unreachable: abort raises
 
 
 def describe(error: grpc.aio.AioRpcError) -> str:
@@ -108,6 +144,7 @@ async def serve(
     health: Health | None = None,
     drain: Drain | None = None,
     interceptors: Sequence[Any] = (),
+    policy: Policy | None = None,
 ) -> None:
     """Runs a server with `services` on `address` until SIGTERM/SIGINT or failure.
 
@@ -121,9 +158,10 @@ async def serve(
     refuses new work while work in progress finishes, then the server stops; all
     within `grace_s`, after which RPCs still in flight are cancelled.
 
-    `interceptors` are server interceptors (tracing, authorization).
+    `interceptors` are server interceptors (tracing...). With a `policy`, every call
+    passes `twopc.auth.Authorizer` first (mutual TLS), before any other interceptor.
     """
-    srv = server(interceptors)
+    srv = server([*([Authorizer(policy)] if policy is not None else []), *interceptors])
     for add in services:
         add(srv)
     if health is not None:

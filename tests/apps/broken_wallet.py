@@ -14,7 +14,7 @@ import asyncio
 from typing import Any
 
 from services.common import participant_parser, run_participant
-from services.wallet.service import WalletApi, WalletHandler
+from services.wallet.service import ACCESS, WalletApi, WalletHandler
 from services.wallet.v1 import wallet_pb2_grpc
 from twopc import Participant
 from twopc.participant import ABORTED
@@ -59,4 +59,5 @@ if __name__ == "__main__":
         lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
         args,
         ImpatientParticipant,
+        access=ACCESS,
     )
