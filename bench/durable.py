@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, Participant, Vote, VoteAbort, logs
+from twopc import Credentials, Participant, ParticipantConfig, Vote, VoteAbort, logs
 
 
 class Reserve:
@@ -63,7 +63,8 @@ async def main() -> None:
     args = parser.parse_args()
     logs.configure("json", level=args.log_level)
     credentials = Credentials.insecure()
-    async with Participant(Reserve(), args.db, credentials=credentials) as participant:
+    config = ParticipantConfig(allow_no_coordinator=True)  # the bench drives Prepare by hand
+    async with Participant(Reserve(), args.db, credentials=credentials, config=config) as participant:
         await participant.serve(f"{args.host}:{args.port}", grace_s=0.5)
 
 

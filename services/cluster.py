@@ -65,6 +65,7 @@ class Cluster:
         tls: mutual TLS everywhere, with a throwaway CA made in `workdir`/pki: the
             services are "wallet", "orders" and "shop", and this client is
             "operator" (it seeds and reads). Otherwise plaintext (`--insecure`).
+        identities: more client identities to issue certificates for (tests).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class Cluster:
         events: bool = False,
         traces: bool = False,
         tls: bool = False,
+        identities: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.settings = s = settings or Settings()
@@ -91,7 +93,7 @@ class Cluster:
         self.pki = workdir / "pki"
         if tls:
             addresses = {h.address for h in hosts.values()}
-            pki.issue(self.pki, [*SERVICES, OPERATOR], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses}))
+            pki.issue(self.pki, [*SERVICES, OPERATOR, *identities], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses}))
         self.credentials = Credentials.from_dir(self.pki / OPERATOR) if tls else Credentials.insecure()
         # The participants trust exactly the shop's address: pick its port now.
         shop_host = hosts.get("shop", Host())
@@ -137,15 +139,19 @@ class Cluster:
         )
         self._channels: list[grpc.aio.Channel] = []
 
-    async def __aenter__(self) -> Cluster:
+    def start(self) -> None:
+        """Starts the three processes (blocking); `async with` does it for you."""
         try:
-            await asyncio.to_thread(self.wallet.start)
-            await asyncio.to_thread(self.orders.start)
+            self.wallet.start()
+            self.orders.start()
             self.shop.args += ["--wallet", self.wallet.address, "--orders", self.orders.address]
-            await asyncio.to_thread(self.shop.start)
+            self.shop.start()
         except BaseException:
             self.stop()
             raise
+
+    async def __aenter__(self) -> Cluster:
+        await asyncio.to_thread(self.start)
         self.wallet_api = wallet_pb2_grpc.WalletStub(self._channel(self.wallet.address))
         self.orders_api = order_pb2_grpc.OrdersStub(self._channel(self.orders.address))
         self.shop_api = shop_pb2_grpc.ShopStub(self._channel(self.shop.address))

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, prepare_request
-from twopc import Participant, rpc
+from twopc import Participant, ParticipantConfig, rpc
 from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -50,7 +50,8 @@ class Local:
 async def local(tmp_path: Path) -> AsyncIterator[Local]:
     """A kv participant served in this process on port 0, with a stub connected to it."""
     db = tmp_path / "kv.db"
-    async with Participant(KV(), str(db), credentials=INSECURE) as participant:
+    config = ParticipantConfig(allow_no_coordinator=True)  # the tests drive Prepare by hand
+    async with Participant(KV(), str(db), credentials=INSECURE, config=config) as participant:
         server = rpc.server()
         participant.add_to_server(server)
         port = rpc.add_port(server, "127.0.0.1:0", INSECURE)

@@ -68,7 +68,11 @@ async def main() -> None:
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     args = parser.parse_args()
     configure_logs(args.log_format, level="debug")
-    config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
+    config = ParticipantConfig(
+        in_doubt_after_s=args.in_doubt_after_s,
+        resolve_interval_s=args.resolve_interval_s,
+        allow_no_coordinator=True,  # tests drive Prepare by hand, with no coordinator to ask
+    )
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
         await participant.serve(f"{args.host}:{args.port}")

@@ -1,0 +1,267 @@
+"""Mutual TLS and authorization on every service, against real processes.
+
+Every test runs the services as the README says, with a throwaway CA: "wallet",
+"orders" and "shop" are the services, "operator" seeds, and "intruder" holds a
+certificate the same CA signed but is named in no allowlist.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from services.cluster import Cluster
+from services.order.v1 import order_pb2, order_pb2_grpc
+from services.shop.v1 import shop_pb2, shop_pb2_grpc
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from twopc import Credentials, pki, rpc
+from twopc.testing import ServiceProcess
+from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
+
+OK = grpc.StatusCode.OK
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+async def code_of(call: Awaitable[Any]) -> grpc.StatusCode:
+    """The status an RPC ended with (OK if it returned)."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return OK
+
+
+def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of a store, read as another process would."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+    finally:
+        conn.close()
+
+
+def packed(operation: Message) -> any_pb2.Any:
+    value = any_pb2.Any()
+    value.Pack(operation)
+    return value
+
+
+class As:
+    """Stubs to the cluster's services, calling as one identity (or as nobody)."""
+
+    def __init__(self, c: Cluster, credentials: Credentials) -> None:
+        self.channels = {
+            n: rpc.channel(p.address, credentials)
+            for n, p in (("wallet", c.wallet), ("orders", c.orders), ("shop", c.shop))
+        }
+        self.wallet = wallet_pb2_grpc.WalletStub(self.channels["wallet"])
+        self.orders = order_pb2_grpc.OrdersStub(self.channels["orders"])
+        self.shop = shop_pb2_grpc.ShopStub(self.channels["shop"])
+        self.wallet_2pc = participant_pb2_grpc.ParticipantStub(self.channels["wallet"])
+        self.orders_2pc = participant_pb2_grpc.ParticipantStub(self.channels["orders"])
+        self.outcome = coordinator_pb2_grpc.CoordinatorStub(self.channels["shop"])
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close(None)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with Cluster(tmp_path, tls=True, identities=["intruder"]) as c:
+        await c.open_account("alice", 10_000)
+        await c.add_stock("widget", 5, 1_000)
+        yield c
+
+
+@pytest.fixture
+async def callers(cluster: Cluster) -> AsyncIterator[dict[str, As]]:
+    names = ("wallet", "orders", "shop", "operator", "intruder")
+    found = {n: As(cluster, Credentials.from_dir(cluster.pki / n)) for n in names}
+    yield found
+    for a in found.values():
+        await a.close()
+
+
+def stores(c: Cluster) -> list[dict[str, list[tuple[Any, ...]]]]:
+    return [dump(db) for db in (c.wallet_db, c.orders_db, c.shop_db)]
+
+
+# --- transport ------------------------------------------------------------------------
+
+
+async def test_mutual_tls_accepts_a_certificate_from_the_ca(cluster: Cluster, callers: dict[str, As]) -> None:
+    """A client whose certificate the CA signed reads over mutual TLS."""
+    balance = await callers["operator"].wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)
+    assert balance.balance == 10_000
+
+
+async def test_mutual_tls_refuses_other_ca_no_certificate_and_plaintext(cluster: Cluster, tmp_path: Path) -> None:
+    """Another CA's certificate, no client certificate, and plaintext never reach a servicer."""
+    other = pki.issue(tmp_path / "other-ca", ["operator"], ca_name="someone else's CA")
+    ca = (cluster.pki / "ca.pem").read_bytes()
+    no_cert = Credentials(channel=grpc.ssl_channel_credentials(root_certificates=ca), server=None)
+    before = stores(cluster)
+    for credentials in (Credentials.from_dir(other / "operator"), no_cert, Credentials.insecure()):
+        async with rpc.channel(cluster.wallet.address, credentials) as ch:
+            deposit = wallet_pb2.DepositRequest(account="alice", amount=1)
+            assert (
+                await code_of(wallet_pb2_grpc.WalletStub(ch).Deposit(deposit, timeout=5)) is grpc.StatusCode.UNAVAILABLE
+            )
+    assert stores(cluster) == before
+
+
+async def test_the_server_certificate_must_come_from_the_trusted_ca(cluster: Cluster, tmp_path: Path) -> None:
+    """A client that trusts another CA refuses the service's certificate."""
+    other = pki.issue(tmp_path / "other-ca", ["operator"], ca_name="someone else's CA")
+    mixed = Credentials.mutual_tls(
+        cluster.pki / "operator" / "cert.pem", cluster.pki / "operator" / "key.pem", other / "ca.pem"
+    )
+    async with rpc.channel(cluster.wallet.address, mixed) as ch:
+        request = wallet_pb2.GetBalanceRequest(account="alice")
+        assert (
+            await code_of(wallet_pb2_grpc.WalletStub(ch).GetBalance(request, timeout=5)) is grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_plaintext_binds_only_loopback_unless_told(tmp_path: Path) -> None:
+    """--insecure on a non-loopback address exits; --insecure-beyond-loopback allows it."""
+    argv = ["--db", str(tmp_path / "w.db"), "--insecure"]
+    refused = ServiceProcess("services.wallet", argv, log_path=tmp_path / "w.log", host="0.0.0.0")
+    with pytest.raises(RuntimeError, match="exited"):
+        refused.start()
+    assert "refusing plaintext on 0.0.0.0" in (tmp_path / "w.log").read_text()
+    allowed = ServiceProcess(
+        "services.wallet",
+        [*argv, "--insecure-beyond-loopback"],
+        log_path=tmp_path / "w2.log",
+        host="0.0.0.0",
+    )
+    try:
+        allowed.start()
+    finally:
+        allowed.stop()
+
+
+def test_a_service_needs_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
+    """Without --tls-* or --insecure a service refuses to start."""
+    proc = ServiceProcess("services.wallet", ["--db", str(tmp_path / "w.db")], log_path=tmp_path / "w.log")
+    with pytest.raises(RuntimeError, match="exited"):
+        proc.start()
+    assert "--insecure" in (tmp_path / "w.log").read_text()
+
+
+# --- authorization --------------------------------------------------------------------
+
+
+def debit(c: Cluster, txn_id: str, amount: int = 100) -> participant_pb2.PrepareRequest:
+    op = packed(wallet_pb2.Debit(account="alice", amount=amount))
+    return participant_pb2.PrepareRequest(txn_id=txn_id, operation=op, coordinator=c.shop.address)
+
+
+async def test_only_coordinators_drive_a_participant(cluster: Cluster, callers: dict[str, As]) -> None:
+    """Prepare, Commit, CommitMany and Abort: the shop may; operator, intruder and a peer participant may not."""
+    for name in ("operator", "intruder", "orders"):
+        a = callers[name]
+        before = stores(cluster)
+        assert await code_of(a.wallet_2pc.Prepare(debit(cluster, f"x-{name}"), timeout=5)) is DENIED
+        assert await code_of(a.wallet_2pc.Commit(participant_pb2.CommitRequest(txn_id="t"), timeout=5)) is DENIED
+        assert (
+            await code_of(a.wallet_2pc.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t"]), timeout=5))
+            is DENIED
+        )
+        assert await code_of(a.wallet_2pc.Abort(participant_pb2.AbortRequest(txn_id="t"), timeout=5)) is DENIED
+        place = packed(
+            order_pb2.PlaceOrder(order_id="o1", account="alice", items=[order_pb2.Item(sku="widget", quantity=1)])
+        )
+        prepare = participant_pb2.PrepareRequest(txn_id="y", operation=place, coordinator=cluster.shop.address)
+        assert await code_of(a.orders_2pc.Prepare(prepare, timeout=5)) is DENIED
+        assert stores(cluster) == before
+    shop = callers["shop"]
+    vote = await shop.wallet_2pc.Prepare(debit(cluster, "by-shop"), timeout=5)
+    assert vote.vote == participant_pb2.VOTE_COMMIT
+    assert await code_of(shop.wallet_2pc.Abort(participant_pb2.AbortRequest(txn_id="by-shop"), timeout=5)) is OK
+    log = (cluster.workdir / "wallet.log").read_text()
+    assert '"identity": "intruder"' in log and '"event": "refused"' in log
+
+
+async def test_only_operators_move_money_and_stock(cluster: Cluster, callers: dict[str, As]) -> None:
+    """OpenAccount, Deposit and AddStock (prices) only from the operator; reads from anyone the CA signed."""
+    before = stores(cluster)
+    for name in ("shop", "intruder", "wallet"):
+        a = callers[name]
+        assert (
+            await code_of(a.wallet.Deposit(wallet_pb2.DepositRequest(account="alice", amount=10**6), timeout=5))
+            is DENIED
+        )
+        assert (
+            await code_of(a.wallet.OpenAccount(wallet_pb2.OpenAccountRequest(account="mallory"), timeout=5)) is DENIED
+        )
+        reprice = order_pb2.AddStockRequest(sku="widget", quantity=0, unit_price=1)
+        assert await code_of(a.orders.AddStock(reprice, timeout=5)) is DENIED
+    assert stores(cluster) == before
+    intruder = callers["intruder"]
+    assert await code_of(intruder.wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)) is OK
+    assert await code_of(intruder.orders.GetStock(order_pb2.GetStockRequest(sku="widget"), timeout=5)) is OK
+    operator = callers["operator"]
+    assert await code_of(operator.wallet.Deposit(wallet_pb2.DepositRequest(account="alice", amount=1), timeout=5)) is OK
+    assert await code_of(operator.orders.AddStock(order_pb2.AddStockRequest(sku="widget", quantity=1), timeout=5)) is OK
+
+
+async def test_only_participants_ask_the_coordinator(cluster: Cluster, callers: dict[str, As]) -> None:
+    """GetOutcome answers the wallet and orders; the operator and an intruder are refused."""
+    request = coordinator_pb2.GetOutcomeRequest(txn_id="nothing")
+    for name in ("wallet", "orders"):
+        assert await code_of(callers[name].outcome.GetOutcome(request, timeout=5)) is OK
+    for name in ("operator", "intruder", "shop"):
+        assert await code_of(callers[name].outcome.GetOutcome(request, timeout=5)) is DENIED
+
+
+async def test_allowlists_are_configurable(cluster: Cluster, tmp_path: Path) -> None:
+    """--readers and --purchasers narrow who may read and buy; everyone else is refused."""
+    wallet = ServiceProcess(
+        "services.wallet",
+        ["--db", str(tmp_path / "w2.db"), "--tls-dir", str(cluster.pki / "wallet"), "--readers", "operator"],
+        log_path=tmp_path / "w2.log",
+    ).start()
+    shop = ServiceProcess(
+        "services.shop",
+        ["--db", str(tmp_path / "s2.db"), "--tls-dir", str(cluster.pki / "shop"), "--purchasers", "operator"],
+        log_path=tmp_path / "s2.log",
+    )
+    shop.args += ["--wallet", cluster.wallet.address, "--orders", cluster.orders.address]
+    shop.start()
+    try:
+        for name, code in (("operator", grpc.StatusCode.NOT_FOUND), ("intruder", DENIED)):
+            async with rpc.channel(wallet.address, Credentials.from_dir(cluster.pki / name)) as ch:
+                read = wallet_pb2_grpc.WalletStub(ch).GetBalance(
+                    wallet_pb2.GetBalanceRequest(account="alice"), timeout=5
+                )
+                assert await code_of(read) is code
+        async with rpc.channel(shop.address, Credentials.from_dir(cluster.pki / "intruder")) as ch:
+            buy = shop_pb2.PurchaseRequest(
+                order_id="o", account="alice", items=[order_pb2.Item(sku="widget", quantity=1)]
+            )
+            assert await code_of(shop_pb2_grpc.ShopStub(ch).Purchase(buy, timeout=5)) is DENIED
+    finally:
+        wallet.stop()
+        shop.stop()
+
+
+async def test_a_purchase_commits_over_mutual_tls(cluster: Cluster) -> None:
+    """The whole protocol runs under mutual TLS and authorization: a purchase commits at both services."""
+    response = await cluster.purchase("o-1", "alice", {"widget": 2})
+    assert response.outcome == shop_pb2.OUTCOME_COMMITTED, response.reason
+    report = await cluster.settled()
+    assert report.ok, report.violations
+    assert (await cluster.balance("alice")).balance == 8_000
