@@ -1,0 +1,190 @@
+"""A participant asks only coordinators it trusts, and no coordinator delays another.
+
+The attacks of issue 12, replayed: a Prepare naming a fake coordinator whose
+GetOutcome answers COMMITTED, a Prepare naming nobody, thousands of undecided
+Prepares holding a victim's money, and coordinators that accept TCP and never
+answer, in front of a legitimate in-doubt transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2
+
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from tests.apps.kv import KV
+from tests.conftest import INSECURE, eventually, prepare_request, txn_state
+from twopc import Participant, ParticipantConfig, rpc, trust
+from twopc.testing import ServiceProcess, query
+from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+
+class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
+    """A GetOutcome that answers COMMITTED to everything, and counts who asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def GetOutcome(  # noqa: N802 - the RPC's name
+        self, request: coordinator_pb2.GetOutcomeRequest, context: Any
+    ) -> coordinator_pb2.GetOutcomeResponse:
+        self.asked.append(request.txn_id)
+        return coordinator_pb2.GetOutcomeResponse(outcome=coordinator_pb2.OUTCOME_COMMITTED)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeCoordinator, str]]:
+    servicer = FakeCoordinator()
+    server = grpc.aio.server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+    await server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+TRUSTED = "127.0.0.1:1"  # the only coordinator the wallet below trusts (nobody listens there)
+
+
+@pytest.fixture
+def wallet(tmp_path: Path) -> Iterator[ServiceProcess]:
+    args = ["--db", str(tmp_path / "w.db"), "--insecure", "--trust-coordinator", TRUSTED]
+    args += ["--in-doubt-after-s", "0.1", "--resolve-interval-s", "0.1", "--max-undecided-per-coordinator", "3"]
+    proc = ServiceProcess("services.wallet", args, log_path=tmp_path / "w.log").start()
+    yield proc
+    proc.stop()
+
+
+async def seeded(proc: ServiceProcess) -> tuple[grpc.aio.Channel, participant_pb2_grpc.ParticipantAsyncStub]:
+    ch = rpc.channel(proc.address, INSECURE)
+    api = wallet_pb2_grpc.WalletStub(ch)
+    await api.OpenAccount(wallet_pb2.OpenAccountRequest(account="victim"), timeout=5)
+    await api.Deposit(wallet_pb2.DepositRequest(account="victim", amount=1_000), timeout=5)
+    return ch, participant_pb2_grpc.ParticipantStub(ch)
+
+
+def debit(txn_id: str, coordinator: str, amount: int = 100) -> participant_pb2.PrepareRequest:
+    op = any_pb2.Any()
+    op.Pack(wallet_pb2.Debit(account="victim", amount=amount))
+    return participant_pb2.PrepareRequest(txn_id=txn_id, operation=op, coordinator=coordinator)
+
+
+async def status(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_prepare_naming_a_fake_coordinator_is_refused(
+    tmp_path: Path, wallet: ServiceProcess, fake: tuple[FakeCoordinator, str]
+) -> None:
+    """The fake-coordinator attack fails: PERMISSION_DENIED, nothing held, nothing ever asks it."""
+    servicer, address = fake
+    ch, stub = await seeded(wallet)
+    async with ch:
+        assert await status(stub.Prepare(debit("evil", address), timeout=5)) is grpc.StatusCode.PERMISSION_DENIED
+        assert await status(stub.Prepare(debit("nobody", ""), timeout=5)) is grpc.StatusCode.INVALID_ARGUMENT
+        assert query(tmp_path / "w.db", "SELECT count(*) FROM holds") == [(0,)]
+        assert txn_state(tmp_path / "w.db", "evil") is None and txn_state(tmp_path / "w.db", "nobody") is None
+        balance = await wallet_pb2_grpc.WalletStub(ch).GetBalance(
+            wallet_pb2.GetBalanceRequest(account="victim"), timeout=5
+        )
+    assert (balance.balance, balance.held) == (1_000, 0)
+    assert servicer.asked == []
+    assert "prepare_refused_coordinator" in (tmp_path / "w.log").read_text()
+
+
+async def test_undecided_prepares_per_coordinator_are_capped(tmp_path: Path, wallet: ServiceProcess) -> None:
+    """Past the cap a Prepare is RESOURCE_EXHAUSTED and holds nothing; a decision frees a place."""
+    ch, stub = await seeded(wallet)
+    async with ch:
+        for i in range(3):
+            assert (await stub.Prepare(debit(f"t{i}", TRUSTED), timeout=5)).vote == participant_pb2.VOTE_COMMIT
+        assert await status(stub.Prepare(debit("t3", TRUSTED), timeout=5)) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await stub.Prepare(debit("t0", TRUSTED), timeout=5)).vote == participant_pb2.VOTE_COMMIT  # a repeat
+        assert query(tmp_path / "w.db", "SELECT count(*) FROM holds") == [(3,)]
+        await stub.Abort(participant_pb2.AbortRequest(txn_id="t0"), timeout=5)
+        assert (await stub.Prepare(debit("t3", TRUSTED), timeout=5)).vote == participant_pb2.VOTE_COMMIT
+
+
+def test_the_caller_s_own_name_is_a_trusted_coordinator() -> None:
+    """Under mutual TLS a coordinator may name itself; no one else, and no one without a name."""
+    config = ParticipantConfig(trusted_coordinators=frozenset({"10.0.0.1:7000"}))
+    trust.admit(config, "10.0.0.1:7000", False, [])
+    trust.admit(config, "shop:7000", False, ["shop"])
+    trust.admit(config, "", True, [])  # one-phase: decided at once, nobody to ask
+    with pytest.raises(trust.Refused, match="does not trust"):
+        trust.admit(config, "evil:7000", False, ["shop"])
+    with pytest.raises(trust.Refused, match="needs a coordinator"):
+        trust.admit(config, "", False, ["shop"])
+    with pytest.raises(trust.Refused, match="longer than 255"):
+        trust.admit(config, "x" * 10_000, False, ["shop"])
+    with pytest.raises(trust.Refused, match="host:port"):
+        trust.admit(config, "no port\n", False, ["shop"])
+
+
+async def test_a_dead_coordinator_is_asked_less_often_and_a_live_one_every_round() -> None:
+    """Per-coordinator backoff: a coordinator that did not answer is skipped until its delay passes."""
+    outreach = trust.Outreach(ParticipantConfig(resolve_interval_s=60.0))
+    asked: list[str] = []
+
+    async def ask(coordinator: str, txn_ids: list[str]) -> tuple[int, bool]:
+        asked.append(coordinator)
+        return (len(txn_ids), True) if coordinator == "live:1" else (0, False)
+
+    in_doubt = [("a", "dead:1"), ("b", "live:1"), ("c", "dead:1")]
+    assert await outreach.ask(in_doubt, ask) == 1
+    assert await outreach.ask(in_doubt, ask) == 1
+    assert asked == ["dead:1", "live:1", "live:1"]
+    assert outreach.backoff() == {"dead:1": 60.0}
+
+
+async def test_blackhole_coordinators_do_not_delay_a_legitimate_resolution(
+    tmp_path: Path, fake: tuple[FakeCoordinator, str]
+) -> None:
+    """20 coordinators that accept TCP and never answer: the legitimate in-doubt transaction is
+    still resolved within a few GetOutcome timeouts, not after all 20 (40 s one at a time)."""
+    servicer, legit = fake
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # accept, read nothing, answer nothing
+
+    holes = [await asyncio.start_server(hold, "127.0.0.1", 0) for _ in range(20)]
+    config = ParticipantConfig(in_doubt_after_s=0.05, resolve_interval_s=0.1, rpc_timeout_s=2.0)
+    db = tmp_path / "kv.db"
+    try:
+        async with Participant(KV(), str(db), credentials=INSECURE, config=config) as participant:
+            server = grpc.aio.server()
+            participant.add_to_server(server)
+            port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+            await server.start()
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = participant_pb2_grpc.ParticipantStub(ch)
+                for i, hole in enumerate(holes):
+                    request = prepare_request(f"hole{i}")
+                    request.coordinator = f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"
+                    await stub.Prepare(request, timeout=5)
+                request = prepare_request("legit")
+                request.coordinator = legit
+                await stub.Prepare(request, timeout=5)
+                started = time.monotonic()
+                await eventually(lambda: txn_state(db, "legit") == "COMMITTED", 10.0, "the legitimate resolution")
+                assert time.monotonic() - started < 10.0
+                assert all(txn_state(db, f"hole{i}") == "PREPARED" for i in range(20))
+            await server.stop(None)
+    finally:
+        for hole in holes:
+            hole.close()
+        for w in silent:
+            w.close()
+    assert servicer.asked.count("legit") >= 1
