@@ -4,6 +4,13 @@ isort:skip_file
 The order service: products with stock, and the participant operation PlaceOrder
 that twopc transactions carry.
 
+Security: under mutual TLS, AddStock (stock and prices) only from --operators
+identities, the reads from --readers (default: any certificate the CA signed);
+others get PERMISSION_DENIED. Limits: a sku, order id or account is 1 to 128
+characters from A-Z a-z 0-9 . _ : @ + / = ~ - ; at most 100 items per order;
+quantities 1 to 10^9; prices 0 to 10^12 minor units. Past a limit:
+INVALID_ARGUMENT, never echoing the input.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 

@@ -5,6 +5,10 @@ The shop: the demo's own service that coordinates a purchase. It is what a user'
 service looks like when it imports twopc.Coordinator: one RPC, one atomic action
 across the wallet and order services.
 
+Security: under mutual TLS, Purchase and GetPurchase only from --purchasers
+identities (default: any certificate the CA signed), GetOutcome only from
+--participants (default wallet, orders); others get PERMISSION_DENIED.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -76,7 +80,7 @@ class PurchaseRequest(_message.Message):
     order_id: _builtins.str
     account: _builtins.str
     timeout_s: _builtins.float
-    """phase-1 deadline; the shop's default when 0"""
+    """phase-1 deadline, 0 to 300 s; the shop's default when 0"""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[_order_pb2.Item]: ...
     def __init__(

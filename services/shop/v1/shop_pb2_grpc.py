@@ -58,10 +58,13 @@ class ShopServicer:
         txn_id and amount), never charged twice; one that aborted is tried anew; one
         still being decided answers UNAVAILABLE (retry later).
 
-        INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-        unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
-        account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
-        or an earlier attempt is still being decided.
+        INVALID_ARGUMENT for a missing or malformed order id, account or sku (limits as
+        in order.proto), no items or more than 100, a quantity outside 1 to 10^9, a
+        timeout_s that is NaN, infinite, negative or above 300, or a total (quantity x
+        price, summed) past int64; NOT_FOUND for an unknown SKU; ALREADY_EXISTS for an
+        order id used by another purchase (other account or items); UNAVAILABLE when the
+        coordinator cannot decide (restart it) or an earlier attempt is still being
+        decided.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,6 +5,10 @@ The shop: the demo's own service that coordinates a purchase. It is what a user'
 service looks like when it imports twopc.Coordinator: one RPC, one atomic action
 across the wallet and order services.
 
+Security: under mutual TLS, Purchase and GetPurchase only from --purchasers
+identities (default: any certificate the CA signed), GetOutcome only from
+--participants (default wallet, orders); others get PERMISSION_DENIED.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -45,10 +49,13 @@ class ShopStub:
     txn_id and amount), never charged twice; one that aborted is tried anew; one
     still being decided answers UNAVAILABLE (retry later).
 
-    INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-    unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
-    account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
-    or an earlier attempt is still being decided.
+    INVALID_ARGUMENT for a missing or malformed order id, account or sku (limits as
+    in order.proto), no items or more than 100, a quantity outside 1 to 10^9, a
+    timeout_s that is NaN, infinite, negative or above 300, or a total (quantity x
+    price, summed) past int64; NOT_FOUND for an unknown SKU; ALREADY_EXISTS for an
+    order id used by another purchase (other account or items); UNAVAILABLE when the
+    coordinator cannot decide (restart it) or an earlier attempt is still being
+    decided.
     """
     GetPurchase: _grpc.UnaryUnaryMultiCallable[_shop_pb2.GetPurchaseRequest, _shop_pb2.PurchaseResponse]
     """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
@@ -67,10 +74,13 @@ class ShopAsyncStub(ShopStub):
     txn_id and amount), never charged twice; one that aborted is tried anew; one
     still being decided answers UNAVAILABLE (retry later).
 
-    INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-    unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
-    account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
-    or an earlier attempt is still being decided.
+    INVALID_ARGUMENT for a missing or malformed order id, account or sku (limits as
+    in order.proto), no items or more than 100, a quantity outside 1 to 10^9, a
+    timeout_s that is NaN, infinite, negative or above 300, or a total (quantity x
+    price, summed) past int64; NOT_FOUND for an unknown SKU; ALREADY_EXISTS for an
+    order id used by another purchase (other account or items); UNAVAILABLE when the
+    coordinator cannot decide (restart it) or an earlier attempt is still being
+    decided.
     """
     GetPurchase: _aio.UnaryUnaryMultiCallable[_shop_pb2.GetPurchaseRequest, _shop_pb2.PurchaseResponse]  # type: ignore[assignment]
     """What became of the purchase of an order id: COMMITTED, ABORTED, or PENDING while
@@ -92,10 +102,13 @@ class ShopServicer(metaclass=_abc_1.ABCMeta):
         txn_id and amount), never charged twice; one that aborted is tried anew; one
         still being decided answers UNAVAILABLE (retry later).
 
-        INVALID_ARGUMENT for a missing order id, account or items; NOT_FOUND for an
-        unknown SKU; ALREADY_EXISTS for an order id used by another purchase (other
-        account or items); UNAVAILABLE when the coordinator cannot decide (restart it)
-        or an earlier attempt is still being decided.
+        INVALID_ARGUMENT for a missing or malformed order id, account or sku (limits as
+        in order.proto), no items or more than 100, a quantity outside 1 to 10^9, a
+        timeout_s that is NaN, infinite, negative or above 300, or a total (quantity x
+        price, summed) past int64; NOT_FOUND for an unknown SKU; ALREADY_EXISTS for an
+        order id used by another purchase (other account or items); UNAVAILABLE when the
+        coordinator cannot decide (restart it) or an earlier attempt is still being
+        decided.
         """
 
     @_abc_1.abstractmethod

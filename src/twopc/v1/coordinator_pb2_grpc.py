@@ -58,10 +58,12 @@ class CoordinatorServicer:
         Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
         Status codes:
         OK                 the outcome is in the response.
-        INVALID_ARGUMENT   missing txn_id.
+        INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
         UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
         stopping: ask again later. Never read it as ABORTED.
         any other          treat as no answer: keep the reservation, ask again later.
+        Under mutual TLS only configured participant identities may ask; others get
+        PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

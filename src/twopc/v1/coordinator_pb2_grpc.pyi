@@ -55,10 +55,12 @@ class CoordinatorStub:
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
     Status codes:
       OK                 the outcome is in the response.
-      INVALID_ARGUMENT   missing txn_id.
+      INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
       UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
                          stopping: ask again later. Never read it as ABORTED.
       any other          treat as no answer: keep the reservation, ask again later.
+    Under mutual TLS only configured participant identities may ask; others get
+    PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
     """
 
 @_typing.type_check_only
@@ -78,10 +80,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
     Status codes:
       OK                 the outcome is in the response.
-      INVALID_ARGUMENT   missing txn_id.
+      INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
       UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
                          stopping: ask again later. Never read it as ABORTED.
       any other          treat as no answer: keep the reservation, ask again later.
+    Under mutual TLS only configured participant identities may ask; others get
+    PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -104,10 +108,12 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
         Status codes:
           OK                 the outcome is in the response.
-          INVALID_ARGUMENT   missing txn_id.
+          INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
           UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
                              stopping: ask again later. Never read it as ABORTED.
           any other          treat as no answer: keep the reservation, ask again later.
+        Under mutual TLS only configured participant identities may ask; others get
+        PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

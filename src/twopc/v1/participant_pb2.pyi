@@ -72,6 +72,16 @@ numbers are the same):
 The txn_id is an opaque string (the reference coordinator sends
 "<coordinator id>:<local id>"); store and compare it whole, never parse it.
 
+Security: under mutual TLS only callers whose client certificate names a
+configured coordinator identity may call these RPCs; any other caller gets
+PERMISSION_DENIED, and a caller with no certificate UNAUTHENTICATED. Either
+changes nothing. (twopc.auth; every status below assumes an allowed caller.)
+
+Limits (twopc.limits): a txn_id is 1 to 200 characters from A-Z a-z 0-9 and
+. _ : @ + / = ~ - ; a coordinator address at most 255 characters; an operation at
+most 64 KiB; CommitMany at most 1000 txn_ids. Past a limit: INVALID_ARGUMENT,
+with a message that never repeats the input.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -136,12 +146,16 @@ class PrepareRequest(_message.Message):
     ONE_PHASE_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     """The transaction's id: globally unique, opaque ("<coordinator id>:<local id>"
-    from the reference coordinator). Required; INVALID_ARGUMENT when empty.
+    from the reference coordinator). Required; INVALID_ARGUMENT when empty. At most
+    200 characters from A-Z a-z 0-9 . _ : @ + / = ~ - (the Python helper's limits).
     """
     coordinator: _builtins.str
-    """Address ("host:port") of the coordinator's Coordinator service, where a
-    participant left in doubt asks GetOutcome (R7). Store it with the PREPARED
-    record. Empty if the coordinator serves none: then wait for its Commit/Abort.
+    """Address ("host:port", at most 255 characters) of the coordinator's Coordinator
+    service, where a participant left in doubt asks GetOutcome (R7). Store it with
+    the PREPARED record. Empty if the coordinator serves none: then wait for its
+    Commit/Abort. The Python helper refuses an address it does not trust
+    (PERMISSION_DENIED), and an empty one on a two-phase Prepare (INVALID_ARGUMENT)
+    unless configured to accept it.
     """
     one_phase: _builtins.bool
     """One-phase commit: this participant is the only branch. If it can commit, it
@@ -152,8 +166,8 @@ class PrepareRequest(_message.Message):
     @_builtins.property
     def operation(self) -> _any_pb2.Any:
         """The business operation: a message of the participant's own proto, packed.
-        Required. An unknown type_url is INVALID_ARGUMENT. A repeated Prepare must carry
-        the same operation (R3).
+        Required; at most 64 KiB. An unknown type_url is INVALID_ARGUMENT. A repeated
+        Prepare must carry the same operation (R3).
         """
 
     def __init__(
@@ -274,7 +288,7 @@ class CommitManyRequest(_message.Message):
     TXN_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def txn_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Required, at least one; each as CommitRequest.txn_id."""
+        """Required, 1 to 1000; each as CommitRequest.txn_id."""
 
     def __init__(
         self,

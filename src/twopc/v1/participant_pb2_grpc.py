@@ -67,8 +67,17 @@ class ParticipantServicer:
         Status codes a participant may return (every non-OK status counts as an ABORT
         vote at the coordinator):
         OK                 the vote is in PrepareResponse.
-        INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
-        malformed operation (e.g. a negative amount). Nothing changed.
+        INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, bytes
+        that do not decode as it, a malformed operation (e.g. a
+        negative amount), an input past its limit, or no
+        coordinator on a two-phase Prepare (unless the participant
+        allows it). Nothing changed.
+        PERMISSION_DENIED  the coordinator address is not one this participant trusts
+        (configured, or the authenticated caller's own name), or
+        the caller is not a coordinator. Nothing changed.
+        RESOURCE_EXHAUSTED this coordinator already holds its cap of prepared,
+        undecided transactions here (default 10000). Nothing
+        changed; retry once some are decided.
         NOT_FOUND          the operation names something that does not exist (e.g. an
         unknown account). Nothing changed.
         DEADLINE_EXCEEDED  the request's deadline passed. Nothing is left reserved
@@ -132,7 +141,8 @@ class ParticipantServicer:
         OK only once every committed one is on disk. Status codes:
         OK                 every transaction not listed in `refused` is committed,
         durably.
-        INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+        INVALID_ARGUMENT   no txn_ids, more than 1000, or one malformed. Nothing
+        changed.
         UNAVAILABLE        try again later (the coordinator retries one by one).
         INTERNAL           as for Commit: nothing changed, the coordinator retries.
         UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.

@@ -72,6 +72,16 @@ numbers are the same):
 The txn_id is an opaque string (the reference coordinator sends
 "<coordinator id>:<local id>"); store and compare it whole, never parse it.
 
+Security: under mutual TLS only callers whose client certificate names a
+configured coordinator identity may call these RPCs; any other caller gets
+PERMISSION_DENIED, and a caller with no certificate UNAUTHENTICATED. Either
+changes nothing. (twopc.auth; every status below assumes an allowed caller.)
+
+Limits (twopc.limits): a txn_id is 1 to 200 characters from A-Z a-z 0-9 and
+. _ : @ + / = ~ - ; a coordinator address at most 255 characters; an operation at
+most 64 KiB; CommitMany at most 1000 txn_ids. Past a limit: INVALID_ARGUMENT,
+with a message that never repeats the input.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -111,8 +121,17 @@ class ParticipantStub:
     Status codes a participant may return (every non-OK status counts as an ABORT
     vote at the coordinator):
       OK                 the vote is in PrepareResponse.
-      INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
-                         malformed operation (e.g. a negative amount). Nothing changed.
+      INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, bytes
+                         that do not decode as it, a malformed operation (e.g. a
+                         negative amount), an input past its limit, or no
+                         coordinator on a two-phase Prepare (unless the participant
+                         allows it). Nothing changed.
+      PERMISSION_DENIED  the coordinator address is not one this participant trusts
+                         (configured, or the authenticated caller's own name), or
+                         the caller is not a coordinator. Nothing changed.
+      RESOURCE_EXHAUSTED this coordinator already holds its cap of prepared,
+                         undecided transactions here (default 10000). Nothing
+                         changed; retry once some are decided.
       NOT_FOUND          the operation names something that does not exist (e.g. an
                          unknown account). Nothing changed.
       DEADLINE_EXCEEDED  the request's deadline passed. Nothing is left reserved
@@ -164,7 +183,8 @@ class ParticipantStub:
     OK only once every committed one is on disk. Status codes:
       OK                 every transaction not listed in `refused` is committed,
                          durably.
-      INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+      INVALID_ARGUMENT   no txn_ids, more than 1000, or one malformed. Nothing
+                         changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
       INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
@@ -181,8 +201,17 @@ class ParticipantAsyncStub(ParticipantStub):
     Status codes a participant may return (every non-OK status counts as an ABORT
     vote at the coordinator):
       OK                 the vote is in PrepareResponse.
-      INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
-                         malformed operation (e.g. a negative amount). Nothing changed.
+      INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, bytes
+                         that do not decode as it, a malformed operation (e.g. a
+                         negative amount), an input past its limit, or no
+                         coordinator on a two-phase Prepare (unless the participant
+                         allows it). Nothing changed.
+      PERMISSION_DENIED  the coordinator address is not one this participant trusts
+                         (configured, or the authenticated caller's own name), or
+                         the caller is not a coordinator. Nothing changed.
+      RESOURCE_EXHAUSTED this coordinator already holds its cap of prepared,
+                         undecided transactions here (default 10000). Nothing
+                         changed; retry once some are decided.
       NOT_FOUND          the operation names something that does not exist (e.g. an
                          unknown account). Nothing changed.
       DEADLINE_EXCEEDED  the request's deadline passed. Nothing is left reserved
@@ -234,7 +263,8 @@ class ParticipantAsyncStub(ParticipantStub):
     OK only once every committed one is on disk. Status codes:
       OK                 every transaction not listed in `refused` is committed,
                          durably.
-      INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+      INVALID_ARGUMENT   no txn_ids, more than 1000, or one malformed. Nothing
+                         changed.
       UNAVAILABLE        try again later (the coordinator retries one by one).
       INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
@@ -254,8 +284,17 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         Status codes a participant may return (every non-OK status counts as an ABORT
         vote at the coordinator):
           OK                 the vote is in PrepareResponse.
-          INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, or a
-                             malformed operation (e.g. a negative amount). Nothing changed.
+          INVALID_ARGUMENT   missing txn_id or operation, unknown operation type, bytes
+                             that do not decode as it, a malformed operation (e.g. a
+                             negative amount), an input past its limit, or no
+                             coordinator on a two-phase Prepare (unless the participant
+                             allows it). Nothing changed.
+          PERMISSION_DENIED  the coordinator address is not one this participant trusts
+                             (configured, or the authenticated caller's own name), or
+                             the caller is not a coordinator. Nothing changed.
+          RESOURCE_EXHAUSTED this coordinator already holds its cap of prepared,
+                             undecided transactions here (default 10000). Nothing
+                             changed; retry once some are decided.
           NOT_FOUND          the operation names something that does not exist (e.g. an
                              unknown account). Nothing changed.
           DEADLINE_EXCEEDED  the request's deadline passed. Nothing is left reserved
@@ -325,7 +364,8 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
         OK only once every committed one is on disk. Status codes:
           OK                 every transaction not listed in `refused` is committed,
                              durably.
-          INVALID_ARGUMENT   no txn_ids, or an empty one. Nothing changed.
+          INVALID_ARGUMENT   no txn_ids, more than 1000, or one malformed. Nothing
+                             changed.
           UNAVAILABLE        try again later (the coordinator retries one by one).
           INTERNAL           as for Commit: nothing changed, the coordinator retries.
           UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
