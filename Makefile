@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test demo console chaos bench check clean
+.PHONY: help install proto proto-check lint test demo console chaos bench fuzz check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,10 @@ DURATION ?= 60
 CONCURRENCY ?= 8
 chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=)
 	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
+
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) ## hypothesis against the real servers under mutual TLS (FUZZ_EXAMPLES=, default 20000; `make test` runs 3000)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -s tests/test_fuzz.py --timeout 0
 
 bench: $(STAMP) ## twopc against the floor of its own message pattern, measured in one run
 	$(PY) -m bench $(BENCH_ARGS)
