@@ -106,9 +106,9 @@ floats = st.one_of(st.sampled_from([0.0, 2.0]), st.floats(allow_nan=True, allow_
 items = st.lists(st.builds(order_pb2.Item, sku=skus, quantity=small), max_size=4) | st.integers(
     limits.MAX_ITEMS + 1, limits.MAX_ITEMS + 3
 ).map(lambda n: [order_pb2.Item(sku=f"s{i}", quantity=1) for i in range(n)])
-# Commit and CommitMany ids never name a transaction the fuzzer prepared itself
-# ("fp-..."): a coordinator committing what it never decided breaks the log
-# invariant by its own hand, and a coordinator is trusted not to.
+# Every id the fuzzer prepares starts "fp-", and Commit and CommitMany ids never do:
+# a coordinator committing what it never decided breaks the log invariant by its
+# own hand, and a coordinator is trusted not to.
 # Well-formed requests, weighted in beside the fuzzed ones, so that calls also succeed.
 good_items = st.lists(
     st.builds(order_pb2.Item, sku=st.sampled_from(SKUS), quantity=st.integers(1, 3)),
@@ -149,12 +149,12 @@ def participant_calls(service: str, shop_address: str) -> st.SearchStrategy[Call
     coordinator = st.one_of(st.just(shop_address), st.just(shop_address), st.just(""), texts)
     prepare = st.builds(
         lambda txn_id, fresh, coordinator, operation, one_phase: participant_pb2.PrepareRequest(
-            txn_id=f"fp-{next(prepared_ids)}" if fresh else txn_id,
+            txn_id=f"fp-{next(prepared_ids)}" if fresh else f"fp-{txn_id}",
             coordinator=coordinator,
             operation=operation,
             one_phase=one_phase,
         ),
-        commit_ids,
+        ids,
         st.booleans(),
         coordinator,
         operations(service),
