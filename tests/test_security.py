@@ -22,6 +22,7 @@ from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import Credentials, pki, rpc
+from twopc.auth import Authorizer, Policy, grant
 from twopc.testing import ServiceProcess
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -265,3 +266,74 @@ async def test_a_purchase_commits_over_mutual_tls(cluster: Cluster) -> None:
     report = await cluster.settled()
     assert report.ok, report.violations
     assert (await cluster.balance("alice")).balance == 8_000
+
+
+# --- the interceptor itself, on a server of our own -------------------------------------
+
+
+async def serve_demo(root: Path, credentials: Credentials) -> tuple[grpc.aio.Server, int, list[bytes]]:
+    """A server of our own with a streaming and a unary RPC, only "reader" allowed."""
+    served: list[bytes] = []
+
+    async def numbers(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        served.append(request)
+        for i in range(3):
+            yield bytes([i])
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        served.append(request)
+        return request
+
+    handlers = {
+        "Numbers": grpc.unary_stream_rpc_method_handler(numbers),
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+    }
+    server = rpc.server([Authorizer(Policy(grant(["reader"], "test.v1.Demo", "Numbers", "Echo")))])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.v1.Demo", handlers)])
+    port = rpc.add_port(server, "127.0.0.1:0", credentials)
+    await server.start()
+    return server, port, served
+
+
+async def call_demo(port: int, credentials: Credentials) -> tuple[grpc.StatusCode, list[bytes], grpc.StatusCode]:
+    """(status of the stream, its items, status of the unary call)."""
+    async with rpc.channel(f"127.0.0.1:{port}", credentials) as ch:
+        stream = ch.unary_stream("/test.v1.Demo/Numbers")(b"n", timeout=5)  # type: ignore[call-arg]  # bytes as they are
+        try:
+            items = [item async for item in stream]
+            stream_code = OK
+        except grpc.aio.AioRpcError as e:
+            items, stream_code = [], e.code()
+        unary = ch.unary_unary("/test.v1.Demo/Echo")(b"e", timeout=5)  # type: ignore[call-arg]  # bytes as they are
+        return stream_code, items, await code_of(unary)
+
+
+async def test_authorizer_guards_streaming_rpcs_too(tmp_path: Path) -> None:
+    """A streaming RPC is authorized like a unary one: the allowed name streams, another is refused."""
+    root = pki.issue(tmp_path / "pki", ["server", "reader", "intruder"])
+    server, port, served = await serve_demo(root, Credentials.from_dir(root / "server"))
+    try:
+        assert await call_demo(port, Credentials.from_dir(root / "reader")) == (OK, [b"\x00", b"\x01", b"\x02"], OK)
+        assert await call_demo(port, Credentials.from_dir(root / "intruder")) == (DENIED, [], DENIED)
+    finally:
+        await server.stop(None)
+    assert served == [b"n", b"e"]  # only the reader's calls reached a handler
+
+
+async def test_a_caller_without_a_verified_name_is_unauthenticated(tmp_path: Path) -> None:
+    """Server-only TLS (no client certificates): every caller is UNAUTHENTICATED and reaches nothing."""
+    root = pki.issue(tmp_path / "pki", ["server", "reader"])
+    chain, key = (root / "server" / "cert.pem").read_bytes(), (root / "server" / "key.pem").read_bytes()
+    ca = (root / "ca.pem").read_bytes()
+    server_only = Credentials(channel=None, server=grpc.ssl_server_credentials([(key, chain)]))
+    server, port, served = await serve_demo(root, server_only)
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    try:
+        for credentials in (
+            Credentials.from_dir(root / "reader"),  # presented, but never requested nor verified
+            Credentials(channel=grpc.ssl_channel_credentials(root_certificates=ca), server=None),
+        ):
+            assert await call_demo(port, credentials) == (unauthenticated, [], unauthenticated)
+    finally:
+        await server.stop(None)
+    assert served == []

@@ -20,7 +20,7 @@ caller's identity and address. The protocol's own rules come ready-made
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -99,10 +99,11 @@ def _is_ip(name: str) -> bool:
 
 
 _Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Streaming = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
 class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic for no reason here
-    """The server interceptor that enforces a `Policy` on every unary RPC."""
+    """The server interceptor that enforces a `Policy` on every RPC, unary or streaming."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
@@ -113,20 +114,32 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # unknown method (UNIMPLEMENTED) or streaming: none served here
+        if handler is None:
+            return handler  # an unknown method: UNIMPLEMENTED, nothing to guard
         method: str = handler_call_details.method
-        inner = cast(_Behaviour, handler.unary_unary)  # grpc.aio handlers are coroutines
+        serdes = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        # grpc.aio behaviours are coroutines (one response) or async generators (a stream).
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            single = cast(_Behaviour, handler.unary_unary or handler.stream_unary)
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await self.check(method, context)
+                return await single(request, context)
+
+            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return make(guarded, **serdes)
+        streaming = cast(_Streaming, handler.unary_stream or handler.stream_stream)
+
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self.check(method, context)
-            return await inner(request, context)
+            async for response in streaming(request, context):
+                yield response
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return make(guarded_stream, **serdes)
 
     async def check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Aborts the call unless the policy allows its caller."""
