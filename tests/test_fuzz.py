@@ -203,6 +203,9 @@ def calls(shop_address: str) -> st.SearchStrategy[Call]:
     )
     shop = st.one_of(
         purchases.map(lambda r: Call("shop", "api", "Purchase", r, ANYONE)),
+        st.one_of(good_order_ids, ids).map(
+            lambda o: Call("shop", "api", "GetPurchase", shop_pb2.GetPurchaseRequest(order_id=o), ANYONE)
+        ),
         ids.map(
             lambda t: Call(
                 "shop",
