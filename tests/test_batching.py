@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, op
-from twopc import Branch, Coordinator, Outcome, Participant, SqliteDecisionLog, rpc
+from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog, rpc
 from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -120,7 +120,8 @@ class _Recording(Participant):
 @pytest.fixture
 async def recording(tmp_path: Path) -> AsyncIterator[tuple[str, _Recording]]:
     """A kv participant served in this process that records its CommitMany sizes."""
-    async with _Recording(KV(), tmp_path / "kv.db", credentials=INSECURE) as participant:
+    config = ParticipantConfig(allow_no_coordinator=True)  # its coordinators serve no GetOutcome
+    async with _Recording(KV(), tmp_path / "kv.db", credentials=INSECURE, config=config) as participant:
         participant.sizes = []
         server = rpc.server()
         participant.add_to_server(server)

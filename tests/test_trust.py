@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, eventually, prepare_request, txn_state
-from twopc import Participant, ParticipantConfig, rpc, trust
+from twopc import Credentials, Participant, ParticipantConfig, pki, rpc, trust
 from twopc.testing import ServiceProcess, query
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -188,3 +188,13 @@ async def test_blackhole_coordinators_do_not_delay_a_legitimate_resolution(
         for w in silent:
             w.close()
     assert servicer.asked.count("legit") >= 1
+
+
+async def test_under_tls_the_default_trusts_only_the_caller_s_own_name(tmp_path: Path) -> None:
+    """A participant with TLS credentials and no trusted addresses trusts no address by default."""
+    pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
+    root = pki.issue(tmp_path / "pki", ["kv"])
+    tls = Participant(KV(), str(tmp_path / "a.db"), credentials=Credentials.from_dir(root / "kv"))
+    plain = Participant(KV(), str(tmp_path / "b.db"), credentials=INSECURE)
+    assert tls.config.trusted_coordinators == frozenset()
+    assert plain.config.trusted_coordinators is None

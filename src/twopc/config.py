@@ -159,8 +159,9 @@ class ParticipantConfig:
             would refuse it as never prepared.
         trusted_coordinators: the coordinator addresses ("host:port") a Prepare may
             name; a Prepare naming another is refused (PERMISSION_DENIED), unless
-            its host is the mutually authenticated caller's own name. None trusts
-            every address: only for plaintext tests and demos on loopback.
+            its host is the mutually authenticated caller's own name. None: under
+            TLS, only the caller's own name; under plaintext, every address (tests
+            and loopback demos only).
         allow_no_coordinator: accept a two-phase Prepare with no coordinator
             address (nobody to ask if it is left in doubt). Refused by default.
         max_undecided_per_coordinator: prepared, undecided transactions one

@@ -24,6 +24,9 @@ MAX_ID_LEN = 128
 MAX_ADDRESS_LEN = 255
 """A coordinator's address ("host:port") in a Prepare."""
 
+MAX_TYPE_URL_LEN = 256
+"""The type URL of a Prepare's operation."""
+
 MAX_BRANCHES = 64
 """Branches (participants) in one transaction."""
 

@@ -28,6 +28,7 @@ have to:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import os
@@ -140,11 +141,10 @@ def _check_prepare(request: participant_pb2.PrepareRequest) -> None:
     limits.check_txn_id(request.txn_id)
     if not request.HasField("operation"):
         raise limits.LimitError("operation is required")
-    if (
-        len(request.operation.value) > limits.MAX_OPERATION_BYTES
-        or len(request.operation.type_url) > limits.MAX_ID_LEN * 2
-    ):
+    if len(request.operation.value) > limits.MAX_OPERATION_BYTES:
         raise limits.LimitError(f"operation is larger than {limits.MAX_OPERATION_BYTES} bytes")
+    if len(request.operation.type_url) > limits.MAX_TYPE_URL_LEN:
+        raise limits.LimitError(f"operation type_url is longer than {limits.MAX_TYPE_URL_LEN} characters")
 
 
 def _check_commit_many(txn_ids: Sequence[str]) -> None:
@@ -189,6 +189,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
         self.store.schema = _SCHEMA + handler.schema + self.store.schema  # all applied when it opens
         self.config = config or ParticipantConfig()
+        if self.config.trusted_coordinators is None and credentials.secure:
+            # Under TLS the default trusts no address, only the caller's own name.
+            self.config = dataclasses.replace(self.config, trusted_coordinators=frozenset())
         self._credentials = credentials
         self._types = {t.DESCRIPTOR.full_name: t for t in handler.operations}
         self._channels: dict[str, grpc.aio.Channel] = {}
