@@ -70,7 +70,9 @@ def example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def processes(tmp_path: Path, example: Path) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     env = {"PYTHONPATH": os.pathsep.join([str(example), str(ROOT)])}
-    wallet = ServiceProcess("services.wallet", ["--db", str(tmp_path / "w.db")], log_path=tmp_path / "w.log")
+    wallet = ServiceProcess(
+        "services.wallet", ["--db", str(tmp_path / "w.db"), "--insecure"], log_path=tmp_path / "w.log"
+    )
     loyalty = ServiceProcess("loyalty_service", ["--db", str(tmp_path / "l.db")], log_path=tmp_path / "l.log", env=env)
     yield wallet.start(), loyalty.start()
     wallet.stop()

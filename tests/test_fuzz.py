@@ -4,7 +4,7 @@ Valid and invalid requests go to every RPC of the wallet, the order service and 
 shop, from every identity: the ones each RPC allows and the ones it does not. After
 each call: no UNKNOWN or INTERNAL for any input; a caller the policy does not allow
 got PERMISSION_DENIED; a refused call changed nothing in any store. At the end: the
-invariants of DESIGN.md hold and every server still answers.
+invariants of docs/design.md hold and every server still answers.
 
 FUZZ_EXAMPLES sets how many calls (`make fuzz FUZZ_EXAMPLES=20000`); the default
 is what CI runs.
