@@ -22,6 +22,7 @@ from twopc import (
     Participant,
     ParticipantConfig,
     ParticipantHandler,
+    limits,
     metrics,
 )
 from twopc.auth import Policy, operations_rules, participant_rules
@@ -304,6 +305,8 @@ def page_after(kind: str, token: str) -> list[Any] | None:
     token). InvalidOperation for a token this list did not hand out."""
     if not token:
         return None
+    if len(token) > limits.MAX_PAGE_TOKEN_LEN:
+        raise InvalidOperation("page_token is not one this list handed out")
     try:
         decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, binascii.Error) as e:

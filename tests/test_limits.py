@@ -113,6 +113,8 @@ async def test_services_refuse_long_ids_and_big_orders(cluster: Cluster) -> None
     await invalid(wallet.GetBalance(wallet_pb2.GetBalanceRequest(account=BIG), timeout=10))
     await invalid(cluster.orders_api.AddStock(order_pb2.AddStockRequest(sku=BIG, quantity=1, unit_price=1), timeout=10))
     await invalid(cluster.orders_api.GetOrder(order_pb2.GetOrderRequest(order_id=BIG), timeout=10))
+    await invalid(cluster.orders_api.ListOrders(order_pb2.ListOrdersRequest(page_token=BIG), timeout=10))
+    await invalid(wallet.ListLedger(wallet_pb2.ListLedgerRequest(account="alice", page_token=BIG), timeout=10))
     items = [order_pb2.Item(sku=f"s{i}", quantity=1) for i in range(limits.MAX_ITEMS + 1)]
     place = any_pb2.Any()
     place.Pack(order_pb2.PlaceOrder(order_id="o", account="alice", items=items))

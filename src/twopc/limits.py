@@ -27,6 +27,9 @@ MAX_ADDRESS_LEN = 255
 MAX_TYPE_URL_LEN = 256
 """The type URL of a Prepare's operation."""
 
+MAX_PAGE_TOKEN_LEN = 1024
+"""A list RPC's page_token (the services hand out far shorter ones)."""
+
 MAX_BRANCHES = 64
 """Branches (participants) in one transaction."""
 
