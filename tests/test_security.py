@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cluster import Cluster
 from services.order.v1 import order_pb2, order_pb2_grpc
@@ -213,6 +214,9 @@ async def test_only_operators_move_money_and_stock(cluster: Cluster, callers: di
     assert stores(cluster) == before
     intruder = callers["intruder"]
     assert await code_of(intruder.wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)) is OK
+    for ch in intruder.channels.values():  # health checks: whoever may read
+        health = health_pb2_grpc.HealthStub(ch)
+        assert await code_of(health.Check(health_pb2.HealthCheckRequest(), timeout=5)) is OK
     assert await code_of(intruder.orders.GetStock(order_pb2.GetStockRequest(sku="widget"), timeout=5)) is OK
     operator = callers["operator"]
     assert await code_of(operator.wallet.Deposit(wallet_pb2.DepositRequest(account="alice", amount=1), timeout=5)) is OK
