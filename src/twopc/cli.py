@@ -207,6 +207,8 @@ def _tls_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _credentials(ca: str | None, cert: str | None, key: str | None) -> Credentials:
     if ca is None:
         return Credentials.insecure()
+    if cert is not None and key is not None:  # mutual TLS, the way every twopc process loads it
+        return Credentials.mutual_tls(cert, key, ca)
 
     def read(path: str | None) -> bytes | None:
         return Path(path).read_bytes() if path else None
