@@ -103,7 +103,8 @@ async def test_a_failing_observer_changes_nothing(tmp_path: Path, start_kv: Call
 async def test_participant_reports_votes_decisions_and_in_doubt_questions(tmp_path: Path) -> None:
     """The participant helper reports its vote, the applied decision, and an unanswered in-doubt question."""
     recorder = Recorder()
-    config = ParticipantConfig(in_doubt_after_s=0.05, resolve_interval_s=0.05)
+    # The test drives Prepare by hand; t1 names no coordinator.
+    config = ParticipantConfig(in_doubt_after_s=0.05, resolve_interval_s=0.05, allow_no_coordinator=True)
     async with Participant(
         KV(), str(tmp_path / "kv.db"), credentials=INSECURE, config=config, observers=[recorder]
     ) as p:

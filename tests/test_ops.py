@@ -25,7 +25,7 @@ from services.cluster import Cluster, Settings
 from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, eventually, prepare_request
-from twopc import Participant
+from twopc import Participant, ParticipantConfig
 from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.testing import query
 from twopc.v1 import participant_pb2_grpc
@@ -84,7 +84,8 @@ async def test_every_service_answers_health_and_reflection_from_its_address_alon
 
 async def test_health_turns_not_serving_after_a_failed_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A participant whose store commit fails as on EIO is NOT_SERVING from then on."""
-    async with Participant(KV(), str(tmp_path / "kv.db"), credentials=INSECURE) as participant:
+    config = ParticipantConfig(allow_no_coordinator=True)  # the test drives Prepare by hand
+    async with Participant(KV(), str(tmp_path / "kv.db"), credentials=INSECURE, config=config) as participant:
         server = grpc.aio.server()
         participant.add_to_server(server)
         health = Health([PARTICIPANT_SERVICE])
