@@ -41,6 +41,8 @@ from twopc.errors import (
     CoordinatorFailedError,
     DuplicateTransactionError,
     DurabilityError,
+    FencedError,
+    NotLoggedError,
     OutcomeUnknownError,
     TwoPCError,
 )
@@ -95,8 +97,10 @@ class Coordinator:
     coordinators can never mean different transactions by one id at a participant.
 
     Args:
-        log: the decision log, or the path of its SQLite file. A log has one owner:
-            a second coordinator on the same file fails to start (StoreInUseError).
+        log: the decision log; or the path of its SQLite file (one owner: a second
+            coordinator on the same file fails to start, StoreInUseError); or a
+            "postgresql://" URL, a log that several coordinator instances share
+            (`twopc.postgres_decision_log`, the `postgres` extra).
         credentials: transport security for channels and the GetOutcome server.
         listen: address to serve GetOutcome on ("host:port", port 0 for any), on a
             server of the coordinator's own. Or serve it on yours (`serve`, or
@@ -108,6 +112,10 @@ class Coordinator:
         interceptors: client interceptors for the channels to participants
             (tracing, auth, or fault injection in tests).
         observers: told of every step of every transaction (`twopc.observe`).
+        peers: GetOutcome addresses of the other instances sharing this
+            coordinator's log (or one service address in front of them all): sent
+            in every Prepare, so a participant in doubt asks them when this
+            instance is gone.
     """
 
     def __init__(
@@ -120,8 +128,16 @@ class Coordinator:
         config: CoordinatorConfig | None = None,
         interceptors: Sequence[Any] = (),
         observers: Iterable[Observer] = (),
+        peers: Sequence[str] = (),
     ) -> None:
-        self._log: DecisionLog = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
+        self._log: DecisionLog
+        if isinstance(log, str) and log.startswith(("postgresql://", "postgres://")):
+            from twopc.postgres_decision_log import PostgresDecisionLog  # the postgres extra
+
+            self._log = PostgresDecisionLog(log, address=advertise or "")
+        else:
+            self._log = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
+        self._peers = tuple(p for p in peers if p)
         self._credentials = credentials
         self._interceptors = tuple(interceptors)
         self._listen = listen
@@ -195,6 +211,7 @@ class Coordinator:
             await self._log.close()
             raise
         self._open = True
+        self._log.watch(adopt=self._adopt, fail=self._fail)
         # Recovery runs beside new work: those transactions are already decided and
         # GetOutcome already knows them, so nothing new can contradict them.
         if pending:
@@ -336,6 +353,7 @@ class Coordinator:
             raise CoordinatorFailedError(f"decision log failed: {self._failure}")
         if self._closing or not self._open:
             raise ClosedError("the coordinator is closed" if self._closing else "enter the coordinator first")
+        self._log.check_writable()  # a shared log out of reach: refuse before sending anything
         if not branches:
             raise ValueError("a transaction needs at least one branch")
         if len({b.target for b in branches}) != len(branches):
@@ -401,18 +419,28 @@ class Coordinator:
             kept (the log's retention, 7 days by default, after every participant
             acknowledged). PENDING while it is in phase 1 here, or while a failed
             decision write leaves only the disk knowing (ask after a restart).
+            With a shared log, also PENDING while another instance that owns it
+            may still log its COMMIT (its lease is not taken over).
             ABORTED otherwise: decided abort, never seen, or a commit whose record
             is past retention (presumed abort).
 
         Raises:
             CoordinatorFailedError: the decision log failed; restart to ask again.
+            LogUnavailableError: a shared log cannot be reached now.
             ClosedError: the coordinator is closed.
         """
-        gid = self.global_id(txn_id)
+        return await self._outcome(self.global_id(txn_id))
+
+    async def _outcome(self, gid: str) -> Outcome:
+        """Memory first, then the log (rule 5; with a shared log, its rule 4)."""
         known = self._known(gid)
         if known is not None:
             return known
-        return Outcome.COMMITTED if await self._logged(gid) else Outcome.ABORTED
+        try:
+            return await self._log.outcome(gid)
+        except DurabilityError as e:
+            self._fail(e)
+            raise CoordinatorFailedError(f"decision log failed: {e}") from e
 
     async def _logged(self, gid: str) -> bool:
         """Whether the log holds a COMMIT for `gid`, ended or not."""
@@ -426,6 +454,14 @@ class Coordinator:
         if self._failure is None:
             self._failure = error
             self._failed.set()
+
+    def _adopt(self, records: Sequence[CommitRecord]) -> None:
+        """Commits another instance logged and can no longer deliver: ours now."""
+        fresh = [r for r in records if r.txn_id not in self._committed]
+        for record in fresh:
+            self._committed[record.txn_id] = record.targets
+        if fresh and not self._stopped:
+            self._spawn(self._recover(fresh))
 
     def _known(self, gid: str) -> Outcome | None:
         """The outcome from memory alone, or None if only the log can tell."""
@@ -450,10 +486,19 @@ class Coordinator:
                 outcome = Outcome.COMMITTED
                 targets = tuple(v.target for v in votes if v.vote is Vote.COMMIT)
                 self.observers.emit(EventKind.DECIDED, gid, outcome=outcome)
-                if targets:
-                    await self._log_commit(gid, targets, log)
-                log.debug("decided", outcome="commit", targets=targets)
-                crash_point("coordinator.after_commit_logged")
+                try:
+                    if targets:
+                        await self._log_commit(gid, targets, log)
+                    log.debug("decided", outcome="commit", targets=targets)
+                    crash_point("coordinator.after_commit_logged")
+                except NotLoggedError as e:
+                    # Certainly not logged, and now never can be: abort is the
+                    # decision every instance's GetOutcome gives for it.
+                    outcome, reason = Outcome.ABORTED, f"decision not logged: {e}"
+                    log.warning("decided", outcome="abort", reason=reason)
+                    self.observers.emit(EventKind.DECIDED, gid, outcome=outcome, reason=reason)
+                    if isinstance(e, FencedError):
+                        self._fail(e)
             else:
                 outcome = Outcome.ABORTED
                 targets = tuple(v.target for v in votes if v.vote is not Vote.READ_ONLY)
@@ -540,7 +585,7 @@ class Coordinator:
         operation = any_pb2.Any()
         operation.Pack(branch.operation)
         request = participant_pb2.PrepareRequest(
-            txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase
+            txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase, coordinators=self._peers
         )
         timeout = deadline - asyncio.get_running_loop().time()
         if timeout <= 0:
@@ -755,10 +800,7 @@ class Coordinator:
 
     async def _answer(self, gid: str) -> coordinator_pb2.Outcome.ValueType:
         """GetOutcome's answer for a participant (rule 5): memory, then the log."""
-        known = self._known(gid)
-        if known is None:
-            known = Outcome.COMMITTED if await self._logged(gid) else Outcome.ABORTED
-        return _PB_OUTCOME[known]
+        return _PB_OUTCOME[await self._outcome(gid)]
 
 
 class _CommitBatcher:

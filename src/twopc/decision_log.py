@@ -24,11 +24,12 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from twopc.stores import SqliteStore
+from twopc.types import Outcome
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,29 @@ class DecisionLog(Protocol):
 
     async def log_end(self, txn_id: str) -> None:
         """Records that every participant acknowledged; the record may be forgotten."""
+        ...
+
+    async def outcome(self, txn_id: str) -> Outcome:
+        """What the log says of `txn_id` (GetOutcome for a transaction the
+        coordinator does not hold in memory): COMMITTED if a COMMIT is logged;
+        PENDING while its owner may still log one (a shared log: the owner's lease
+        is not taken over); ABORTED once nobody can.
+
+        Raises:
+            LogUnavailableError: the log cannot be read now; ask again.
+        """
+        ...
+
+    def check_writable(self) -> None:
+        """Raises LogUnavailableError (or FencedError) if a COMMIT cannot be logged
+        now, so that `run` refuses a transaction before sending anything."""
+        ...
+
+    def watch(self, *, adopt: Callable[[Sequence[CommitRecord]], None], fail: Callable[[BaseException], None]) -> None:
+        """Starts the log's background work (a shared log: lease renewal and
+        takeover). `adopt` gets commits without END that this coordinator must now
+        deliver (taken over from a dead instance); `fail` gets a fatal error (this
+        instance was fenced). A log of one owner does nothing."""
         ...
 
     async def close(self) -> None: ...
@@ -156,6 +180,16 @@ class SqliteDecisionLog:
                 c.execute("DELETE FROM decisions WHERE ended_at < ?", (now - self.retention_s,))
 
         await self.store.write(end, durable=False)
+
+    async def outcome(self, txn_id: str) -> Outcome:
+        # One owner: what it has not logged it aborted (presumed abort).
+        return Outcome.COMMITTED if await self.find(txn_id) is not None else Outcome.ABORTED
+
+    def check_writable(self) -> None:
+        """Always writable: a failed write is fatal (DurabilityError), not passing."""
+
+    def watch(self, *, adopt: Callable[[Sequence[CommitRecord]], None], fail: Callable[[BaseException], None]) -> None:
+        """Nothing to watch: one owner, no leases."""
 
     async def close(self) -> None:
         await self.store.close()

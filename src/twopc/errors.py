@@ -43,6 +43,25 @@ class CoordinatorFailedError(TwoPCError):
     """
 
 
+class LogUnavailableError(TwoPCError):
+    """The decision log cannot be reached now (a shared log's database is down or
+    out of reach, or this instance's lease is not renewed): `run` refuses new
+    transactions before sending anything, and GetOutcome answers UNAVAILABLE so a
+    participant asks another instance. Retry later; nothing was started."""
+
+
+class NotLoggedError(TwoPCError):
+    """The COMMIT decision was certainly not logged and never can be: the
+    transaction aborts (its result says why). Not raised to `run`'s caller."""
+
+
+class FencedError(NotLoggedError):
+    """Another coordinator instance took this one's lease over (it was paused, cut
+    off from the database, or too slow to renew): the database refused its COMMIT.
+    The instance decides nothing more; restart the process (a new instance).
+    """
+
+
 class DuplicateTransactionError(TwoPCError):
     """`run` was given a transaction id this coordinator is running or has committed.
 

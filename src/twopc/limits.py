@@ -33,6 +33,9 @@ MAX_PAGE_TOKEN_LEN = 1024
 MAX_BRANCHES = 64
 """Branches (participants) in one transaction."""
 
+MAX_COORDINATORS = 16
+"""Other coordinator instances one Prepare may name (PrepareRequest.coordinators)."""
+
 MAX_ITEMS = 100
 """Items (distinct skus) in one order."""
 

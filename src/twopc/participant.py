@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS twopc_txn (
     coordinator  TEXT NOT NULL DEFAULT '',
     prepared_at  REAL,
     decided_at   REAL,
-    digest       TEXT NOT NULL DEFAULT ''  -- of the prepared operation: a repeat must match
+    digest       TEXT NOT NULL DEFAULT '',  -- of the prepared operation: a repeat must match
+    alternates   TEXT NOT NULL DEFAULT ''   -- more GetOutcome addresses (instances sharing a log)
 );
 CREATE INDEX IF NOT EXISTS twopc_txn_state ON twopc_txn (state, prepared_at);
 CREATE INDEX IF NOT EXISTS twopc_txn_decided ON twopc_txn (decided_at);
@@ -145,6 +146,9 @@ def _check_prepare(request: participant_pb2.PrepareRequest) -> None:
         raise limits.LimitError(f"operation is larger than {limits.MAX_OPERATION_BYTES} bytes")
     if len(request.operation.type_url) > limits.MAX_TYPE_URL_LEN:
         raise limits.LimitError(f"operation type_url is longer than {limits.MAX_TYPE_URL_LEN} characters")
+    limits.check_count("coordinators", len(request.coordinators), limits.MAX_COORDINATORS)
+    for address in request.coordinators:
+        limits.check_address("each of coordinators", address)
 
 
 def _check_commit_many(txn_ids: Sequence[str]) -> None:
@@ -292,8 +296,10 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         digest = _digest(request.operation.type_url, request.operation.value)
+        # Several coordinator instances sharing a log: any of them can answer.
+        alternates = " ".join(dict.fromkeys(a for a in request.coordinators if a and a != request.coordinator))
         prepare = functools.partial(
-            self._prepare_tx, txn_id, request.coordinator, operation, digest, deadline, request.one_phase
+            self._prepare_tx, txn_id, request.coordinator, alternates, operation, digest, deadline, request.one_phase
         )
         try:
             vote, reason, repeat = await self.store.write(prepare)
@@ -391,9 +397,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     async def _admit(
         self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        """Refuses a Prepare naming a coordinator this participant does not trust."""
+        """Refuses a Prepare naming a coordinator this participant does not trust
+        (each of `coordinators` too: any of them will be believed)."""
+        caller = auth.peer_identities(context)
         try:
-            trust.admit(self.config, request.coordinator, request.one_phase, auth.peer_identities(context))
+            trust.admit(self.config, request.coordinator, request.one_phase, caller)
+            for address in request.coordinators:
+                if address:
+                    trust.admit(self.config, address, request.one_phase, caller)
         except trust.Refused as e:
             _log.warning(
                 "prepare_refused_coordinator",
@@ -420,6 +431,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         self,
         txn_id: str,
         coordinator: str,
+        alternates: str,
         operation: Message,
         digest: str,
         deadline: float | None,
@@ -449,8 +461,17 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if one_phase:
             self.handler.commit(db, txn_id)
         db.execute(
-            "INSERT INTO twopc_txn VALUES (?, ?, ?, ?, ?, ?)",
-            (txn_id, COMMITTED if one_phase else PREPARED, coordinator, now, now if one_phase else None, digest),
+            "INSERT INTO twopc_txn (txn_id, state, coordinator, prepared_at, decided_at, digest, alternates)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                txn_id,
+                COMMITTED if one_phase else PREPARED,
+                coordinator,
+                now,
+                now if one_phase else None,
+                digest,
+                alternates,
+            ),
         )
         return vote, "", False
 
@@ -493,11 +514,14 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     # --- in-doubt resolution -------------------------------------------------------
 
     async def in_doubt(self, older_than_s: float = 0.0) -> list[tuple[str, str]]:
-        """Prepared transactions (txn id, coordinator) older than `older_than_s`."""
+        """Prepared transactions (txn id, coordinator) older than `older_than_s`. The
+        coordinator is its address, followed by the other instances' when several
+        share a decision log ("a:1 b:1", space-separated)."""
         cutoff = time.time() - older_than_s
         return await self.store.read(
             lambda db: db.execute(
-                "SELECT txn_id, coordinator FROM twopc_txn WHERE state = ? AND prepared_at <= ? ORDER BY prepared_at",
+                "SELECT txn_id, trim(coordinator || ' ' || alternates) FROM twopc_txn"
+                " WHERE state = ? AND prepared_at <= ? ORDER BY prepared_at",
                 (PREPARED, cutoff),
             ).fetchall()
         )
@@ -533,35 +557,50 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         return await self._outreach.ask(await self.in_doubt(self.config.in_doubt_after_s), self._ask_coordinator)
 
     async def _ask_coordinator(self, coordinator: str, txn_ids: list[str]) -> tuple[int, bool]:
-        """Asks one coordinator about its txn ids, one by one; stops at the first
-        failure. Returns (how many resolved, whether it answered)."""
-        resolved = 0
+        """Asks one coordinator about its txn ids, one by one. With several addresses
+        (instances sharing a log, `in_doubt`), each txn is asked of them in order
+        until one answers COMMITTED or ABORTED; an address that gave no answer is not
+        asked again this time, and once none is left it stops. Returns (how many
+        resolved, whether any answered)."""
+        if not coordinator:
+            for txn_id in txn_ids:
+                _log.warning("in_doubt_no_coordinator", txn_id=txn_id)
+            return 0, True  # nobody to ask; only with allow_no_coordinator
+        addresses = coordinator.split()
+        resolved, answered = 0, False
+        decided = {coordinator_pb2.OUTCOME_COMMITTED: COMMITTED, coordinator_pb2.OUTCOME_ABORTED: ABORTED}
         for txn_id in txn_ids:
-            log = _log.bind(txn_id=txn_id, coordinator=coordinator)
-            if not coordinator:
-                log.warning("in_doubt_no_coordinator")
-                return resolved, True  # nobody to ask; only with allow_no_coordinator
-            stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(coordinator))
-            try:
-                reply = await stub.GetOutcome(
-                    coordinator_pb2.GetOutcomeRequest(txn_id=txn_id), timeout=self.config.rpc_timeout_s
-                )
-            except grpc.aio.AioRpcError as e:
-                log.info("in_doubt_unreachable", error=limits.clip(rpc.describe(e)))
+            outcome = None
+            for address in list(addresses):
+                log = _log.bind(txn_id=txn_id, coordinator=address)
+                stub = coordinator_pb2_grpc.CoordinatorStub(self._channel(address))
+                try:
+                    reply = await stub.GetOutcome(
+                        coordinator_pb2.GetOutcomeRequest(txn_id=txn_id), timeout=self.config.rpc_timeout_s
+                    )
+                except grpc.aio.AioRpcError as e:
+                    log.info("in_doubt_unreachable", error=limits.clip(rpc.describe(e)))
+                    self.observers.emit(
+                        EventKind.IN_DOUBT_ASKED, txn_id, target=address, reason=limits.clip(rpc.describe(e))
+                    )
+                    addresses.remove(address)
+                    continue
+                answered = True
+                log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
                 self.observers.emit(
-                    EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, reason=limits.clip(rpc.describe(e))
+                    EventKind.IN_DOUBT_ASKED, txn_id, target=address, outcome=_ANSWERED.get(reply.outcome)
                 )
-                return resolved, False
-            log.info("in_doubt_asked", outcome=coordinator_pb2.Outcome.Name(reply.outcome))
-            answer = _ANSWERED.get(reply.outcome)
-            self.observers.emit(EventKind.IN_DOUBT_ASKED, txn_id, target=coordinator, outcome=answer)
-            decided = {coordinator_pb2.OUTCOME_COMMITTED: COMMITTED, coordinator_pb2.OUTCOME_ABORTED: ABORTED}
-            if reply.outcome not in decided:
+                if reply.outcome in decided:
+                    outcome = decided[reply.outcome]
+                    break
+            if not addresses:
+                return resolved, answered
+            if outcome is None:
                 continue  # PENDING: ask again next round
             try:
-                await self.apply(txn_id, decided[reply.outcome])
+                await self.apply(txn_id, outcome)
             except _RefusedError as e:  # only if the protocol was broken elsewhere
-                log.error("in_doubt_refused", error=str(e))
+                _log.error("in_doubt_refused", txn_id=txn_id, error=str(e))
                 continue
             resolved += 1
         return resolved, True
@@ -607,3 +646,5 @@ def _migrate(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(twopc_txn)")}
     if "digest" not in columns:
         db.execute("ALTER TABLE twopc_txn ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
+    if "alternates" not in columns:
+        db.execute("ALTER TABLE twopc_txn ADD COLUMN alternates TEXT NOT NULL DEFAULT ''")

@@ -144,6 +144,7 @@ class PrepareRequest(_message.Message):
     COORDINATOR_FIELD_NUMBER: _builtins.int
     OPERATION_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
+    COORDINATORS_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     """The transaction's id: globally unique, opaque ("<coordinator id>:<local id>"
     from the reference coordinator). Required; INVALID_ARGUMENT when empty. At most
@@ -170,6 +171,18 @@ class PrepareRequest(_message.Message):
         Prepare must carry the same operation (R3).
         """
 
+    @_builtins.property
+    def coordinators(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """More addresses that answer GetOutcome for this transaction: the other
+        instances of a coordinator whose decision log is shared (several coordinator
+        processes on one PostgreSQL log), or one service address in front of them.
+        A participant in doubt asks `coordinator` first, then these in order, until
+        one answers COMMITTED or ABORTED. Any of them may answer for any transaction
+        of the shared log. Empty for a coordinator that runs alone. At most 16, each
+        "host:port" like `coordinator` (else INVALID_ARGUMENT); the Python helper
+        refuses any it does not trust, as for `coordinator` (PERMISSION_DENIED).
+        """
+
     def __init__(
         self,
         *,
@@ -177,10 +190,11 @@ class PrepareRequest(_message.Message):
         coordinator: _builtins.str = ...,
         operation: _any_pb2.Any | None = ...,
         one_phase: _builtins.bool = ...,
+        coordinators: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "one_phase", b"one_phase", "operation", b"operation", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "coordinators", b"coordinators", "one_phase", b"one_phase", "operation", b"operation", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

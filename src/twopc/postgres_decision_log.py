@@ -1,0 +1,474 @@
+"""A decision log in PostgreSQL, shared by several coordinator instances.
+
+Each coordinator process is an *instance*: a random id and a row in `instances`
+(id, epoch, expiry by the database's clock) that it renews in the background. A
+transaction belongs to the instance that runs it and its id names that instance
+(`"<instance id>:<local id>"`). The rules (model-checked in tests/model/ha_model.py):
+
+1. A restarted process is a new instance with a new row; its old row is taken over
+   like any other.
+2. Fencing, by the database: the COMMIT record is inserted in the database
+   transaction that also reads the writer's row `FOR SHARE` and checks its epoch. A
+   takeover's epoch bump waits for that lock, so a COMMIT either lands before the
+   bump (and the taker sees it) or finds the epoch moved and writes nothing. No
+   local clock is trusted.
+3. Takeover: every instance looks for rows whose expiry passed (database clock);
+   one database transaction bumps the epoch of such a row, then moves that
+   instance's COMMIT records without END to the taker, which delivers them.
+   Ownership changes are written to `ownership` and logged.
+4. Outcome, from any instance: COMMITTED if a COMMIT record exists; PENDING while
+   the owner's row has its first epoch (the owner may still write: expired but not
+   taken over counts as live); ABORTED once the epoch moved, or for an owner the
+   database never knew.
+5. A COMMIT write whose result was not seen (connection lost, timeout) is neither
+   success nor failure: `log_commit` reads it back before returning. The read-back
+   inserts an *abort marker* for the txn id if there is no record, so a write still
+   on its way can no longer land (its INSERT conflicts), then follows the record.
+   This is a stronger form of the model's "the write can no longer land".
+6. END is not fenced: it is written only after every target acknowledged, and two
+   instances delivering one COMMIT send idempotent Commits.
+
+While the database cannot be reached (renewals fail, or the lease ran out by the
+local clock since the last renewal) `check_writable` refuses new transactions;
+phase 2 of logged commits goes on, and END waits for the database.
+
+The schema lives in its own PostgreSQL schema (`twopc` by default; `?schema=` in
+the URL) and carries its version in `meta`; `open` creates or checks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+import psycopg_pool
+import structlog
+from psycopg.types.json import Jsonb
+
+from twopc.decision_log import CommitRecord
+from twopc.errors import DurabilityError, FencedError, LogUnavailableError, NotLoggedError
+from twopc.types import Outcome
+
+_log = structlog.get_logger("twopc.postgres_decision_log")
+
+SCHEMA_VERSION = 1
+"""The version of the tables below; `open` refuses a database with a newer one."""
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS {s}.meta (key text PRIMARY KEY, value text NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.instances (
+    id         text PRIMARY KEY,
+    epoch      bigint NOT NULL DEFAULT 0,         -- 0 while the instance holds it
+    expires_at timestamptz NOT NULL,              -- by the database's clock
+    address    text NOT NULL DEFAULT '',
+    started_at timestamptz NOT NULL DEFAULT statement_timestamp(),
+    taken_by   text,                              -- the instance that took it over
+    taken_at   timestamptz
+);
+CREATE TABLE IF NOT EXISTS {s}.decisions (
+    txn_id    text PRIMARY KEY,
+    owner     text NOT NULL,                      -- the instance named in txn_id
+    driver    text NOT NULL,                      -- who delivers it now
+    decision  text NOT NULL CHECK (decision IN ('commit', 'abort')),
+    targets   jsonb NOT NULL,
+    logged_at timestamptz NOT NULL DEFAULT statement_timestamp(),
+    ended_at  timestamptz                         -- NULL until every target acknowledged
+);
+CREATE INDEX IF NOT EXISTS decisions_open ON {s}.decisions (driver) WHERE ended_at IS NULL;
+CREATE INDEX IF NOT EXISTS decisions_ended ON {s}.decisions (ended_at);
+CREATE TABLE IF NOT EXISTS {s}.ownership (
+    at       timestamptz NOT NULL DEFAULT statement_timestamp(),
+    instance text NOT NULL,
+    epoch    bigint NOT NULL,
+    taken_by text NOT NULL,
+    commits  integer NOT NULL
+);
+"""
+
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether a coordinator's `log` argument names a PostgreSQL database."""
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+class _EpochMovedError(Exception):
+    """Inside a database transaction: this instance's epoch moved."""
+
+
+class PostgresDecisionLog:
+    """The decision log in PostgreSQL, for one coordinator instance among several.
+
+    Args:
+        url: a libpq URL, "postgresql://user@host:port/db". A `schema` query
+            parameter (`?schema=shop_log`) names the PostgreSQL schema of the tables
+            (default `twopc`); every instance sharing a log must name the same one.
+        address: this instance's GetOutcome address, recorded in its row for
+            operators.
+        lease_s: how long a renewal keeps the lease. Longer: fewer false takeovers
+            of a slow instance; shorter: a dead instance's transactions wait less.
+        renew_every_s: how often the lease is renewed (lease_s / 4 by default).
+        takeover_every_s: how often to look for expired leases (lease_s / 2).
+        op_timeout_s: the bound on one database round (connect, statement, commit);
+            past it the database counts as unreachable.
+        decision_wait_s: how long a COMMIT write whose result was lost is read back
+            before the coordinator gives up (DurabilityError; restart).
+        pool_size: connections; concurrent COMMITs share WAL flushes.
+        retention_s: how long ended records are kept (an audit trail).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        address: str = "",
+        lease_s: float = 5.0,
+        renew_every_s: float | None = None,
+        takeover_every_s: float | None = None,
+        op_timeout_s: float = 2.0,
+        decision_wait_s: float = 30.0,
+        pool_size: int = 8,
+        retention_s: float = 7 * 24 * 3600.0,
+    ) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        schema = query.pop("schema", "twopc")
+        if not _IDENT.fullmatch(schema):
+            raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
+        if not (lease_s > 0 and op_timeout_s > 0 and decision_wait_s > 0 and pool_size > 0):
+            raise ValueError("lease_s, op_timeout_s, decision_wait_s and pool_size must be > 0")
+        # A partition must surface as an error, not a socket that waits for ever.
+        timeout_ms = str(int(op_timeout_s * 1000))
+        query.setdefault("connect_timeout", str(max(1, round(op_timeout_s))))
+        query.setdefault("tcp_user_timeout", timeout_ms)
+        query.setdefault("keepalives_idle", "1")
+        query.setdefault("keepalives_interval", "1")
+        query.setdefault("keepalives_count", "3")
+        self._conninfo = urlunsplit(parts._replace(query=urlencode(query)))
+        self.schema = schema
+        self.address = address
+        self.lease_s = lease_s
+        self.renew_every_s = renew_every_s or lease_s / 4
+        self.takeover_every_s = takeover_every_s or lease_s / 2
+        self.op_timeout_s = op_timeout_s
+        self.decision_wait_s = decision_wait_s
+        self.retention_s = retention_s
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            self._conninfo, min_size=1, max_size=pool_size, open=False, timeout=op_timeout_s, name="twopc-log"
+        )
+        self._id = ""
+        self._epoch = 0
+        self._renewed_at = 0.0  # loop time a successful renewal was sent
+        self._unreachable = ""  # why the last round failed, or ""
+        self._fenced: FencedError | None = None
+        self._fail: Callable[[BaseException], None] = lambda e: None
+        self._adopt: Callable[[Sequence[CommitRecord]], None] = lambda records: None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._syncs = 0
+        self._closed = False
+
+    # --- the DecisionLog protocol ----------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def syncs(self) -> int:
+        return self._syncs
+
+    async def open(self) -> list[CommitRecord]:
+        """Creates or checks the schema and registers a new instance with a fresh
+        lease. Returns no records: an instance has none at birth (a previous
+        process's are taken over from its expired row).
+
+        Raises:
+            LogUnavailableError: the database cannot be reached.
+            DurabilityError: the schema is newer than this code.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            await self._pool.open(wait=True, timeout=self.op_timeout_s * 2)
+        except psycopg_pool.PoolTimeout as e:
+            await self._pool.close()
+            raise LogUnavailableError(f"cannot reach the decision log's database: {e}") from e
+        try:
+            async with self._tx() as cur:
+                # One creator at a time: concurrent CREATE IF NOT EXISTS can collide.
+                await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twopc-schema:{self.schema}",))
+                await cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+                await cur.execute(_DDL.format(s=self.schema))
+                await cur.execute(
+                    f"INSERT INTO {self.schema}.meta VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
+                    (str(SCHEMA_VERSION),),
+                )
+                await cur.execute(f"SELECT value FROM {self.schema}.meta WHERE key = 'schema_version'")
+                found = await cur.fetchone()
+                version = int(found[0]) if found is not None else SCHEMA_VERSION
+                if version > SCHEMA_VERSION:
+                    raise DurabilityError(
+                        f"the decision log's schema is version {version}; this twopc knows {SCHEMA_VERSION}: upgrade"
+                    )
+            new_id = secrets.token_hex(8)
+            sent = loop.time()
+            async with self._tx() as cur:
+                await cur.execute(
+                    f"INSERT INTO {self.schema}.instances (id, expires_at, address) "
+                    "VALUES (%s, statement_timestamp() + %s * interval '1 second', %s)",
+                    (new_id, self.lease_s, self.address),
+                )
+        except BaseException:
+            await self._pool.close()
+            raise
+        self._id, self._renewed_at = new_id, sent
+        _log.info("instance_registered", instance=new_id, schema=self.schema, lease_s=self.lease_s)
+        return []
+
+    def watch(self, *, adopt: Callable[[Sequence[CommitRecord]], None], fail: Callable[[BaseException], None]) -> None:
+        self._adopt, self._fail = adopt, fail
+        self._tasks = [asyncio.create_task(self._renew_forever()), asyncio.create_task(self._take_over_forever())]
+
+    def check_writable(self) -> None:
+        if self._fenced is not None:
+            raise self._fenced
+        if self._closed:
+            raise LogUnavailableError("the decision log is closed")
+        held_s = asyncio.get_running_loop().time() - self._renewed_at
+        if held_s > self.lease_s:
+            why = f": {self._unreachable}" if self._unreachable else ""
+            raise LogUnavailableError(
+                f"the decision log's database has not renewed this instance's lease for {held_s:.1f} s{why};"
+                " no new transaction until it does"
+            )
+
+    async def log_commit(self, txn_id: str, targets: Sequence[str]) -> bool:
+        """Logs the COMMIT, fenced by this instance's epoch (rule 2).
+
+        Raises:
+            FencedError: the epoch moved: nothing was written, and this instance is
+                done deciding.
+            NotLoggedError: the write's result was lost and the read-back found
+                nothing (and made sure nothing can land): the transaction aborts.
+            DurabilityError: the result stayed unknown for `decision_wait_s`.
+        """
+        if self._fenced is not None:
+            raise self._fenced
+        try:
+            async with self._tx() as cur:
+                await self._check_epoch(cur)
+                await cur.execute(
+                    f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets) "
+                    "VALUES (%s, %s, %s, 'commit', %s) ON CONFLICT DO NOTHING",
+                    (txn_id, self._id, self._id, Jsonb(list(targets))),
+                )
+                inserted = cur.rowcount == 1
+        except _EpochMovedError:
+            raise self._fence() from None
+        except LogUnavailableError as e:
+            _log.warning("decision_write_unseen", txn_id=txn_id, error=str(e))
+            return await self._read_back(txn_id)
+        if inserted:
+            self._syncs += 1
+        return inserted
+
+    async def find(self, txn_id: str) -> CommitRecord | None:
+        async with self._tx() as cur:
+            await cur.execute(
+                f"SELECT targets, ended_at IS NOT NULL FROM {self.schema}.decisions "
+                "WHERE txn_id = %s AND decision = 'commit'",
+                (txn_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else CommitRecord(txn_id, tuple(row[0]), bool(row[1]))
+
+    async def log_end(self, txn_id: str) -> None:
+        """Marks the record ended, waiting (with backoff) for the database if it is
+        down: phase 2 is done, and nobody waits for END."""
+        delay = 0.05
+        while True:
+            try:
+                async with self._tx() as cur:
+                    await cur.execute(
+                        f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = %s",
+                        (txn_id,),
+                    )
+                return
+            except LogUnavailableError:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 2.0)
+
+    async def outcome(self, txn_id: str) -> Outcome:
+        owner = txn_id.split(":", 1)[0] if ":" in txn_id else ""
+        async with self._tx() as cur:
+            await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
+            row = await cur.fetchone()
+            if row is not None:
+                return Outcome.COMMITTED if row[0] == "commit" else Outcome.ABORTED
+            await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s", (owner,))
+            lease = await cur.fetchone()
+        # Rule 4: the owner may still write while its row has its first epoch.
+        return Outcome.PENDING if lease is not None and lease[0] == 0 else Outcome.ABORTED
+
+    async def close(self) -> None:
+        """Stops renewing and taking over, and lets the lease go at once (so
+        another instance takes over what is left without waiting for expiry)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._id and self._fenced is None:
+            with contextlib.suppress(LogUnavailableError):
+                async with self._tx() as cur:
+                    await cur.execute(
+                        f"UPDATE {self.schema}.instances SET expires_at = statement_timestamp() "
+                        "WHERE id = %s AND epoch = %s",
+                        (self._id, self._epoch),
+                    )
+        await self._pool.close()
+
+    # --- leases and takeover ---------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.renew_every_s)
+            sent = loop.time()
+            try:
+                async with self._tx() as cur:
+                    await cur.execute(
+                        f"UPDATE {self.schema}.instances"
+                        " SET expires_at = statement_timestamp() + %s * interval '1 second'"
+                        " WHERE id = %s AND epoch = %s",
+                        (self.lease_s, self._id, self._epoch),
+                    )
+                    held = cur.rowcount == 1
+            except LogUnavailableError as e:
+                if not self._unreachable:
+                    _log.warning("lease_renewal_failed", instance=self._id, error=str(e))
+                self._unreachable = str(e)
+                continue
+            if not held:
+                self._fence()
+                return
+            if self._unreachable:
+                _log.info("lease_renewed_again", instance=self._id)
+            self._unreachable = ""
+            self._renewed_at = sent
+
+    async def _take_over_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.takeover_every_s * random.uniform(0.5, 1.5))
+            try:
+                await self.take_over()
+            except LogUnavailableError:
+                continue  # the renewal loop reports it
+            except _EpochMovedError:
+                self._fence()
+                return
+
+    async def take_over(self) -> list[str]:
+        """Takes over every instance whose lease expired (rule 3) and hands their
+        commits without END to `adopt`. Returns the instances taken over."""
+        async with self._tx() as cur:
+            await self._check_epoch(cur)  # a fenced instance takes nothing over
+            await cur.execute(
+                f"UPDATE {self.schema}.instances SET epoch = epoch + 1, taken_by = %s, taken_at = statement_timestamp()"
+                " WHERE expires_at < statement_timestamp() AND taken_by IS NULL AND id <> %s RETURNING id, epoch",
+                (self._id, self._id),
+            )
+            taken = await cur.fetchall()
+            if not taken:
+                return []
+            ids = [row[0] for row in taken]
+            # After the bump, in the same transaction (a fresh snapshot per
+            # statement): every COMMIT those instances could ever write is here.
+            await cur.execute(
+                f"UPDATE {self.schema}.decisions SET driver = %s"
+                " WHERE driver = ANY(%s) AND ended_at IS NULL AND decision = 'commit'"
+                " RETURNING txn_id, targets, driver",
+                (self._id, ids),
+            )
+            records = await cur.fetchall()
+            for instance, epoch in taken:
+                commits = sum(1 for r in records if r[2] == instance)
+                await cur.execute(
+                    f"INSERT INTO {self.schema}.ownership (instance, epoch, taken_by, commits) VALUES (%s, %s, %s, %s)",
+                    (instance, epoch, self._id, commits),
+                )
+        for instance, epoch in taken:
+            commits = sum(1 for r in records if r[2] == instance)
+            _log.warning("instance_taken_over", instance=instance, epoch=epoch, taken_by=self._id, commits=commits)
+        if records:
+            self._adopt([CommitRecord(txn_id, tuple(targets)) for txn_id, targets, _ in records])
+        return ids
+
+    # --- plumbing --------------------------------------------------------------------
+
+    async def _check_epoch(self, cur: psycopg.AsyncCursor[Any]) -> None:
+        # FOR SHARE: a takeover's epoch bump waits for this transaction to end.
+        await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s FOR SHARE", (self._id,))
+        row = await cur.fetchone()
+        if row is None or row[0] != self._epoch:
+            raise _EpochMovedError
+
+    def _fence(self) -> FencedError:
+        if self._fenced is None:
+            self._fenced = FencedError(
+                f"instance {self._id} was taken over by another coordinator (its lease expired):"
+                " it logs no COMMIT any more; restart the process"
+            )
+            _log.error("instance_fenced", instance=self._id)
+            self._fail(self._fenced)
+        return self._fenced
+
+    async def _read_back(self, txn_id: str) -> bool:
+        """Rule 5: learns what became of a COMMIT write whose result was lost."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.decision_wait_s
+        delay = 0.05
+        while True:
+            try:
+                async with self._tx() as cur:
+                    # If nothing is there, an abort marker makes sure the lost write
+                    # can never land (its INSERT conflicts, or it already rolled back).
+                    await cur.execute(
+                        f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets, ended_at) "
+                        "VALUES (%s, %s, %s, 'abort', '[]', statement_timestamp()) ON CONFLICT DO NOTHING",
+                        (txn_id, self._id, self._id),
+                    )
+                    await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
+                    (decision,) = await cur.fetchone() or ("abort",)
+            except LogUnavailableError as e:
+                if loop.time() > give_up:
+                    raise DurabilityError(f"the COMMIT of {txn_id} may or may not be logged: {e}") from e
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 1.0)
+                continue
+            _log.info("decision_write_read_back", txn_id=txn_id, decision=decision)
+            if decision == "commit":
+                self._syncs += 1
+                return True
+            raise NotLoggedError(f"the COMMIT write of {txn_id} was lost, and the log now holds none")
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
+        """One database transaction, bounded by `op_timeout_s`; an unreachable or
+        failing server is LogUnavailableError."""
+        if self._pool.closed:
+            raise LogUnavailableError("the decision log is closed")
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                    yield cur
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout, TimeoutError) as e:
+            raise LogUnavailableError(f"the decision log's database is unreachable: {e or type(e).__name__}") from e
