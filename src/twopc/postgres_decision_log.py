@@ -43,8 +43,8 @@ import contextlib
 import random
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -92,6 +92,9 @@ CREATE TABLE IF NOT EXISTS {s}.ownership (
 );
 """
 
+T = TypeVar("T")
+Cursor = psycopg.AsyncCursor[Any]
+
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -108,9 +111,12 @@ class PostgresDecisionLog:
     """The decision log in PostgreSQL, for one coordinator instance among several.
 
     Args:
-        url: a libpq URL, "postgresql://user@host:port/db". A `schema` query
-            parameter (`?schema=shop_log`) names the PostgreSQL schema of the tables
-            (default `twopc`); every instance sharing a log must name the same one.
+        url: a libpq URL, "postgresql://user@host:port/db". Query parameters of
+            twopc's own are taken out of it: `schema` names the PostgreSQL schema of
+            the tables (default `twopc`; every instance sharing a log names the same
+            one), and `lease_s`, `op_timeout_s` set those options (they win over
+            the arguments), so one URL configures a coordinator's command line:
+            "postgresql://db/app?schema=shop_log&lease_s=2".
         address: this instance's GetOutcome address, recorded in its row for
             operators.
         lease_s: how long a renewal keeps the lease. Longer: fewer false takeovers
@@ -141,6 +147,8 @@ class PostgresDecisionLog:
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         schema = query.pop("schema", "twopc")
+        lease_s = float(query.pop("lease_s", lease_s))
+        op_timeout_s = float(query.pop("op_timeout_s", op_timeout_s))
         if not _IDENT.fullmatch(schema):
             raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
         if not (lease_s > 0 and op_timeout_s > 0 and decision_wait_s > 0 and pool_size > 0):
@@ -172,6 +180,7 @@ class PostgresDecisionLog:
         self._fail: Callable[[BaseException], None] = lambda e: None
         self._adopt: Callable[[Sequence[CommitRecord]], None] = lambda records: None
         self._tasks: list[asyncio.Task[None]] = []
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._syncs = 0
         self._closed = False
 
@@ -200,31 +209,36 @@ class PostgresDecisionLog:
         except psycopg_pool.PoolTimeout as e:
             await self._pool.close()
             raise LogUnavailableError(f"cannot reach the decision log's database: {e}") from e
+        new_id = secrets.token_hex(8)
+
+        async def create(cur: Cursor) -> None:
+            # One creator at a time: concurrent CREATE IF NOT EXISTS can collide.
+            await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twopc-schema:{self.schema}",))
+            await cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+            await cur.execute(_DDL.format(s=self.schema))
+            await cur.execute(
+                f"INSERT INTO {self.schema}.meta VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
+                (str(SCHEMA_VERSION),),
+            )
+            await cur.execute(f"SELECT value FROM {self.schema}.meta WHERE key = 'schema_version'")
+            found = await cur.fetchone()
+            version = int(found[0]) if found is not None else SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise DurabilityError(
+                    f"the decision log's schema is version {version}; this twopc knows {SCHEMA_VERSION}: upgrade"
+                )
+
+        async def register(cur: Cursor) -> None:
+            await cur.execute(
+                f"INSERT INTO {self.schema}.instances (id, expires_at, address) "
+                "VALUES (%s, statement_timestamp() + %s * interval '1 second', %s)",
+                (new_id, self.lease_s, self.address),
+            )
+
         try:
-            async with self._tx() as cur:
-                # One creator at a time: concurrent CREATE IF NOT EXISTS can collide.
-                await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twopc-schema:{self.schema}",))
-                await cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
-                await cur.execute(_DDL.format(s=self.schema))
-                await cur.execute(
-                    f"INSERT INTO {self.schema}.meta VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
-                    (str(SCHEMA_VERSION),),
-                )
-                await cur.execute(f"SELECT value FROM {self.schema}.meta WHERE key = 'schema_version'")
-                found = await cur.fetchone()
-                version = int(found[0]) if found is not None else SCHEMA_VERSION
-                if version > SCHEMA_VERSION:
-                    raise DurabilityError(
-                        f"the decision log's schema is version {version}; this twopc knows {SCHEMA_VERSION}: upgrade"
-                    )
-            new_id = secrets.token_hex(8)
+            await self._run(create)
             sent = loop.time()
-            async with self._tx() as cur:
-                await cur.execute(
-                    f"INSERT INTO {self.schema}.instances (id, expires_at, address) "
-                    "VALUES (%s, statement_timestamp() + %s * interval '1 second', %s)",
-                    (new_id, self.lease_s, self.address),
-                )
+            await self._run(register)
         except BaseException:
             await self._pool.close()
             raise
@@ -261,15 +275,18 @@ class PostgresDecisionLog:
         """
         if self._fenced is not None:
             raise self._fenced
+
+        async def write(cur: Cursor) -> bool:
+            await self._check_epoch(cur)
+            await cur.execute(
+                f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets) "
+                "VALUES (%s, %s, %s, 'commit', %s) ON CONFLICT DO NOTHING",
+                (txn_id, self._id, self._id, Jsonb(list(targets))),
+            )
+            return cur.rowcount == 1
+
         try:
-            async with self._tx() as cur:
-                await self._check_epoch(cur)
-                await cur.execute(
-                    f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets) "
-                    "VALUES (%s, %s, %s, 'commit', %s) ON CONFLICT DO NOTHING",
-                    (txn_id, self._id, self._id, Jsonb(list(targets))),
-                )
-                inserted = cur.rowcount == 1
+            inserted = await self._run(write)
         except _EpochMovedError:
             raise self._fence() from None
         except LogUnavailableError as e:
@@ -280,26 +297,30 @@ class PostgresDecisionLog:
         return inserted
 
     async def find(self, txn_id: str) -> CommitRecord | None:
-        async with self._tx() as cur:
+        async def lookup(cur: Cursor) -> tuple[Any, ...] | None:
             await cur.execute(
                 f"SELECT targets, ended_at IS NOT NULL FROM {self.schema}.decisions "
                 "WHERE txn_id = %s AND decision = 'commit'",
                 (txn_id,),
             )
-            row = await cur.fetchone()
+            return await cur.fetchone()
+
+        row = await self._run(lookup)
         return None if row is None else CommitRecord(txn_id, tuple(row[0]), bool(row[1]))
 
     async def log_end(self, txn_id: str) -> None:
         """Marks the record ended, waiting (with backoff) for the database if it is
         down: phase 2 is done, and nobody waits for END."""
+
+        async def end(cur: Cursor) -> None:
+            await cur.execute(
+                f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = %s", (txn_id,)
+            )
+
         delay = 0.05
         while True:
             try:
-                async with self._tx() as cur:
-                    await cur.execute(
-                        f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = %s",
-                        (txn_id,),
-                    )
+                await self._run(end)
                 return
             except LogUnavailableError:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
@@ -307,51 +328,62 @@ class PostgresDecisionLog:
 
     async def outcome(self, txn_id: str) -> Outcome:
         owner = txn_id.split(":", 1)[0] if ":" in txn_id else ""
-        async with self._tx() as cur:
+
+        async def read(cur: Cursor) -> Outcome:
             await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
             row = await cur.fetchone()
             if row is not None:
                 return Outcome.COMMITTED if row[0] == "commit" else Outcome.ABORTED
             await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s", (owner,))
             lease = await cur.fetchone()
-        # Rule 4: the owner may still write while its row has its first epoch.
-        return Outcome.PENDING if lease is not None and lease[0] == 0 else Outcome.ABORTED
+            # Rule 4: the owner may still write while its row has its first epoch.
+            return Outcome.PENDING if lease is not None and lease[0] == 0 else Outcome.ABORTED
+
+        return await self._run(read)
 
     async def close(self) -> None:
         """Stops renewing and taking over, and lets the lease go at once (so
         another instance takes over what is left without waiting for expiry)."""
         if self._closed:
             return
-        self._closed = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        async def release(cur: Cursor) -> None:
+            await cur.execute(
+                f"UPDATE {self.schema}.instances SET expires_at = statement_timestamp() WHERE id = %s AND epoch = %s",
+                (self._id, self._epoch),
+            )
+
         if self._id and self._fenced is None:
             with contextlib.suppress(LogUnavailableError):
-                async with self._tx() as cur:
-                    await cur.execute(
-                        f"UPDATE {self.schema}.instances SET expires_at = statement_timestamp() "
-                        "WHERE id = %s AND epoch = %s",
-                        (self._id, self._epoch),
-                    )
-        await self._pool.close()
+                await self._run(release)
+        self._closed = True
+        for task in list(self._abandoned):
+            task.cancel()
+        if self._abandoned:
+            await asyncio.wait(set(self._abandoned), timeout=self.op_timeout_s)
+        await self._pool.close(timeout=self.op_timeout_s)
 
     # --- leases and takeover ---------------------------------------------------------
 
     async def _renew_forever(self) -> None:
         loop = asyncio.get_running_loop()
+
+        async def renew(cur: Cursor) -> bool:
+            await cur.execute(
+                f"UPDATE {self.schema}.instances SET expires_at = statement_timestamp() + %s * interval '1 second'"
+                " WHERE id = %s AND epoch = %s",
+                (self.lease_s, self._id, self._epoch),
+            )
+            return cur.rowcount == 1
+
         while True:
             await asyncio.sleep(self.renew_every_s)
             sent = loop.time()
             try:
-                async with self._tx() as cur:
-                    await cur.execute(
-                        f"UPDATE {self.schema}.instances"
-                        " SET expires_at = statement_timestamp() + %s * interval '1 second'"
-                        " WHERE id = %s AND epoch = %s",
-                        (self.lease_s, self._id, self._epoch),
-                    )
-                    held = cur.rowcount == 1
+                held = await self._run(renew)
             except LogUnavailableError as e:
                 if not self._unreachable:
                     _log.warning("lease_renewal_failed", instance=self._id, error=str(e))
@@ -379,42 +411,48 @@ class PostgresDecisionLog:
     async def take_over(self) -> list[str]:
         """Takes over every instance whose lease expired (rule 3) and hands their
         commits without END to `adopt`. Returns the instances taken over."""
-        async with self._tx() as cur:
+
+        async def take(cur: Cursor) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
             await self._check_epoch(cur)  # a fenced instance takes nothing over
             await cur.execute(
-                f"UPDATE {self.schema}.instances SET epoch = epoch + 1, taken_by = %s, taken_at = statement_timestamp()"
+                f"UPDATE {self.schema}.instances SET epoch = epoch + 1, taken_by = %s,"
+                " taken_at = statement_timestamp()"
                 " WHERE expires_at < statement_timestamp() AND taken_by IS NULL AND id <> %s RETURNING id, epoch",
                 (self._id, self._id),
             )
             taken = await cur.fetchall()
             if not taken:
-                return []
-            ids = [row[0] for row in taken]
+                return [], []
             # After the bump, in the same transaction (a fresh snapshot per
             # statement): every COMMIT those instances could ever write is here.
             await cur.execute(
-                f"UPDATE {self.schema}.decisions SET driver = %s"
-                " WHERE driver = ANY(%s) AND ended_at IS NULL AND decision = 'commit'"
-                " RETURNING txn_id, targets, driver",
-                (self._id, ids),
+                f"SELECT txn_id, targets, driver FROM {self.schema}.decisions"
+                " WHERE driver = ANY(%s) AND ended_at IS NULL AND decision = 'commit' FOR UPDATE",
+                ([row[0] for row in taken],),
             )
             records = await cur.fetchall()
+            await cur.execute(
+                f"UPDATE {self.schema}.decisions SET driver = %s WHERE txn_id = ANY(%s)",
+                (self._id, [r[0] for r in records]),
+            )
             for instance, epoch in taken:
-                commits = sum(1 for r in records if r[2] == instance)
                 await cur.execute(
                     f"INSERT INTO {self.schema}.ownership (instance, epoch, taken_by, commits) VALUES (%s, %s, %s, %s)",
-                    (instance, epoch, self._id, commits),
+                    (instance, epoch, self._id, sum(1 for r in records if r[2] == instance)),
                 )
+            return taken, records
+
+        taken, records = await self._run(take)
         for instance, epoch in taken:
             commits = sum(1 for r in records if r[2] == instance)
             _log.warning("instance_taken_over", instance=instance, epoch=epoch, taken_by=self._id, commits=commits)
         if records:
             self._adopt([CommitRecord(txn_id, tuple(targets)) for txn_id, targets, _ in records])
-        return ids
+        return [row[0] for row in taken]
 
     # --- plumbing --------------------------------------------------------------------
 
-    async def _check_epoch(self, cur: psycopg.AsyncCursor[Any]) -> None:
+    async def _check_epoch(self, cur: Cursor) -> None:
         # FOR SHARE: a takeover's epoch bump waits for this transaction to end.
         await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s FOR SHARE", (self._id,))
         row = await cur.fetchone()
@@ -435,19 +473,23 @@ class PostgresDecisionLog:
         """Rule 5: learns what became of a COMMIT write whose result was lost."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.decision_wait_s
+
+        async def settle(cur: Cursor) -> str:
+            # If nothing is there, an abort marker makes sure the lost write can
+            # never land (its INSERT conflicts, or it already rolled back).
+            await cur.execute(
+                f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets, ended_at) "
+                "VALUES (%s, %s, %s, 'abort', '[]', statement_timestamp()) ON CONFLICT DO NOTHING",
+                (txn_id, self._id, self._id),
+            )
+            await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
+            row = await cur.fetchone()
+            return str(row[0]) if row is not None else "abort"
+
         delay = 0.05
         while True:
             try:
-                async with self._tx() as cur:
-                    # If nothing is there, an abort marker makes sure the lost write
-                    # can never land (its INSERT conflicts, or it already rolled back).
-                    await cur.execute(
-                        f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets, ended_at) "
-                        "VALUES (%s, %s, %s, 'abort', '[]', statement_timestamp()) ON CONFLICT DO NOTHING",
-                        (txn_id, self._id, self._id),
-                    )
-                    await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
-                    (decision,) = await cur.fetchone() or ("abort",)
+                decision = await self._run(settle)
             except LogUnavailableError as e:
                 if loop.time() > give_up:
                     raise DurabilityError(f"the COMMIT of {txn_id} may or may not be logged: {e}") from e
@@ -460,15 +502,39 @@ class PostgresDecisionLog:
                 return True
             raise NotLoggedError(f"the COMMIT write of {txn_id} was lost, and the log now holds none")
 
-    @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[psycopg.AsyncCursor[Any]]:
-        """One database transaction, bounded by `op_timeout_s`; an unreachable or
-        failing server is LogUnavailableError."""
+    async def _run(self, work: Callable[[Cursor], Awaitable[T]]) -> T:
+        """Runs `work` in one database transaction, bounded by `op_timeout_s`; an
+        unreachable or failing server is LogUnavailableError.
+
+        Past the bound the work is abandoned, not awaited: psycopg's cancellation of
+        a query on a silent network takes seconds more, and a decision must not.
+        """
         if self._pool.closed:
             raise LogUnavailableError("the decision log is closed")
+
+        async def transaction() -> T:
+            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                return await work(cur)
+
+        task = asyncio.create_task(transaction())
         try:
-            async with asyncio.timeout(self.op_timeout_s):
-                async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                    yield cur
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout, TimeoutError) as e:
-            raise LogUnavailableError(f"the decision log's database is unreachable: {e or type(e).__name__}") from e
+            done, _ = await asyncio.wait({task}, timeout=self.op_timeout_s)
+        except BaseException:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()  # it ends in the background; its connection is discarded
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+            task.add_done_callback(_consume)
+            raise LogUnavailableError(f"the decision log's database did not answer within {self.op_timeout_s} s")
+        try:
+            return task.result()
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+            raise LogUnavailableError(f"the decision log's database is unreachable: {e}") from e
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Marks an abandoned transaction's error as seen."""
+    if not task.cancelled():
+        task.exception()

@@ -7,6 +7,8 @@ stall it (SIGSTOP/SIGCONT) and restart it on the same port with the same files.
 `FaultInjector` is a gRPC client interceptor that loses, delays and duplicates
 messages at chosen probabilities, for chaos runs.
 
+`TcpProxy` relays TCP to a server and cuts the path (a partition) on demand.
+
 `snapshot` and `query` read a service's SQLite file the way an auditor in another
 process would; `wait_until` polls a condition with a deadline.
 """
@@ -309,3 +311,77 @@ async def wait_until(
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(interval_s)
+
+
+class TcpProxy:
+    """A TCP relay to a server (PostgreSQL, say) that a test can cut and heal: a
+    partition between the processes on one side and the server on the other.
+
+    While cut, connections stay open but no byte moves (a silent network: the
+    client's writes are accepted and held, as TCP would hold them in retransmission)
+    and new connections are accepted but go nowhere. `heal` lets the held bytes
+    through; `reset` drops every open connection (a lost connection mid-statement).
+
+    Args:
+        host: the server's host.
+        port: the server's port.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    def reset(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.reset()
+        for task in list(self._pumps):
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await self._open.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_writer)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst))
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await src.read(65536):
+                await self._open.wait()
+                dst.write(chunk)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            dst.transport.abort()
+            self._writers.discard(dst)

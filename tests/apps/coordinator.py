@@ -25,18 +25,23 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--run", nargs="*", default=[], metavar="KEY=TARGET")
     parser.add_argument("--timeout-s", type=float, default=3.0)
+    parser.add_argument("--slow-s", type=float, default=0.0, help="the last branch takes this long to vote")
+    parser.add_argument("--peers", nargs="*", default=[], help="other instances sharing a PostgreSQL --db")
     args = parser.parse_args()
     configure_logs("json", level="debug")
     config = CoordinatorConfig(retry_initial_s=0.05, retry_max_s=0.5)
     async with Coordinator(
-        args.db, credentials=Credentials.insecure(), listen=f"{args.host}:{args.port}", config=config
+        args.db, credentials=Credentials.insecure(), listen=f"{args.host}:{args.port}", config=config, peers=args.peers
     ) as coordinator:
         rpc.announce_ready(coordinator.address)
         if args.run:
             branches = []
             for spec in args.run:
                 key, target = spec.split("=", 1)
-                branches.append(Branch(target, struct_pb2.Struct(fields={"key": struct_pb2.Value(string_value=key)})))
+                fields = {"key": struct_pb2.Value(string_value=key)}
+                if args.slow_s and spec == args.run[-1]:
+                    fields["delay_s"] = struct_pb2.Value(number_value=args.slow_s)
+                branches.append(Branch(target, struct_pb2.Struct(fields=fields)))
             result = await coordinator.run(branches, timeout_s=args.timeout_s)
             print(json.dumps({"txn_id": result.txn_id, "outcome": result.outcome.value}), flush=True)
         await rpc.until_signalled()

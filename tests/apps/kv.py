@@ -7,6 +7,7 @@ The operation is a `google.protobuf.Struct` so the core needs no proto of its ow
     {"behave": "raise"}                  raise inside prepare (a bug in the service)
     {"behave": "invalid"}                InvalidOperation -> INVALID_ARGUMENT
     {"key": "raise_on_commit"}           reserve, then raise inside commit (a bug)
+    {"key": "k", "delay_s": 2}           take 2 s to prepare (a slow voter)
 Reservations live in `reserved`, committed ones move to `applied`; tests read the
 SQLite file directly to see what the participant really holds.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
+import time
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -45,6 +47,7 @@ class KV:
         if behave == "invalid" or "key" not in op:
             raise InvalidOperation("key is required")
         db.execute("INSERT INTO reserved VALUES (?, ?, ?)", (txn_id, op["key"], int(op.get("amount", 1))))
+        time.sleep(float(op.get("delay_s", 0)))  # on the store's thread: a slow vote, nothing else waits
         return Vote.COMMIT
 
     def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
