@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import FAST, INSECURE, Kv, eventually
-from twopc import Coordinator, Outcome
+from twopc import ClosedError, Coordinator, Outcome
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
-from twopc.testing import TcpProxy
+from twopc.testing import ServiceProcess, TcpProxy
 
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'twopc[postgres]')")
 
@@ -178,3 +179,125 @@ async def test_unreachable_log_refuses_new_transactions_then_recovers(schema: st
             assert (await c.run([kv1.branch(), kv2.branch()])).outcome is Outcome.COMMITTED
     finally:
         await proxy.close()
+
+
+@pytest.fixture
+def instance_proc(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Coordinator instances in processes of their own (tests/apps/coordinator.py)."""
+    procs: list[ServiceProcess] = []
+
+    def start(url: str, *run: str, args: Sequence[str] = (), crash_at: str = "") -> ServiceProcess:
+        proc = ServiceProcess(
+            "tests.apps.coordinator",
+            ["--db", url, *args, *(["--run", *run] if run else [])],
+            log_path=tmp_path / f"instance-{len(procs)}.log",
+        )
+        procs.append(proc)
+        return proc.start(env={"TWOPC_CRASH_AT": crash_at} if crash_at else None)
+
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def decisions(schema: str) -> dict[str, tuple[str, bool]]:
+    """Every record of the shared log: txn id -> (decision, ended)."""
+    rows = sql(f"SELECT txn_id, decision, ended_at IS NOT NULL FROM {schema}.decisions")
+    return {t: (d, e) for t, d, e in rows}
+
+
+def txn_of(kv: Kv) -> str:
+    (txn_id,) = {str(t) for t, *_ in kv.reserved()} | {str(t) for t, *_ in kv.applied()}
+    return txn_id
+
+
+async def test_takeover_completes_a_killed_instances_commits(
+    schema: str, start_kv: Callable[..., Kv], instance_proc: Callable[..., ServiceProcess]
+) -> None:
+    """An instance SIGKILLed right after logging a COMMIT: once its lease expires,
+    another instance takes it over, commits both participants and writes END; the
+    ownership change is recorded."""
+    patient = ["--in-doubt-after-s", "600"]  # only the takeover can commit them
+    a, b = start_kv("a", args=patient), start_kv("b", args=patient)
+    url = f"{SERVER}?schema={schema}&lease_s=1"
+    dead = instance_proc(url, f"k0={a.target}", f"k1={b.target}", crash_at="coordinator.after_commit_logged")
+    assert dead.wait(20) == -9
+    txn = txn_of(a)
+    assert a.state(txn) == b.state(txn) == "PREPARED"
+    assert decisions(schema) == {txn: ("commit", False)}
+    async with Coordinator(url, credentials=INSECURE, config=FAST) as survivor:
+        await eventually(lambda: a.state(txn) == b.state(txn) == "COMMITTED", what="the takeover commits both")
+        await eventually(lambda: decisions(schema) == {txn: ("commit", True)}, what="END by the taker")
+        owner = txn.split(":")[0]
+        assert sql(f"SELECT instance, taken_by, commits FROM {schema}.ownership") == [(owner, survivor.id, 1)]
+
+
+async def test_paused_instance_resumes_fenced_and_commits_nothing(
+    schema: str, start_kv: Callable[..., Kv], instance_proc: Callable[..., ServiceProcess]
+) -> None:
+    """An instance SIGSTOPped between Prepare and its decision for longer than its
+    lease is taken over; its participants learn ABORTED from the other instance;
+    resumed, it finds itself fenced and logs no COMMIT."""
+    a, b = start_kv("a"), start_kv("b")
+    url = f"{SERVER}?schema={schema}&lease_s=1"
+    async with Coordinator(url, credentials=INSECURE, listen="127.0.0.1:0", config=FAST) as other:
+        paused = instance_proc(
+            url,
+            f"k0={a.target}",
+            f"k1={b.target}",
+            args=["--slow-s", "3", "--timeout-s", "60", "--peers", other.address],
+        )
+        await eventually(lambda: len(a.reserved()) == 1, what="a prepared")
+        paused.pause()
+        txn = txn_of(a)
+        owner = txn.split(":")[0]
+        await eventually(
+            lambda: sql(f"SELECT taken_by FROM {schema}.instances WHERE id = %s", owner) == [(other.id,)],
+            what="the other instance takes the paused one over",
+        )
+        await eventually(lambda: a.state(txn) == "ABORTED", what="a learns ABORTED from the other instance")
+        await eventually(lambda: b.state(txn) == "PREPARED", what="b voted while the owner was paused")
+        paused.resume()
+        await eventually(lambda: b.state(txn) == "ABORTED", timeout_s=20, what="b aborted")
+        await eventually(lambda: "instance_fenced" in paused.log_path.read_text(), what="the resumed one is fenced")
+        assert decisions(schema) == {}
+        assert a.applied() == b.applied() == []
+
+
+async def test_instances_join_and_leave_while_transactions_run(schema: str, start_kv: Callable[..., Kv]) -> None:
+    """Instances start and stop (gracefully) under concurrent transactions: every
+    transaction ends, each participant applied exactly the committed ones, and
+    no COMMIT is left without END."""
+    a, b = start_kv("a"), start_kv("b")
+    url = f"{SERVER}?schema={schema}&lease_s=1"
+    committed: set[str] = set()
+    stop = asyncio.Event()
+
+    async def traffic(c: Coordinator) -> None:
+        while not stop.is_set():
+            try:
+                result = await c.run([a.branch(), b.branch()])
+            except ClosedError:
+                return
+            if result.outcome is Outcome.COMMITTED:
+                committed.add(result.txn_id)
+
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(Coordinator(url, credentials=INSECURE, config=FAST))
+        workers = [asyncio.create_task(traffic(first)) for _ in range(4)]
+        await eventually(lambda: len(committed) >= 10, what="traffic on the first instance")
+        second = await stack.enter_async_context(Coordinator(url, credentials=INSECURE, config=FAST))
+        workers += [asyncio.create_task(traffic(second)) for _ in range(4)]
+        await eventually(lambda: len(committed) >= 30, what="traffic on both")
+        await first.close()  # leaves while its workers are mid-transaction
+        third = await stack.enter_async_context(Coordinator(url, credentials=INSECURE, config=FAST))
+        workers += [asyncio.create_task(traffic(third)) for _ in range(4)]
+        await eventually(lambda: len(committed) >= 60, what="traffic after the first left")
+        stop.set()
+        await asyncio.gather(*workers)
+        await eventually(lambda: all(ended for _, ended in decisions(schema).values()), what="every COMMIT ended")
+    logged = {t for t, (d, _) in decisions(schema).items() if d == "commit"}
+    assert committed <= logged
+    for kv in (a, b):
+        await eventually(lambda kv=kv: kv.reserved() == [], what=f"{kv.db.stem} holds nothing")
+        assert {str(t) for t, *_ in kv.applied()} == logged
