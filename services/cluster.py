@@ -3,7 +3,8 @@
 `Cluster` starts wallet, orders and shop as separate processes on free loopback
 ports, each with its own SQLite file and log file in one working directory, and
 gives the demo, the tests and chaos runs one place to buy, seed, look, crash and
-restart.
+restart. With a PostgreSQL decision log it runs several shops on it (coordinator
+instances that take each other's work over), each told of the others.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class Cluster:
     Args:
         workdir: where the SQLite files and log files go.
         settings: timing.
-        hosts: per service name ("wallet", "orders", "shop"), where it runs.
+        hosts: per service name ("wallet", "orders", "shop", "shop1"...), where it
+            runs.
         shop_args: extra flags for the shop (e.g. `--net-faults`).
         wallet_module: the wallet's module (tests swap in a deliberately broken one).
         metrics: serve Prometheus /metrics from each service, at `metrics_address[name]`.
@@ -66,6 +68,10 @@ class Cluster:
             services are "wallet", "orders" and "shop", and this client is
             "operator" (it seeds and reads). Otherwise plaintext (`--insecure`).
         identities: more client identities to issue certificates for (tests).
+        log_url: a postgresql:// decision log for the shops instead of a file.
+        shops: how many shops (coordinator instances) share `log_url`; `shop` is
+            the first, `shops` all of them ("shop", "shop1", "shop2"...). The
+            participants trust every shop's address.
     """
 
     def __init__(
@@ -81,7 +87,11 @@ class Cluster:
         traces: bool = False,
         tls: bool = False,
         identities: Sequence[str] = (),
+        log_url: str = "",
+        shops: int = 1,
     ) -> None:
+        if shops > 1 and not log_url:
+            raise ValueError("several shops need a shared log: give log_url")
         self.workdir = workdir
         self.settings = s = settings or Settings()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -95,12 +105,20 @@ class Cluster:
             addresses = {h.address for h in hosts.values()}
             pki.issue(self.pki, [*SERVICES, OPERATOR, *identities], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses}))
         self.credentials = Credentials.from_dir(self.pki / OPERATOR) if tls else Credentials.insecure()
-        # The participants trust exactly the shop's address: pick its port now.
-        shop_host = hosts.get("shop", Host())
-        shop_port = free_port()
+        if shops > 1 and not log_url:
+            raise ValueError("several shops need a shared log: give log_url")
+        if shops > 1 and tls:
+            raise ValueError("several shops under mutual TLS: not supported by the demo's identities yet")
+        # The participants trust exactly the shops' addresses (and each shop is told
+        # the others'): pick their ports now. On a host of its own (a namespace)
+        # any fixed port is free; on loopback ask.
+        shop_addresses = {
+            name: f"{hosts.get(name, Host()).address}:{50050 if hosts.get(name, Host()).wrapper else free_port()}"
+            for name in ["shop", *(f"shop{i}" for i in range(1, shops))]
+        }
         resolve = [
             *("--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)),
-            *("--trust-coordinator", f"{shop_host.address}:{shop_port}"),
+            *(a for address in shop_addresses.values() for a in ("--trust-coordinator", address)),
         ]
 
         def process(name: str, module: str, args: list[str], port: int = 0) -> ServiceProcess:
@@ -131,12 +149,24 @@ class Cluster:
 
         self.wallet = process("wallet", wallet_module, ["--db", str(self.wallet_db), *resolve])
         self.orders = process("orders", "services.order", ["--db", str(self.orders_db), *resolve])
-        self.shop = process(
-            "shop",
-            "services.shop",
-            ["--db", str(self.shop_db), "--prepare-timeout-s", str(s.prepare_timeout_s), *shop_args],
-            port=shop_port,
-        )
+        self.log: Path | str = log_url or self.shop_db
+        self.shops = [
+            process(
+                name,
+                "services.shop",
+                [
+                    "--db",
+                    str(self.log),
+                    "--prepare-timeout-s",
+                    str(s.prepare_timeout_s),
+                    *shop_args,
+                    *(["--peers", *(a for o, a in shop_addresses.items() if o != name)] if shops > 1 else []),
+                ],
+                port=int(shop_addresses[name].rsplit(":", 1)[1]),
+            )
+            for name in shop_addresses
+        ]
+        self.shop = self.shops[0]
         self._channels: list[grpc.aio.Channel] = []
 
     def start(self) -> None:
@@ -144,8 +174,9 @@ class Cluster:
         try:
             self.wallet.start()
             self.orders.start()
-            self.shop.args += ["--wallet", self.wallet.address, "--orders", self.orders.address]
-            self.shop.start()
+            for shop in self.shops:
+                shop.args += ["--wallet", self.wallet.address, "--orders", self.orders.address]
+                shop.start()
         except BaseException:
             self.stop()
             raise
@@ -154,7 +185,8 @@ class Cluster:
         await asyncio.to_thread(self.start)
         self.wallet_api = wallet_pb2_grpc.WalletStub(self._channel(self.wallet.address))
         self.orders_api = order_pb2_grpc.OrdersStub(self._channel(self.orders.address))
-        self.shop_api = shop_pb2_grpc.ShopStub(self._channel(self.shop.address))
+        self.shop_apis = [shop_pb2_grpc.ShopStub(self._channel(shop.address)) for shop in self.shops]
+        self.shop_api = self.shop_apis[0]
         return self
 
     async def __aexit__(
@@ -166,7 +198,7 @@ class Cluster:
 
     def stop(self) -> None:
         """Stops every process (also stopped or crashed ones)."""
-        for proc in (self.shop, self.orders, self.wallet):
+        for proc in (*self.shops, self.orders, self.wallet):
             proc.stop()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -204,21 +236,23 @@ class Cluster:
         return order_pb2.OrderState.Name(order.state).removeprefix("ORDER_STATE_").lower()
 
     async def purchase(
-        self, order_id: str, account: str, items: Mapping[str, int], *, timeout_s: float = 0.0
+        self, order_id: str, account: str, items: Mapping[str, int], *, timeout_s: float = 0.0, shop: int = 0
     ) -> shop_pb2.PurchaseResponse:
-        """Buys `items` ({sku: quantity}) through the shop; raises the RPC error if the
-        shop gives no answer (e.g. it crashed)."""
+        """Buys `items` ({sku: quantity}) through the shop (`shop`: which of
+        several); raises the RPC error if the shop gives no answer (e.g. it
+        crashed)."""
         request = shop_pb2.PurchaseRequest(
             order_id=order_id,
             account=account,
             items=[order_pb2.Item(sku=s, quantity=q) for s, q in items.items()],
             timeout_s=timeout_s,
         )
-        return await self.shop_api.Purchase(request, timeout=RPC_TIMEOUT_S + timeout_s + 10.0)
+        api = self.shop_apis[shop % len(self.shop_apis)]
+        return await api.Purchase(request, timeout=RPC_TIMEOUT_S + timeout_s + 10.0)
 
     def check(self, *, quiescent: bool = True) -> invariants.Report:
         """The invariants of docs/design.md over both services' stores and the shop's log."""
-        return invariants.check(self.wallet_db, self.orders_db, self.shop_db, quiescent=quiescent)
+        return invariants.check(self.wallet_db, self.orders_db, self.log, quiescent=quiescent)
 
     async def settled(self, timeout_s: float = 20.0) -> invariants.Report:
         """Waits (bounded) until nothing is in doubt, then returns the full check."""

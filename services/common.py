@@ -45,7 +45,12 @@ MAX_PAGE_SIZE = 1000  # list RPCs: a larger page_size is lowered to this
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The flags every service takes."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--db", required=True, help="SQLite file of this service (created if missing)")
+    p.add_argument(
+        "--db",
+        required=True,
+        help="SQLite file of this service (created if missing); the shop also takes a postgresql:// URL,"
+        " a decision log shared by several shops (?schema=NAME&lease_s=S)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port to listen on, 0 for any free one (default %(default)s)")
     p.add_argument(

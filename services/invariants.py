@@ -38,12 +38,24 @@ class Report:
         return not self.violations
 
 
-def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = True) -> Report:
+def logged_commits(log: Path | str) -> dict[str, bool]:
+    """The shop's COMMIT records, txn id -> ended: from its SQLite file, or from a
+    PostgreSQL log that several shops share (a postgresql:// URL)."""
+    if isinstance(log, str) and log.startswith(("postgresql://", "postgres://")):
+        from twopc.postgres_decision_log import read_commits  # the postgres extra
+
+        return read_commits(log)
+    with snapshot(log) as db:
+        return {t: e is not None for t, e in db.execute("SELECT txn_id, ended_at FROM decisions")}
+
+
+def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bool = True) -> Report:
     """Checks every invariant; `quiescent` adds "nothing left in doubt" (use it once
-    every process is back and recovery had its time)."""
+    every process is back and recovery had its time). `log_db` is the shop's log
+    file or a postgresql:// URL."""
     r = Report()
     bad = r.violations.append
-    with snapshot(wallet_db) as w, snapshot(orders_db) as o, snapshot(log_db) as log:
+    with snapshot(wallet_db) as w, snapshot(orders_db) as o:
         # Conservation and no negatives: money.
         r.deposited = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'deposit'")
         r.spent = _one(w, "SELECT coalesce(sum(amount), 0) FROM ledger WHERE kind = 'debit'")
@@ -91,11 +103,16 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = T
         for t in sorted(confirmed - debited):
             bad_unless_heuristic(t, f"txn {t}: order confirmed, wallet {_txn_state(w, t)}")
         # Agreement with the log: a participant committed only what the shop logged.
-        logged = {t for (t,) in log.execute("SELECT txn_id FROM decisions")}
-        for name, db in (("wallet", w), ("orders", o)):
-            for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'"):
-                if t not in logged:
-                    bad_unless_heuristic(t, f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
+        participant_commits = [
+            (name, t)
+            for name, db in (("wallet", w), ("orders", o))
+            for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'")
+        ]
+        # Read after the participants: a record they acted on is in the log by then.
+        commits = logged_commits(log_db)
+        for name, t in participant_commits:
+            if t not in commits:
+                bad_unless_heuristic(t, f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
         # Liveness after healing: nothing in doubt, no reservation left behind.
         prepared = {t for db in (w, o) for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'PREPARED'")}
         r.in_doubt = len(prepared)
@@ -107,7 +124,7 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path, *, quiescent: bool = T
             pending = _one(o, "SELECT count(*) FROM orders WHERE state = 'PENDING'")
             if pending:
                 bad(f"{pending} orders still PENDING after recovery")
-            open_commits = {t for (t,) in log.execute("SELECT txn_id FROM decisions WHERE ended_at IS NULL")}
+            open_commits = {t for t, ended in commits.items() if not ended}
             for t in sorted(open_commits & heuristic.keys()):
                 r.heuristic.append(f"txn {t}: logged COMMIT never acknowledged (heuristic: {heuristic[t]})")
             if open_commits - heuristic.keys():

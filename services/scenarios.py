@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -80,7 +81,7 @@ def outcome(r: shop_pb2.PurchaseResponse) -> str:
 
 
 async def _buy(
-    c: Cluster, step: Step, order_id: str, account: str, items: Mapping[str, int], **kw: float
+    c: Cluster, step: Step, order_id: str, account: str, items: Mapping[str, int], **kw: Any
 ) -> shop_pb2.PurchaseResponse:
     started = time.monotonic()
     response = await c.purchase(order_id, account, items, **kw)

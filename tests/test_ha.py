@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from services.cluster import Cluster, Settings
 from tests.conftest import FAST, INSECURE, Kv, eventually
 from twopc import ClosedError, Coordinator, Outcome
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
@@ -20,7 +21,8 @@ from twopc.testing import ServiceProcess, TcpProxy
 
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'twopc[postgres]')")
 
-from twopc.postgres_decision_log import PostgresDecisionLog  # noqa: E402 - after the skip
+from services import failover  # noqa: E402 - after the skip
+from twopc.postgres_decision_log import PostgresDecisionLog  # noqa: E402
 
 SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -301,3 +303,25 @@ async def test_instances_join_and_leave_while_transactions_run(schema: str, star
     await eventually(lambda: a.reserved() == b.reserved() == [], what="nothing left reserved")
     for kv in (a, b):
         assert {str(t) for t, *_ in kv.applied()} == logged
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_two_shops_on_postgres_fail_over(schema: str, tmp_path: Path, fault: str) -> None:
+    """Two shops on one PostgreSQL log under concurrent purchases; the first is
+    SIGKILLed in phase 2, or SIGSTOPped past its lease: the other takes over,
+    every purchase ends, the invariants and the client's view hold, and the
+    failed shop logs no COMMIT once taken over."""
+    url = f"{SERVER}?schema={schema}&lease_s=1"
+    cluster = Cluster(tmp_path / "cluster", Settings(prepare_timeout_s=1.0), log_url=url, shops=2)
+    if fault == "kill":
+        cluster.shop.env["TWOPC_CRASH_AT"] = "coordinator.after_first_commit"
+    async with cluster as c:
+        report = await failover.run(c, fault, lease_s=1.0)
+    print(f"failover ({fault}): {report}")
+    assert report.violations == []
+    assert report.fault_to_settled_s is not None, "the failed shop's transactions were all resolved"
+    assert report.logged_after_takeover == []
+    if fault == "kill":
+        assert report.taken_over_commits >= 1, "the killed shop's COMMIT was adopted"
+    else:
+        assert report.fenced

@@ -1,4 +1,10 @@
-"""python -m services.shop --db shop.db --wallet HOST:PORT --orders HOST:PORT --port 50050"""
+"""python -m services.shop --db shop.db --wallet HOST:PORT --orders HOST:PORT --port 50050
+
+Several shops on one PostgreSQL decision log (README, "Running several coordinators"):
+
+    python -m services.shop --db 'postgresql://db/shop?schema=shop_log' --port 50050 \
+        --peers other-shop:50050 --wallet HOST:PORT --orders HOST:PORT
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from twopc import (
     Coordinator,
     CoordinatorConfig,
     CoordinatorFailedError,
+    LogUnavailableError,
     Outcome,
     TransactionResult,
     TwoPCError,
@@ -120,6 +127,9 @@ class Shop(shop_pb2_grpc.ShopServicer):
         except CoordinatorFailedError as e:
             # Fail-stop (docs/design.md rule 8): answer nothing more; a restart recovers from disk.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log failed: {e}")
+        except LogUnavailableError as e:
+            # A shared log out of reach: nothing was sent; another shop may serve.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the shop's decision log is unreachable: {e}")
         if result.outcome is Outcome.ABORTED:
             # A concurrent attempt with the same order id may have won the race.
             earlier = await self._earlier(request, context)
@@ -219,6 +229,7 @@ async def serve(args: Any) -> None:
             config=config,
             interceptors=interceptors,
             observers=[traced] if traced else [],
+            peers=args.peers,
         ) as coordinator,
         rpc.channel(args.orders, credentials) as orders_channel,
     ):
@@ -244,6 +255,13 @@ def main() -> None:
     p = parser("python -m services.shop", "The shop: coordinates purchases across wallet and orders with twopc.")
     p.add_argument("--wallet", required=True, help="address of the wallet service")
     p.add_argument("--orders", required=True, help="address of the order service")
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        metavar="HOST:PORT",
+        help="the other shops sharing a postgresql:// --db: participants in doubt ask them too",
+    )
     p.add_argument("--prepare-timeout-s", type=float, default=2.0, help="phase-1 deadline (default %(default)s)")
     p.add_argument(
         "--phase2-wait-s", type=float, default=5.0, help="wait this long for Commit acks (default %(default)s)"

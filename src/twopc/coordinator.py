@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import math
 import os
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
@@ -70,6 +71,7 @@ _PB_OUTCOME = {
 _BROKEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS)
 _ANSWERED = {pb: outcome for outcome, pb in _PB_OUTCOME.items()}
 _DELIVERED = {"Commit": Outcome.COMMITTED, "Abort": Outcome.ABORTED}
+_GLOBAL_ID = re.compile(r"[0-9a-f]{16}:")  # "<coordinator or instance id>:<local id>"
 MAX_LOCAL_ID = 128
 """The longest local transaction id `run` accepts, in characters."""
 
@@ -413,6 +415,9 @@ class Coordinator:
 
         Args:
             txn_id: the global id (`TransactionResult.txn_id`) or the local one.
+                With a shared log (several instances), the global id of another
+                instance's transaction too: an id of the form "<16 hex digits>:..."
+                is taken as global.
 
         Returns:
             COMMITTED if the COMMIT decision is logged: for as long as its record is
@@ -429,7 +434,7 @@ class Coordinator:
             LogUnavailableError: a shared log cannot be reached now.
             ClosedError: the coordinator is closed.
         """
-        return await self._outcome(self.global_id(txn_id))
+        return await self._outcome(txn_id if _GLOBAL_ID.match(txn_id) else self.global_id(txn_id))
 
     async def _outcome(self, gid: str) -> Outcome:
         """Memory first, then the log (rule 5; with a shared log, its rule 4)."""

@@ -45,7 +45,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
@@ -103,6 +103,36 @@ def is_postgres_url(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
+def _split(url: str) -> tuple[SplitResult, dict[str, str], str]:
+    """The URL's parts, its query without `schema`, and the schema."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    schema = query.pop("schema", "twopc")
+    if not _IDENT.fullmatch(schema):
+        raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
+    return parts, query, schema
+
+
+def connection_info(url: str) -> tuple[str, str]:
+    """A log URL as (libpq URL without twopc's own parameters, schema), for tools
+    that read the tables themselves."""
+    parts, query, schema = _split(url)
+    for option in ("lease_s", "op_timeout_s"):
+        query.pop(option, None)
+    return urlunsplit(parts._replace(query=urlencode(query))), schema
+
+
+def read_commits(url: str) -> dict[str, bool]:
+    """Every COMMIT record of a shared log, txn id -> ended: what an auditor (the
+    invariant checker) reads. Synchronous, one connection."""
+    conninfo, schema = connection_info(url)
+    with psycopg.connect(conninfo, connect_timeout=5) as conn:
+        rows = conn.execute(
+            f"SELECT txn_id, ended_at IS NOT NULL FROM {schema}.decisions WHERE decision = 'commit'"
+        ).fetchall()
+    return {str(t): bool(e) for t, e in rows}
+
+
 class _EpochMovedError(Exception):
     """Inside a database transaction: this instance's epoch moved."""
 
@@ -144,13 +174,9 @@ class PostgresDecisionLog:
         pool_size: int = 8,
         retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        schema = query.pop("schema", "twopc")
+        parts, query, schema = _split(url)
         lease_s = float(query.pop("lease_s", lease_s))
         op_timeout_s = float(query.pop("op_timeout_s", op_timeout_s))
-        if not _IDENT.fullmatch(schema):
-            raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
         if not (lease_s > 0 and op_timeout_s > 0 and decision_wait_s > 0 and pool_size > 0):
             raise ValueError("lease_s, op_timeout_s, decision_wait_s and pool_size must be > 0")
         # A partition must surface as an error, not a socket that waits for ever.
