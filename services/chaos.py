@@ -121,15 +121,18 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
 class Network:
     """A bridge and one network namespace per service: separate hosts on this machine.
 
-    Addresses are in 10.231.N.0/24 inside namespaces this run creates and deletes; no
-    traffic leaves the machine. A partition takes a host's link down.
+    Addresses are in 10.<net>.N.0/24 inside namespaces this run creates and deletes;
+    no traffic leaves the machine. A partition takes a host's link down. `prefix`
+    and `net` keep the names and addresses of different kinds of run apart.
     """
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], *, prefix: str = "tpc", net: int = 231) -> None:
         tag = os.getpid() % 250
-        self.bridge = f"tpc{tag}br"
-        self.hosts = {n: (f"tpc{tag}-{n}", f"tpc{tag}v{i}", f"10.231.{tag}.{i + 2}") for i, n in enumerate(names)}
-        self.gateway = f"10.231.{tag}.1"
+        self.bridge = f"{prefix}{tag}br"
+        self.hosts = {
+            n: (f"{prefix}{tag}-{n}", f"{prefix}{tag}v{i}", f"10.{net}.{tag}.{i + 2}") for i, n in enumerate(names)
+        }
+        self.gateway = f"10.{net}.{tag}.1"
 
     @staticmethod
     def available() -> tuple[bool, str]:

@@ -22,10 +22,14 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
+import subprocess
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -141,9 +145,11 @@ async def run(
     if died is not None:
         await died  # at its first delivered Commit, with other purchases in phase 1
         faulted = loop_time()
+        settle = asyncio.create_task(_settled(c, report.instance, settle_timeout_s))
     else:
         await wait_until(lambda: sum(p.seen == "committed" for p in history) >= 10, 30.0)
         faulted = loop_time()
+        settle = asyncio.create_task(_settled(c, report.instance, settle_timeout_s))
         if fault == "pause":
             c.shop.pause()
         else:
@@ -155,8 +161,8 @@ async def run(
         else:
             assert heal is not None
             heal()
-    settled = await wait_until(lambda: in_doubt(c, report.instance) == 0, settle_timeout_s, interval_s=0.1)
-    report.fault_to_settled_s = round(loop_time() - faulted, 2) if settled else None
+    settled_at = await settle
+    report.fault_to_settled_s = round(settled_at - faulted, 2) if settled_at is not None else None
     stop.set()
     await load
     final = await c.settled(settle_timeout_s)
@@ -169,6 +175,20 @@ async def run(
     report.taken_over_commits, report.logged_after_takeover = schema_rows
     report.fenced = "instance_fenced" in c.shop.log_path.read_text(errors="replace")
     return report
+
+
+async def _settled(c: Cluster, instance: str, timeout_s: float) -> float | None:
+    """When `instance` had been taken over and none of its transactions was in
+    doubt any more (monotonic time), or None if not within `timeout_s`."""
+
+    def done() -> bool:
+        conninfo, schema = connection_info(str(c.log))
+        with psycopg.connect(conninfo, connect_timeout=5) as conn:
+            row = conn.execute(f"SELECT taken_at FROM {schema}.instances WHERE id = %s", (instance,)).fetchone()
+        return row is not None and row[0] is not None and in_doubt(c, instance) == 0
+
+    ok = await wait_until(lambda: asyncio.to_thread(done), timeout_s, interval_s=0.1)
+    return time.monotonic() if ok else None
 
 
 def _takeover_facts(c: Cluster, instance: str) -> tuple[int, list[str]]:
@@ -185,3 +205,105 @@ def _takeover_facts(c: Cluster, instance: str) -> tuple[int, list[str]]:
             (instance,),
         ).fetchall()
     return int(adopted[0] if adopted else 0), [str(t) for (t,) in late]
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the run's own, on a host of its own (a network
+    namespace) so coordinators on other hosts reach it over the network and a
+    partition can cut them off. The minimum for this run: initdb, trust for the
+    run's private network, start, stop, remove. PostgreSQL refuses root, so it runs
+    as the `postgres` user.
+
+    Args:
+        address: the host address to listen on.
+        wrapper: the command prefix that puts it on that host (`ip netns exec NS`).
+    """
+
+    PORT = 5432
+
+    def __init__(self, address: str, wrapper: Sequence[str] = ()) -> None:
+        self.address, self.wrapper = address, list(wrapper)
+        self.root = Path(tempfile.mkdtemp(prefix="twopc-ha-pg-"))
+        self.data = self.root / "data"
+        self.log_path = self.root / "server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why a private server cannot run here (a reason starting "needs "), or None."""
+        bindir = _bindir()
+        if bindir is None or not (bindir / "initdb").exists():
+            return "needs PostgreSQL server binaries (initdb and postgres in `pg_config --bindir`)"
+        if shutil.which("runuser") is None:
+            return "needs runuser to start PostgreSQL as the postgres user"
+        return None
+
+    def url(self, schema: str, **options: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"schema": schema, **options}.items())
+        return f"postgresql://postgres@{self.address}:{self.PORT}/postgres?{query}"
+
+    def start(self, timeout_s: float = 60.0) -> PrivatePostgres:
+        bindir = _bindir()
+        assert bindir is not None
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(self.root, "postgres", "postgres")
+        self.root.chmod(0o755)
+        subprocess.run(
+            [*as_postgres, str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"],
+            check=True,
+            capture_output=True,
+        )
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write("host all all 10.0.0.0/8 trust\n")  # the run's private network only
+        settings = {"listen_addresses": self.address, "unix_socket_directories": "", "max_connections": "200"}
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [
+                    *self.wrapper,
+                    *as_postgres,
+                    str(bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.PORT),
+                    *(a for k, v in settings.items() for a in ("-c", f"{k}={v}")),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                psycopg.connect(self.dsn(), connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError(f"private PostgreSQL did not start; see {self.log_path}") from None
+                time.sleep(0.1)
+
+    def dsn(self) -> str:
+        return f"postgresql://postgres@{self.address}:{self.PORT}/postgres"
+
+    def close(self) -> None:
+        """Stops the server at once and removes its files."""
+        bindir = _bindir()
+        if self._proc is not None and self._proc.poll() is None and bindir is not None:
+            subprocess.run(
+                ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "i"],
+                capture_output=True,
+            )
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _bindir() -> Path | None:
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return Path(out)

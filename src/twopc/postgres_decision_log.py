@@ -45,7 +45,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
@@ -119,7 +119,7 @@ def connection_info(url: str) -> tuple[str, str]:
     parts, query, schema = _split(url)
     for option in ("lease_s", "op_timeout_s"):
         query.pop(option, None)
-    return urlunsplit(parts._replace(query=urlencode(query))), schema
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote))), schema
 
 
 def read_commits(url: str) -> dict[str, bool]:
@@ -186,7 +186,15 @@ class PostgresDecisionLog:
         query.setdefault("keepalives_idle", "1")
         query.setdefault("keepalives_interval", "1")
         query.setdefault("keepalives_count", "3")
-        self._conninfo = urlunsplit(parts._replace(query=urlencode(query)))
+        # And the server must not hold a cut-off writer's lock on its lease row for
+        # ever (it would hold up the takeover that fences it): a transaction idle
+        # or waiting for a lock longer than a round is ended by the server.
+        bound = f"{max(1, int(op_timeout_s * 1000))}ms"
+        server_side = (
+            f"-c idle_in_transaction_session_timeout={bound} -c lock_timeout={bound} -c statement_timeout={bound}"
+        )
+        query["options"] = f"{query['options']} {server_side}" if "options" in query else server_side
+        self._conninfo = urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
         self.schema = schema
         self.address = address
         self.lease_s = lease_s
@@ -439,7 +447,6 @@ class PostgresDecisionLog:
         commits without END to `adopt`. Returns the instances taken over."""
 
         async def take(cur: Cursor) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-            await self._check_epoch(cur)  # a fenced instance takes nothing over
             await cur.execute(
                 f"UPDATE {self.schema}.instances SET epoch = epoch + 1, taken_by = %s,"
                 " taken_at = statement_timestamp()"
@@ -466,6 +473,9 @@ class PostgresDecisionLog:
                     f"INSERT INTO {self.schema}.ownership (instance, epoch, taken_by, commits) VALUES (%s, %s, %s, %s)",
                     (instance, epoch, self._id, sum(1 for r in records if r[2] == instance)),
                 )
+            # A fenced instance takes nothing over. Checked last: waiting for the
+            # taken rows' locks must not hold our own row (it would block renewals).
+            await self._check_epoch(cur)
             return taken, records
 
         taken, records = await self._run(take)
