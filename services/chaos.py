@@ -13,6 +13,12 @@ at random times:
   taken down), then reconnected. Needs root and `ip netns`; skipped with a message
   otherwise.
 
+With `--ha`, two shops (coordinator instances) share a PostgreSQL decision log
+(a private server on a host of its own when namespaces are available, else the
+server of `--pg-url`), and killing, pausing (past the lease) and partitioning
+either shop are faults too; a shop that stopped (killed, or fenced after a pause
+or partition) is restarted as a supervisor would, a new instance.
+
 At the end the nemesis stops, every process is brought back, the run waits (bounded)
 for recovery and checks every invariant of docs/design.md from the services' own stores and
 the shop's log, plus the client's view: a purchase the client saw committed is
@@ -21,6 +27,7 @@ never saw is all there or not at all. The same seed gives the same schedule of f
 and operations (process timing still varies).
 
     python -m services.chaos --seed 7 --duration-s 60
+    python -m services.chaos --ha --duration-s 300
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from twopc.testing import ServiceProcess, query
 KILLS = ("kill_wallet", "kill_orders", "kill_shop")
 PAUSES = ("pause_wallet", "pause_orders")
 PARTITIONS = ("partition_wallet", "partition_orders")
+HA_KILLS = ("kill_shop1",)  # kill_shop is in KILLS
+HA_PAUSES = ("pause_shop", "pause_shop1")
+HA_PARTITIONS = ("partition_shop", "partition_shop1")
 NET_KINDS = ("lose_request", "lose_reply", "delay", "duplicate")
 SCARCE_SKU = "scarce"
 
@@ -67,6 +77,9 @@ class Options:
     wallet_module: str = "services.wallet"
     workdir: str = ""
     tls: bool = True
+    ha: bool = False  # two shops on a PostgreSQL log
+    lease_s: float = 1.0  # their lease, in --ha
+    pg_url: str = "postgresql://postgres@127.0.0.1:5432/test"  # in --ha without namespaces
 
 
 @dataclass(frozen=True)
@@ -107,7 +120,9 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
     t = 1.0
     while t < opts.duration_s - 2.0:
         kind = first.pop() if first else rng.choice(kinds)
-        if kind.startswith("pause"):
+        if kind in HA_PAUSES:
+            length = opts.lease_s * rng.uniform(1.5, 3.0)  # past the lease: the other takes over
+        elif kind.startswith("pause"):
             length = opts.prepare_timeout_s + rng.uniform(0.5, 2.0)
         elif kind.startswith("partition"):
             length = rng.uniform(1.0, 4.0)
@@ -188,7 +203,20 @@ class Nemesis:
         self.active: tuple[str, ServiceProcess | None] | None = None
 
     def _proc(self, kind: str) -> ServiceProcess:
-        return {"wallet": self.c.wallet, "orders": self.c.orders, "shop": self.c.shop}[kind.split("_", 1)[1]]
+        procs = {"wallet": self.c.wallet, "orders": self.c.orders, "shop": self.c.shop}
+        procs.update({f"shop{i}": shop for i, shop in enumerate(self.c.shops) if i})
+        return procs[kind.split("_", 1)[1]]
+
+    async def supervise(self) -> None:
+        """Restarts a shop that stopped by itself (fenced after a pause or a
+        partition, it exits), as a supervisor (systemd, Kubernetes) would."""
+        while True:
+            await asyncio.sleep(0.5)
+            busy = self.active[1] if self.active else None
+            for shop in self.c.shops:
+                if shop is not busy and shop.proc is not None and not shop.running:
+                    self.counts["restart_stopped_shop"] += 1
+                    await asyncio.to_thread(shop.restart)
 
     async def run(self, faults: list[Fault], started: float) -> None:
         for fault in faults:
@@ -199,9 +227,9 @@ class Nemesis:
 
     async def inject(self, kind: str) -> None:
         proc = self._proc(kind)
-        if kind in KILLS:
+        if kind in KILLS or kind in HA_KILLS:
             proc.kill()
-        elif kind in PAUSES:
+        elif kind in PAUSES or kind in HA_PAUSES:
             proc.pause()
         else:
             assert self.network is not None
@@ -214,10 +242,10 @@ class Nemesis:
             return
         kind, proc = self.active
         self.active = None
-        if kind in KILLS:
+        if kind in KILLS or kind in HA_KILLS:
             assert proc is not None
             await asyncio.to_thread(proc.restart)
-        elif kind in PAUSES:
+        elif kind in PAUSES or kind in HA_PAUSES:
             assert proc is not None
             proc.resume()
         elif self.network is not None:
@@ -244,7 +272,7 @@ async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[st
             p = Purchase(f"w{worker}-{n}", rng.choice(accounts), {s: rng.randint(1, 3) for s in picked})
             history.append(p)
             try:
-                r = await c.purchase(p.order_id, p.account, p.items, timeout_s=opts.prepare_timeout_s)
+                r = await c.purchase(p.order_id, p.account, p.items, timeout_s=opts.prepare_timeout_s, shop=worker)
                 p.seen, p.txn_id, p.reason = outcome(r).lower(), r.txn_id, r.reason
             except grpc.aio.AioRpcError as e:
                 p.seen, p.reason = "unknown", e.code().name
@@ -286,13 +314,14 @@ async def run(opts: Options) -> Result:
     rng = random.Random(opts.seed)
     workdir = Path(opts.workdir or f"var/chaos-{opts.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = Result(options=asdict(opts) | {"workdir": str(workdir)})
-    kinds = [*KILLS, *PAUSES]
+    kinds = [*KILLS, *PAUSES, *(HA_KILLS + HA_PAUSES if opts.ha else ())]
+    names = ["wallet", "orders", "shop", *(["shop1", "pg"] if opts.ha else [])]
     network = None
     if opts.partitions:
         ok, why = Network.available()
         if ok:
-            network = Network(["wallet", "orders", "shop"])
-            kinds += PARTITIONS
+            network = Network(names, prefix="haq" if opts.ha else "tpc", net=233 if opts.ha else 231)
+            kinds += [*PARTITIONS, *(HA_PARTITIONS if opts.ha else ())]
         else:
             result.skipped.append(f"partition: {why}")
     else:
@@ -300,12 +329,23 @@ async def run(opts: Options) -> Result:
     faults = schedule(rng, opts, kinds)
     net_faults = f"{opts.net_faults},seed={opts.seed}"
     settings = Settings(prepare_timeout_s=opts.prepare_timeout_s, log_level="info")
-    hosts = {n: network.host(n) for n in ("wallet", "orders", "shop")} if network else None
+    hosts = {n: network.host(n) for n in names if n != "pg"} if network else None
     accounts = [f"buyer{i}" for i in range(opts.accounts)]
     skus = [*(f"sku{i}" for i in range(opts.skus - 1)), SCARCE_SKU]
+    pg: Any = None
     try:
         if network:
             network.up()
+        log_url = ""
+        if opts.ha:
+            from services.failover import PrivatePostgres  # the postgres extra
+
+            schema = f"chaos_{opts.seed}_{int(time.time())}"
+            if network:
+                pg = PrivatePostgres(network.host("pg").address, network.host("pg").wrapper).start()
+                log_url = pg.url(schema, lease_s=str(opts.lease_s))
+            else:
+                log_url = f"{opts.pg_url}?schema={schema}&lease_s={opts.lease_s}"
         cluster = Cluster(
             workdir,
             settings,
@@ -313,6 +353,8 @@ async def run(opts: Options) -> Result:
             shop_args=["--net-faults", net_faults],
             wallet_module=opts.wallet_module,
             tls=opts.tls,
+            log_url=log_url,
+            shops=2 if opts.ha else 1,
         )
         async with cluster as c:
             for i, account in enumerate(accounts):  # some buyers are poor: purchases fail for funds
@@ -323,11 +365,14 @@ async def run(opts: Options) -> Result:
             started = time.monotonic()
             nemesis = Nemesis(c, network)
             nemesis_task = asyncio.create_task(nemesis.run(faults, started))
+            supervisor = asyncio.create_task(nemesis.supervise())
             history = await workload(c, opts, accounts, skus, started + opts.duration_s)
             nemesis_task.cancel()
             await asyncio.gather(nemesis_task, return_exceptions=True)
             await nemesis.heal()  # bring back whatever was down at the end
-            for proc in (c.wallet, c.orders, c.shop):
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+            for proc in (c.wallet, c.orders, *c.shops):
                 if not proc.running:
                     await asyncio.to_thread(proc.restart)
             progress("chaos: nemesis stopped, every process back; waiting for recovery")
@@ -342,6 +387,8 @@ async def run(opts: Options) -> Result:
             result.purchases = dict(Counter(p.seen for p in history))
             result.faults = dict(nemesis.counts) | dict(count_net_faults(workdir / "shop.log"))
     finally:
+        if pg is not None:
+            pg.close()
         if network:
             network.down()
     return result
@@ -386,6 +433,9 @@ def main() -> None:
     p.add_argument("--accounts", type=int, default=Options.accounts)
     p.add_argument("--skus", type=int, default=Options.skus)
     p.add_argument("--no-partitions", action="store_true", help="skip network partitions")
+    p.add_argument("--ha", action="store_true", help="two shops on a PostgreSQL decision log; faults to either")
+    p.add_argument("--lease-s", type=float, default=Options.lease_s, help="the shops' lease in --ha")
+    p.add_argument("--pg-url", default=Options.pg_url, help="PostgreSQL for --ha when namespaces are not available")
     p.add_argument("--net-faults", default=Options.net_faults, help="probabilities for the shop's interceptor")
     p.add_argument("--wallet-module", default=Options.wallet_module, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="")
@@ -404,6 +454,9 @@ def main() -> None:
         wallet_module=a.wallet_module,
         workdir=a.workdir,
         tls=not a.insecure,
+        ha=a.ha,
+        lease_s=a.lease_s,
+        pg_url=a.pg_url,
     )
     result = asyncio.run(run(opts))
     print(render(result))
