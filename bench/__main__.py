@@ -7,6 +7,9 @@ order services (N = 2) and N durable participants. twopc runs twice per case: "a
 the same two round trips the floor waits for) and "commit-point" (`phase2_wait_s=0`:
 `run` returns once the decision is durable; phase 2 goes on in the background, and
 the time to drain it counts in the phase's elapsed time). Targets are judged on ack.
+With N = 2, "durable+pglog" runs the same participants with the decision log in
+PostgreSQL (`--pg-log`, the log several coordinator instances share) instead of
+SQLite.
 
 `--memory` instead runs many transactions and compares resident memory after the
 baseline count with the end.
@@ -121,6 +124,7 @@ class Settings:
     branches: list[int]
     phase2: list[str]
     log_level: str
+    pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
     coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
 
 
@@ -148,7 +152,7 @@ async def twopc_phase(
     concurrency: int,
     phase2: str,
     s: Settings,
-    log_path: Path,
+    log_path: Path | str,
     observers: Sequence[Observer] = (),
 ) -> Row:
     config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
@@ -228,8 +232,15 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
         shop_services, the_shop = await fleet.shop(max(s.concurrency))
     progress(f"started {len(fleet.services)} processes in {fleet.workdir}")
 
+    why_no_pg = _pg_missing(s.pg_log)
+    if why_no_pg:
+        progress(f"durable, pg log: skipped ({why_no_pg})")
+    pg_schemas: list[str] = []
     sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
-    per_size = {n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None)) + 1 for n in sizes}
+    per_size = {
+        n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None) + (n == 2 and not why_no_pg)) + 1
+        for n in sizes
+    }
     total = len(s.concurrency) * sum(per_size.values()) + len(PATHS) + 3
     rows: list[Row] = []
     op, ro, no = durable.operation(), durable.operation(vote="read_only"), durable.operation(vote="abort")
@@ -252,9 +263,14 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                 cases.append(("wallet+order", shop_services, the_shop.purchase))
             if n in s.branches:
                 cases.append(("durable", durables[:n], fixed_branches(durables[:n], op)))
+            if n == 2 and not why_no_pg:
+                cases.append(("durable+pglog", durables[:n], fixed_branches(durables[:n], op)))
             for system, participants, branches in cases:
                 for phase2 in s.phase2:
-                    log = fleet.workdir / f"decisions-{len(rows)}.db"
+                    log: Path | str = fleet.workdir / f"decisions-{len(rows)}.db"
+                    if system == "durable+pglog":
+                        pg_schemas.append(f"bench_{os.getpid()}_{len(rows)}")
+                        log = f"{s.pg_log}?schema={pg_schemas[-1]}"
                     row = await twopc_phase(system, participants, branches, c, phase2, s, log)
                     row.compare(floor)
                     done(row)
@@ -273,12 +289,40 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
     for i, (system, observers) in enumerate((("unobserved", ()), ("observed", (counter,)), ("unobserved", ()))):
         log = fleet.workdir / f"{system}-{i}.db"
         done(await twopc_phase(system, durables[:2], fixed_branches(durables[:2], op), 1, "ack", s, log, observers))
+    _drop_schemas(s.pg_log, pg_schemas)
+    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg}
     return {
         "rows": [asdict(r) for r in rows],
         "observer": observer_cost(rows[-3], rows[-2], rows[-1], counter),
         "targets": targets_met(rows),
-        "skipped": {"wallet+order": why_no_shop} if why_no_shop else {},
+        "skipped": {k: v for k, v in skipped.items() if v},
     }
+
+
+def _pg_missing(url: str) -> str | None:
+    """Why the PostgreSQL log rows cannot run, or None."""
+    if not url:
+        return "no --pg-log"
+    try:
+        import psycopg
+    except ImportError:
+        return "needs psycopg (pip install 'twopc[postgres]')"
+    try:
+        psycopg.connect(url, connect_timeout=3).close()
+    except psycopg.OperationalError as e:
+        return f"needs PostgreSQL at {url}: {e}"
+    return None
+
+
+def _drop_schemas(url: str, schemas: list[str]) -> None:
+    """Removes the benchmark's decision logs from the server."""
+    if not schemas:
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
 
 
 def targets_met(rows: list[Row]) -> list[dict[str, Any]]:
@@ -486,6 +530,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="1 s phases, 0.25 s warm-up (memory: 10k/1k txns)")
     p.add_argument("--json", type=Path, help="results file (default bench/results/latest.json, or memory.json)")
+    p.add_argument(
+        "--pg-log",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL for the durable+pglog rows ('' for none; default %(default)s)",
+    )
     p.add_argument("--log-level", default="info", help="twopc log level in every process (logs go to the workdir)")
     p.add_argument("--workdir", type=Path, help="keep databases and process logs here (default: a temp dir, removed)")
     m = p.add_argument_group("memory mode")
@@ -516,7 +565,7 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
         )
     else:
         settings = Settings(
-            args.duration_s, args.warmup_s, args.concurrency, args.branches, args.phase2, args.log_level
+            args.duration_s, args.warmup_s, args.concurrency, args.branches, args.phase2, args.log_level, args.pg_log
         )
         result["settings"] = asdict(settings)
         result |= await benchmark(fleet, settings)
