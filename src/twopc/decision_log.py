@@ -44,8 +44,10 @@ class CommitRecord:
 class DecisionLog(Protocol):
     """Where a coordinator makes its decisions durable. Implementations must force
     `log_commit` to stable storage before returning, and raise `DurabilityError`
-    (and refuse all further writes) when that fails. One log has one owner: opening
-    it twice must fail."""
+    (and refuse all further writes) when that fails. A file log has one owner:
+    opening it twice must fail. A shared log (`PostgresDecisionLog`) gives each
+    coordinator instance an id and a lease of its own, and fences the COMMIT of an
+    instance that was taken over (FencedError)."""
 
     async def open(self) -> list[CommitRecord]:
         """Opens the log and returns the commits that have no END yet."""

@@ -10,6 +10,10 @@ with a deadline, and asks again every few seconds (with jitter) until it gets
 COMMITTED or ABORTED. If that address was empty, there is no one to ask: wait for
 the coordinator's Commit or Abort and alert an operator; never decide alone.
 
+Several coordinator instances may share one decision log (PostgreSQL): then the
+Prepare also lists the others in `coordinators`, and any of them answers for any
+transaction of the log. Ask them in order when one gives no answer or PENDING.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 

@@ -52,7 +52,10 @@ class CoordinatorServicer:
         PENDING    the transaction is still in phase 1 in this coordinator, or the
         coordinator cannot tell yet (its decision write failed and only a
         restart can read the disk): keep the reservation and ask again.
-        ABORTED    anything else: decided abort, never seen, or a commit whose record
+        With a shared log: also while the instance that owns the
+        transaction holds its lease (it may still log COMMIT).
+        ABORTED    anything else: decided abort, never seen (with a shared log: the
+        owner was taken over, so it can never log COMMIT), or a commit whose record
         was purged after its retention (every participant had acknowledged
         its Commit, so none can still be in doubt about it).
         Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
@@ -60,7 +63,8 @@ class CoordinatorServicer:
         OK                 the outcome is in the response.
         INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
         UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
-        stopping: ask again later. Never read it as ABORTED.
+        stopping, or cannot reach a shared log: ask again later
+        (or another instance). Never read it as ABORTED.
         any other          treat as no answer: keep the reservation, ask again later.
         Under mutual TLS only configured participant identities may ask; others get
         PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).

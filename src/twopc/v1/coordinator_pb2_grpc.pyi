@@ -10,6 +10,10 @@ with a deadline, and asks again every few seconds (with jitter) until it gets
 COMMITTED or ABORTED. If that address was empty, there is no one to ask: wait for
 the coordinator's Commit or Abort and alert an operator; never decide alone.
 
+Several coordinator instances may share one decision log (PostgreSQL): then the
+Prepare also lists the others in `coordinators`, and any of them answers for any
+transaction of the log. Ask them in order when one gives no answer or PENDING.
+
 Field numbers are forever: add fields, never renumber or reuse one.
 """
 
@@ -49,7 +53,10 @@ class CoordinatorStub:
       PENDING    the transaction is still in phase 1 in this coordinator, or the
                  coordinator cannot tell yet (its decision write failed and only a
                  restart can read the disk): keep the reservation and ask again.
-      ABORTED    anything else: decided abort, never seen, or a commit whose record
+                 With a shared log: also while the instance that owns the
+                 transaction holds its lease (it may still log COMMIT).
+      ABORTED    anything else: decided abort, never seen (with a shared log: the
+                 owner was taken over, so it can never log COMMIT), or a commit whose record
                  was purged after its retention (every participant had acknowledged
                  its Commit, so none can still be in doubt about it).
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
@@ -57,7 +64,8 @@ class CoordinatorStub:
       OK                 the outcome is in the response.
       INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
       UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
-                         stopping: ask again later. Never read it as ABORTED.
+                         stopping, or cannot reach a shared log: ask again later
+                         (or another instance). Never read it as ABORTED.
       any other          treat as no answer: keep the reservation, ask again later.
     Under mutual TLS only configured participant identities may ask; others get
     PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
@@ -74,7 +82,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
       PENDING    the transaction is still in phase 1 in this coordinator, or the
                  coordinator cannot tell yet (its decision write failed and only a
                  restart can read the disk): keep the reservation and ask again.
-      ABORTED    anything else: decided abort, never seen, or a commit whose record
+                 With a shared log: also while the instance that owns the
+                 transaction holds its lease (it may still log COMMIT).
+      ABORTED    anything else: decided abort, never seen (with a shared log: the
+                 owner was taken over, so it can never log COMMIT), or a commit whose record
                  was purged after its retention (every participant had acknowledged
                  its Commit, so none can still be in doubt about it).
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
@@ -82,7 +93,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
       OK                 the outcome is in the response.
       INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
       UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
-                         stopping: ask again later. Never read it as ABORTED.
+                         stopping, or cannot reach a shared log: ask again later
+                         (or another instance). Never read it as ABORTED.
       any other          treat as no answer: keep the reservation, ask again later.
     Under mutual TLS only configured participant identities may ask; others get
     PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
@@ -102,7 +114,10 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
           PENDING    the transaction is still in phase 1 in this coordinator, or the
                      coordinator cannot tell yet (its decision write failed and only a
                      restart can read the disk): keep the reservation and ask again.
-          ABORTED    anything else: decided abort, never seen, or a commit whose record
+                     With a shared log: also while the instance that owns the
+                     transaction holds its lease (it may still log COMMIT).
+          ABORTED    anything else: decided abort, never seen (with a shared log: the
+                     owner was taken over, so it can never log COMMIT), or a commit whose record
                      was purged after its retention (every participant had acknowledged
                      its Commit, so none can still be in doubt about it).
         Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
@@ -110,7 +125,8 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
           OK                 the outcome is in the response.
           INVALID_ARGUMENT   missing or malformed txn_id (limits as in participant.proto).
           UNAVAILABLE        the coordinator is starting (its log is not loaded yet) or
-                             stopping: ask again later. Never read it as ABORTED.
+                             stopping, or cannot reach a shared log: ask again later
+                             (or another instance). Never read it as ABORTED.
           any other          treat as no answer: keep the reservation, ask again later.
         Under mutual TLS only configured participant identities may ask; others get
         PERMISSION_DENIED (UNAUTHENTICATED without a client certificate).
