@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from services.chaos import Network
 from services.cluster import Cluster, Settings
 from tests.conftest import FAST, INSECURE, Kv, eventually
+from tests.test_crash import txn_of
 from twopc import ClosedError, Coordinator, Outcome
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
 from twopc.testing import ServiceProcess, TcpProxy
@@ -209,11 +210,6 @@ def decisions(schema: str) -> dict[str, tuple[str, bool]]:
     return {t: (d, e) for t, d, e in rows}
 
 
-def txn_of(kv: Kv) -> str:
-    (txn_id,) = {str(t) for t, *_ in kv.reserved()} | {str(t) for t, *_ in kv.applied()}
-    return txn_id
-
-
 async def test_takeover_completes_a_killed_instances_commits(
     schema: str, start_kv: Callable[..., Kv], instance_proc: Callable[..., ServiceProcess]
 ) -> None:
@@ -306,6 +302,17 @@ async def test_instances_join_and_leave_while_transactions_run(schema: str, star
         assert {str(t) for t, *_ in kv.applied()} == logged
 
 
+def assert_failed_over(report: failover.FailoverReport) -> None:
+    """Every purchase ended and checks out, and the failed shop was replaced cleanly."""
+    assert report.violations == []
+    assert report.fault_to_settled_s is not None, "the failed shop's transactions were all resolved"
+    assert report.logged_after_takeover == []
+    if report.fault == "kill":
+        assert report.taken_over_commits >= 1, "the killed shop's COMMIT was adopted"
+    else:
+        assert report.fenced
+
+
 @pytest.mark.parametrize("fault", ["kill", "pause"])
 async def test_two_shops_on_postgres_fail_over(schema: str, tmp_path: Path, fault: str) -> None:
     """Two shops on one PostgreSQL log under concurrent purchases; the first is
@@ -319,13 +326,7 @@ async def test_two_shops_on_postgres_fail_over(schema: str, tmp_path: Path, faul
     async with cluster as c:
         report = await failover.run(c, fault, lease_s=1.0)
     print(f"failover ({fault}): {report}")
-    assert report.violations == []
-    assert report.fault_to_settled_s is not None, "the failed shop's transactions were all resolved"
-    assert report.logged_after_takeover == []
-    if fault == "kill":
-        assert report.taken_over_commits >= 1, "the killed shop's COMMIT was adopted"
-    else:
-        assert report.fenced
+    assert_failed_over(report)
 
 
 HOSTS = ["pg", "wallet", "orders", "shop", "shop1"]
@@ -379,10 +380,4 @@ async def test_failover_between_hosts(
             c, fault, lease_s=lease_s, cut=lambda: network.cut("shop"), heal=lambda: network.heal("shop")
         )
     print(f"failover between hosts ({fault}): {report}")
-    assert report.violations == []
-    assert report.fault_to_settled_s is not None, "the failed shop's transactions were all resolved"
-    assert report.logged_after_takeover == []
-    if fault == "kill":
-        assert report.taken_over_commits >= 1, "the killed shop's COMMIT was adopted"
-    else:
-        assert report.fenced
+    assert_failed_over(report)
