@@ -155,6 +155,26 @@ async def test_commit_write_lost_in_a_partition_is_read_back(schema: str) -> Non
         await proxy.close()
 
 
+async def test_end_waits_for_the_database_then_lands(schema: str) -> None:
+    """A COMMIT logged before the database was cut off: its END (phase 2 done) waits
+    while the database is out of reach and is written once it is back."""
+    proxy = await TcpProxy("127.0.0.1", 5432).start()
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
+    try:
+        async with opened(url, lease_s=60, op_timeout_s=0.5) as a:
+            assert await a.log_commit(f"{a.id}:t", ["t1"])
+            proxy.cut()
+            end = asyncio.create_task(a.log_end(f"{a.id}:t"))
+            done, _ = await asyncio.wait({end}, timeout=1.5)
+            assert not done, "END cannot be written while the database is cut off"
+            assert sql(f"SELECT ended_at IS NULL FROM {schema}.decisions") == [(True,)]
+            proxy.heal()
+            await asyncio.wait_for(end, timeout=20)
+            assert sql(f"SELECT ended_at IS NULL FROM {schema}.decisions") == [(False,)]
+    finally:
+        await proxy.close()
+
+
 async def test_unreachable_log_refuses_new_transactions_then_recovers(schema: str, start_kv: Callable[..., Kv]) -> None:
     """With the database cut off past the lease, run() refuses before sending
     anything (LogUnavailableError); once it is back, transactions commit again."""
