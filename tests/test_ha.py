@@ -104,6 +104,23 @@ async def test_outcome_is_pending_until_the_owner_is_taken_over(schema: str) -> 
         assert await b.outcome("0123456789abcdef:never") is Outcome.ABORTED
 
 
+async def test_purge_keeps_what_an_answer_needs(schema: str) -> None:
+    """Purging drops ended records and taken-over instances past retention, keeps
+    open records and live instances, and changes no outcome."""
+    url = f"{SERVER}?schema={schema}"
+    async with opened(url, lease_s=60, retention_s=0.0) as a, opened(url, lease_s=60, retention_s=0.0) as b:
+        await a.log_commit(f"{a.id}:ended", ["t1"])
+        await a.log_end(f"{a.id}:ended")
+        await a.log_commit(f"{a.id}:open", ["t1"])
+        expire(schema, a.id)
+        await b.take_over()
+        await b.purge()
+        assert decisions(schema) == {f"{a.id}:open": ("commit", False)}  # b delivers it now
+        assert [i for (i,) in sql(f"SELECT id FROM {schema}.instances")] == [b.id]
+        assert await b.outcome(f"{a.id}:open") is Outcome.COMMITTED
+        assert await b.outcome(f"{a.id}:other") is Outcome.ABORTED
+
+
 async def test_takeover_waits_for_a_commit_being_written(schema: str) -> None:
     """A takeover that meets a COMMIT write in progress (the writer's lease row held
     FOR SHARE) waits for it, then adopts the record: no COMMIT lands unseen."""

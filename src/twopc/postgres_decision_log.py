@@ -432,15 +432,40 @@ class PostgresDecisionLog:
             self._renewed_at = sent
 
     async def _take_over_forever(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(self.takeover_every_s * random.uniform(0.5, 1.5))
+            rounds += 1
             try:
                 await self.take_over()
+                if rounds % 500 == 0:  # now and then, drop what retention no longer needs
+                    await self.purge()
             except LogUnavailableError:
                 continue  # the renewal loop reports it
             except _EpochMovedError:
                 self._fence()
                 return
+
+    async def purge(self) -> None:
+        """Deletes ended records past `retention_s`, and the rows of instances taken
+        over that long ago with nothing left to deliver. Neither changes an answer:
+        an unknown owner is ABORTED, as a taken-over one is."""
+
+        async def purge(cur: Cursor) -> None:
+            await cur.execute(
+                f"DELETE FROM {self.schema}.decisions"
+                " WHERE ended_at < statement_timestamp() - %s * interval '1 second'",
+                (self.retention_s,),
+            )
+            await cur.execute(
+                f"DELETE FROM {self.schema}.instances i"
+                " WHERE i.taken_at < statement_timestamp() - %s * interval '1 second'"
+                f" AND NOT EXISTS (SELECT 1 FROM {self.schema}.decisions d"
+                " WHERE d.driver = i.id AND d.ended_at IS NULL)",
+                (self.retention_s,),
+            )
+
+        await self._run(purge)
 
     async def take_over(self) -> list[str]:
         """Takes over every instance whose lease expired (rule 3) and hands their
