@@ -204,7 +204,13 @@ class PostgresDecisionLog:
         self.decision_wait_s = decision_wait_s
         self.retention_s = retention_s
         self._pool = psycopg_pool.AsyncConnectionPool(
-            self._conninfo, min_size=1, max_size=pool_size, open=False, timeout=op_timeout_s, name="twopc-log"
+            self._conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=op_timeout_s,
+            name="twopc-log",
+            configure=_read_committed,
         )
         self._id = ""
         self._epoch = 0
@@ -364,12 +370,17 @@ class PostgresDecisionLog:
         owner = txn_id.split(":", 1)[0] if ":" in txn_id else ""
 
         async def read(cur: Cursor) -> Outcome:
+            # The owner's epoch first, the record second (a fresh snapshot per
+            # statement): a moved epoch means every COMMIT the owner could ever log
+            # is already committed, so the second read sees it. The other order
+            # could miss a COMMIT that lands between the reads, then see the epoch
+            # moved by a takeover, and answer ABORTED for a committed transaction.
+            await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s", (owner,))
+            lease = await cur.fetchone()
             await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
             row = await cur.fetchone()
             if row is not None:
                 return Outcome.COMMITTED if row[0] == "commit" else Outcome.ABORTED
-            await cur.execute(f"SELECT epoch FROM {self.schema}.instances WHERE id = %s", (owner,))
-            lease = await cur.fetchone()
             # Rule 4: the owner may still write while its row has its first epoch.
             return Outcome.PENDING if lease is not None and lease[0] == 0 else Outcome.ABORTED
 
@@ -593,6 +604,13 @@ class PostgresDecisionLog:
             return task.result()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
             raise LogUnavailableError(f"the decision log's database is unreachable: {e}") from e
+
+
+async def _read_committed(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Every rule above reads with a fresh snapshot per statement (the takeover's
+    records after its bump, an outcome's record after the epoch): READ COMMITTED,
+    whatever the server's default."""
+    await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
 
 
 def _consume(task: asyncio.Task[Any]) -> None:
