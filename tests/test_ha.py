@@ -10,16 +10,19 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
 from services.chaos import Network
 from services.cluster import Cluster, Settings
-from tests.conftest import FAST, INSECURE, Kv, eventually
+from tests.conftest import FAST, INSECURE, Kv, eventually, txn_state
 from tests.test_crash import txn_of
-from twopc import ClosedError, Coordinator, Outcome
+from tests.test_trust import FakeCoordinator, debit, seeded, status
+from twopc import ClosedError, Coordinator, Outcome, rpc
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
 from twopc.testing import ServiceProcess, TcpProxy
+from twopc.v1 import coordinator_pb2_grpc, participant_pb2
 
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'twopc[postgres]')")
 
@@ -418,3 +421,42 @@ async def test_failover_between_hosts(
         )
     print(f"failover between hosts ({fault}): {report}")
     assert_failed_over(report)
+
+
+async def test_participant_asks_the_next_instance_and_trusts_only_trusted_ones(tmp_path: Path) -> None:
+    """A Prepare naming an untrusted instance in `coordinators` is refused and holds
+    nothing; with every instance trusted, a participant whose first instance is dead
+    learns the outcome from the next one."""
+    servicer = FakeCoordinator()  # an instance that answers COMMITTED
+    server = grpc.aio.server()
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    other = f"127.0.0.1:{rpc.add_port(server, '127.0.0.1:0', INSECURE)}"
+    await server.start()
+    dead = "127.0.0.1:1"  # nobody listens there
+    common = ["--insecure", "--trust-coordinator", dead, "--in-doubt-after-s", "0.1", "--resolve-interval-s", "0.1"]
+    strict = ServiceProcess(
+        "services.wallet", ["--db", str(tmp_path / "s.db"), *common], log_path=tmp_path / "s.log"
+    ).start()
+    both = ServiceProcess(
+        "services.wallet",
+        ["--db", str(tmp_path / "b.db"), *common, "--trust-coordinator", other],
+        log_path=tmp_path / "b.log",
+    ).start()
+    try:
+        ch, stub = await seeded(strict)
+        async with ch:
+            request = debit("t-untrusted", dead)
+            request.coordinators.append(other)
+            assert await status(stub.Prepare(request, timeout=5)) is grpc.StatusCode.PERMISSION_DENIED
+        assert txn_state(tmp_path / "s.db", "t-untrusted") is None
+        ch, stub = await seeded(both)
+        async with ch:
+            request = debit("t-doubt", dead)
+            request.coordinators.append(other)
+            assert (await stub.Prepare(request, timeout=5)).vote == participant_pb2.VOTE_COMMIT
+            await eventually(lambda: txn_state(tmp_path / "b.db", "t-doubt") == "COMMITTED", what="resolved")
+        assert servicer.asked[:1] == ["t-doubt"]
+    finally:
+        strict.stop()
+        both.stop()
+        await server.stop(None)

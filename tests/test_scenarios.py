@@ -120,8 +120,8 @@ async def test_invariant_checker_reports_each_broken_rule(cluster: Cluster) -> N
     with sqlite3.connect(cluster.wallet_db) as w:
         w.execute("INSERT INTO ledger (account, kind, amount, txn_id, at) VALUES ('bob', 'debit', 100, 'ghost', 0)")
         w.execute("UPDATE accounts SET balance = balance - 100 WHERE account = 'bob'")
-        w.execute("INSERT INTO twopc_txn VALUES ('ghost', 'COMMITTED', '', 0, 0, '')")
-        w.execute("INSERT INTO twopc_txn VALUES ('stuck', 'PREPARED', '', 0, NULL, '')")
+        w.execute("INSERT INTO twopc_txn (txn_id, state, prepared_at, decided_at) VALUES ('ghost', 'COMMITTED', 0, 0)")
+        w.execute("INSERT INTO twopc_txn (txn_id, state, prepared_at) VALUES ('stuck', 'PREPARED', 0)")
     with sqlite3.connect(cluster.orders_db) as o:
         o.execute("UPDATE products SET on_hand = on_hand + 1 WHERE sku = 'widget'")
     found = "\n".join(cluster.check().violations)

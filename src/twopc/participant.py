@@ -501,7 +501,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     def _abort_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
         if row is None:  # presumed abort; the tombstone refuses a late Prepare
-            db.execute("INSERT INTO twopc_txn VALUES (?, ?, '', NULL, ?, '')", (txn_id, ABORTED, time.time()))
+            db.execute(
+                "INSERT INTO twopc_txn (txn_id, state, decided_at) VALUES (?, ?, ?)", (txn_id, ABORTED, time.time())
+            )
             return True
         if row[0] == ABORTED:
             return False
