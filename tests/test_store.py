@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -185,3 +186,45 @@ async def test_a_batch_carries_at_most_max_batch_jobs(tmp_path: Path) -> None:
         await held
         assert await asyncio.gather(*jobs) == list(range(10))
         assert store.stats.batches - batches == 1 + 4  # the held job's, then 3 + 3 + 3 + 1
+
+
+def where(db: sqlite3.Connection) -> int:
+    """A job that says which thread ran it."""
+    db.execute("INSERT INTO t VALUES (NULL)")
+    return threading.get_ident()
+
+
+async def test_a_lone_short_write_on_an_idle_store_runs_on_the_callers_thread(store: SqliteStore) -> None:
+    """A write marked inline_if_idle that finds the store idle runs (and syncs) on the
+    event loop's thread; an unmarked one is handed to the writer thread."""
+    store.idle_path_max_s = 10.0  # however loaded the test machine's disk is
+    loop_thread = threading.get_ident()
+    before = store.stats.syncs
+    assert await store.write(where, inline_if_idle=True) == loop_thread
+    assert await store.write(where) != loop_thread
+    assert store.stats.syncs - before == 2 and len(on_disk(store)) == 2
+
+
+async def test_writes_of_one_loop_turn_still_share_one_commit(store: SqliteStore) -> None:
+    """Group commit is kept: inline_if_idle writes submitted in the same turn of the
+    event loop go to the writer thread together, one batch and one fsync."""
+    before = (store.stats.batches, store.stats.syncs)
+    threads = await asyncio.gather(*(store.write(where, inline_if_idle=True) for _ in range(5)))
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert (store.stats.batches, store.stats.syncs) == (before[0] + 1, before[1] + 1)
+
+
+async def test_a_slow_commit_turns_the_idle_path_off(store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk gone slow (synced commits averaging over idle_path_max_s) sends the
+    next lone writes to the writer thread, so the event loop is not held by the disk."""
+    store.idle_path_max_s = 0.05
+    real = SqliteStore._commit
+
+    def slow(self: SqliteStore, conn: sqlite3.Connection) -> None:
+        real(self, conn)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(SqliteStore, "_commit", slow)
+    assert await store.write(where, inline_if_idle=True) == threading.get_ident()  # it could not know
+    monkeypatch.undo()
+    assert await store.write(where, inline_if_idle=True) != threading.get_ident()

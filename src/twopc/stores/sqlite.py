@@ -12,6 +12,18 @@ Durability: WAL mode with `synchronous=FULL` syncs the WAL on every commit, so w
 record, an abort) may ride along unsynced; the next synced commit, or a checkpoint,
 makes it durable, which is all presumed abort needs for those records.
 
+Idle fast path: a short protocol job (`write(..., inline_if_idle=True)`) that finds
+the store idle runs on the caller's (event loop's) thread, without the two hand-offs
+to the writer thread and back; the loop waits for its fsync, which the caller would
+wait for anyway. The store counts as idle only when nothing is queued or running and
+nothing else was submitted in the same turn of the event loop: the first write of a
+turn waits one `call_soon` for others, so a burst (many RPCs answered in one turn)
+still goes to the writer thread as one batch, and group commit under load is kept.
+The idle path blocks the event loop for one commit, so it is only taken while the
+disk is fast: while the moving average of synced commits (on either path) stays
+under `idle_path_max_s`. A disk that turns slow costs the loop one wait, then the
+writes go to the thread until fast commits bring the average down again.
+
 A failed commit is fatal (rule 8 of docs/design.md): the page cache may have dropped
 the data, so the store refuses all further work with `DurabilityError` and the process
 must restart and recover from what is on disk. Any other failure of the writer (a
@@ -28,6 +40,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +60,7 @@ class _Task:
     fn: Callable[[sqlite3.Connection], Any]
     durable: bool
     future: asyncio.Future[Any]
+    inline: bool = False  # may run on the caller's thread when the store is idle
     result: Any = None
     error: BaseException | None = None
 
@@ -61,6 +75,7 @@ class StoreStats:
 
 
 _STOP = object()
+_SMOOTHING = 0.2  # weight of the latest synced commit in the moving average
 
 
 class SqliteStore:
@@ -77,14 +92,27 @@ class SqliteStore:
         max_batch: the most jobs one commit carries. Group commit needs only a few
             dozen to pay off; the bound keeps one transaction (and the latency of the
             jobs that wait on it) small however much work queues up.
+        idle_path_max_s: the idle path (see the module's docstring) is taken while
+            synced commits take less than this; 0 turns it off.
     """
 
-    def __init__(self, path: str | os.PathLike[str], schema: str = "", *, max_batch: int = 256) -> None:
+    idle_path_max_s_default = 0.002
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        schema: str = "",
+        *,
+        max_batch: int = 256,
+        idle_path_max_s: float | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.path = path
         self.schema = schema
         self.max_batch = max_batch
+        self.idle_path_max_s = self.idle_path_max_s_default if idle_path_max_s is None else idle_path_max_s
+        self._commit_s = 0.0  # moving average of synced commits' durations
         self.stats = StoreStats()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -93,6 +121,11 @@ class SqliteStore:
         self._closing = False
         self._lock_fd: int | None = None
         self._failed: asyncio.Event | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._conn_lock = threading.Lock()  # who runs SQL: the writer thread or an idle-path caller
+        self._synced = True  # the connection's PRAGMA synchronous is FULL
+        self._outstanding = 0  # jobs handed to the writer thread, not yet settled
+        self._gathered: list[_Task] = []  # this loop turn's jobs, while the store is idle
 
     async def open(self) -> None:
         """Locks the file for this store, starts the writer thread, opens the file and
@@ -107,6 +140,7 @@ class SqliteStore:
         self._lock()
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self._outstanding, self._gathered, self._synced, self._commit_s = 0, [], True, 0.0
         self._failed = asyncio.Event()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
@@ -134,6 +168,8 @@ class SqliteStore:
             return
         if not self._closing:
             self._closing = True
+            self._submit(self._gathered)  # accepted before close(): they run first
+            self._gathered = []
             self._queue.put(_STOP)
         await asyncio.to_thread(thread.join)
         if self._thread is not thread:
@@ -170,12 +206,15 @@ class SqliteStore:
         assert self._failure is not None
         return self._failure
 
-    async def write(self, fn: Job[T], *, durable: bool = True) -> T:
+    async def write(self, fn: Job[T], *, durable: bool = True, inline_if_idle: bool = False) -> T:
         """Runs `fn(conn)` in a transaction and returns its result once committed.
 
         Args:
             fn: runs on the store's thread; it must not block on anything but SQLite.
             durable: when True the commit is synced before this returns.
+            inline_if_idle: `fn` is short (a protocol step, never a scan or a wait):
+                if the store is idle, run it and its commit on this thread rather
+                than hand it to the writer thread (see the module's docstring).
 
         Raises:
             DurabilityError: the store failed (now or earlier) and has stopped.
@@ -189,8 +228,47 @@ class SqliteStore:
         if self._closing:
             raise ClosedError(f"store {self.path} is closing")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Task(fn, durable, future))
+        task = _Task(fn, durable, future, inline=inline_if_idle)
+        if self._outstanding == 0:  # idle: gather this turn's jobs, then decide
+            self._gathered.append(task)
+            if len(self._gathered) == 1:
+                self._loop.call_soon(self._flush)
+        else:
+            self._submit([task])
         return await future
+
+    def _submit(self, batch: list[_Task]) -> None:
+        self._outstanding += len(batch)
+        for t in batch:
+            self._queue.put(t)
+
+    def _flush(self) -> None:
+        """The end of an idle turn: a lone short job runs here, anything else goes to
+        the writer thread (in order, as one batch if it is free)."""
+        batch, self._gathered = self._gathered, []
+        if not batch:
+            return
+        conn = self._conn
+        if (
+            len(batch) == 1
+            and batch[0].inline
+            and self.idle_path_max_s > 0
+            and self._commit_s < self.idle_path_max_s
+            and conn is not None
+            and not self._closing
+            and self._conn_lock.acquire(blocking=False)
+        ):
+            try:
+                self._execute(conn, batch)
+            finally:
+                self._conn_lock.release()
+            _settle(batch)
+        else:
+            self._submit(batch)
+
+    def _settle_submitted(self, batch: list[_Task]) -> None:
+        self._outstanding -= len(batch)
+        _settle(batch)
 
     async def read(self, fn: Job[T]) -> T:
         """Runs `fn(conn)` on the store's thread and returns its result."""
@@ -218,7 +296,9 @@ class SqliteStore:
     def _run(self, ready: asyncio.Future[None]) -> None:
         assert self._loop is not None
         try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            # Used from the writer thread and, on the idle path, the loop's thread: never
+            # both at once (`_conn_lock`).
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             if self.schema:
@@ -226,35 +306,42 @@ class SqliteStore:
         except BaseException as e:  # noqa: BLE001 - handed to the opener
             self._loop.call_soon_threadsafe(_settle_open, ready, e)
             return
+        self._conn = conn
         self._loop.call_soon_threadsafe(_settle_open, ready, None)
         try:
             self._serve(conn)
         finally:
-            conn.close()
+            with self._conn_lock:
+                self._conn = None
+                conn.close()
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         """Runs batches until the stop marker. Never dies early: whatever goes wrong
         fails the store, and every job, present and future, hears of it."""
-        synced = True
         stop = False
         while not stop:
             batch, stop = self._next_batch()
             if not batch:
                 continue
-            durable = any(t.durable for t in batch)
+            with self._conn_lock:
+                self._execute(conn, batch)
             try:
-                if self._failure is not None:
-                    raise DurabilityError(f"store {self.path} failed earlier: {self._failure}")
-                if durable != synced:
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                    synced = durable
-                self._run_batch(conn, batch, durable)
-            except BaseException as e:  # noqa: BLE001 - the store fails; no waiter hangs
-                self._fail(conn, batch, e)
-            try:
-                self._loop.call_soon_threadsafe(_settle, batch)  # type: ignore[union-attr]
+                self._loop.call_soon_threadsafe(self._settle_submitted, batch)  # type: ignore[union-attr]
             except RuntimeError:  # the event loop is closed: nobody is waiting any more
                 return
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Task]) -> None:
+        """Runs one batch; any failure fails the store (the jobs hear of it)."""
+        durable = any(t.durable for t in batch)
+        try:
+            if self._failure is not None:
+                raise DurabilityError(f"store {self.path} failed earlier: {self._failure}")
+            if durable != self._synced:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._synced = durable
+            self._run_batch(conn, batch, durable)
+        except BaseException as e:  # noqa: BLE001 - the store fails; no waiter hangs
+            self._fail(conn, batch, e)
 
     def _next_batch(self) -> tuple[list[_Task], bool]:
         """Blocks for the next job, then takes what else is queued, up to max_batch."""
@@ -292,7 +379,7 @@ class SqliteStore:
                 conn.execute("ROLLBACK TO job")
             if not alone:
                 conn.execute("RELEASE job")
-        self._commit(conn)
+        self._timed_commit(conn, durable)
         self.stats.batches += 1
         self.stats.jobs += len(batch)
         if durable and conn.total_changes != changes:
@@ -321,6 +408,15 @@ class SqliteStore:
         Kept apart so a test can make it fail as a disk would (EIO).
         """
         conn.execute("COMMIT")
+
+    def _timed_commit(self, conn: sqlite3.Connection, durable: bool) -> None:
+        """Commits, and keeps the moving average of synced commits' durations."""
+        if not durable:
+            self._commit(conn)
+            return
+        started = time.monotonic()
+        self._commit(conn)
+        self._commit_s += _SMOOTHING * (time.monotonic() - started - self._commit_s)
 
 
 def _settle_open(ready: asyncio.Future[None], error: BaseException | None) -> None:
