@@ -46,6 +46,13 @@ class _Trivial(participant_pb2_grpc.ParticipantServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor does not batch")
         raise AssertionError("unreachable")
 
+    async def PrepareMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.PrepareManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.PrepareManyResponse:
+        # The floor client sends one Prepare per branch: the plain message pattern.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor does not batch")
+        raise AssertionError("unreachable")
+
 
 class FloorClient:
     """Sends Prepare to every target at once, then Commit to every target at once.

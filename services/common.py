@@ -191,7 +191,7 @@ def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--coordinators",
         type=identities,
         default="shop",
-        help="identities that may call Prepare, Commit, CommitMany and Abort (default %(default)s)",
+        help="identities that may call Prepare, PrepareMany, Commit, CommitMany and Abort (default %(default)s)",
     )
     g.add_argument(
         "--trust-coordinator",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from google.protobuf import any_pb2
 from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
-from tests.conftest import FAST, INSECURE, Kv, op
+from tests.conftest import FAST, INSECURE, Kv, eventually, op, txn_state
 from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog, rpc
 from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
@@ -56,11 +57,15 @@ class _NoBatching(participant_pb2_grpc.ParticipantServicer):
     """A participant that predates CommitMany: the generated servicer answers UNIMPLEMENTED."""
 
     committed: list[str]
+    prepared: list[str]
 
     def __init__(self) -> None:
         self.committed = []
+        self.prepared = []
 
     async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:  # noqa: N802
+        self.prepared.append(request.txn_id)
+        await asyncio.sleep(0.01)  # a participant's latency: concurrent Prepares queue behind it
         return participant_pb2.PrepareResponse(vote=participant_pb2.VOTE_COMMIT)
 
     async def Commit(self, request: Any, context: Any) -> participant_pb2.CommitResponse:  # noqa: N802
@@ -71,6 +76,7 @@ class _NoBatching(participant_pb2_grpc.ParticipantServicer):
         return participant_pb2.AbortResponse()
 
     CommitMany = participant_pb2_grpc.ParticipantServicer.CommitMany
+    PrepareMany = participant_pb2_grpc.ParticipantServicer.PrepareMany
 
 
 @pytest.fixture
@@ -117,18 +123,27 @@ class _Recording(Participant):
         return await super().CommitMany(request, context)
 
 
+@contextlib.asynccontextmanager
+async def served(participant: Participant) -> AsyncIterator[str]:
+    """Serves an entered participant in this process on port 0; yields its address."""
+    server = rpc.server()
+    participant.add_to_server(server)
+    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 @pytest.fixture
 async def recording(tmp_path: Path) -> AsyncIterator[tuple[str, _Recording]]:
     """A kv participant served in this process that records its CommitMany sizes."""
     config = ParticipantConfig(allow_no_coordinator=True)  # its coordinators serve no GetOutcome
     async with _Recording(KV(), tmp_path / "kv.db", credentials=INSECURE, config=config) as participant:
         participant.sizes = []
-        server = rpc.server()
-        participant.add_to_server(server)
-        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-        await server.start()
-        yield f"127.0.0.1:{port}", participant
-        await server.stop(None)
+        async with served(participant) as address:
+            yield address, participant
 
 
 async def test_commit_many_carries_at_most_max_commit_batch(tmp_path: Path, recording: tuple[str, _Recording]) -> None:
@@ -164,3 +179,140 @@ async def test_recovery_redrives_at_most_recovery_concurrency_at_once(
         assert await c.wait_idle(30)
     assert sum(participant.sizes) == 20 and max(participant.sizes) <= 3
     assert len(query(tmp_path / "kv.db", "SELECT 1 FROM applied")) == 20
+
+
+async def test_participant_without_prepare_many_gets_single_prepares(
+    tmp_path: Path, old_participant: tuple[str, _NoBatching], start_kv: Callable[..., Kv]
+) -> None:
+    """Concurrent transactions to a participant that answers PrepareMany with
+    UNIMPLEMENTED still get every Prepare, one by one, and all commit; said once."""
+    target, servicer = old_participant
+    kv = start_kv()
+    with capture_logs() as events:
+        async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
+            results = await asyncio.gather(*(c.run([Branch(target, op(key="x")), kv.branch()]) for _ in range(10)))
+    assert all(r.outcome is Outcome.COMMITTED and r.completed for r in results)
+    assert sorted(servicer.prepared) == sorted(r.txn_id for r in results) and len(kv.applied()) == 10
+    assert [e["event"] for e in events].count("prepare_many_unsupported") == 1
+
+
+class _Gated(Participant):
+    """The real helper served in this process, recording every Prepare it is sent
+    (txn ids per message, and each PrepareMany's deadlines); a message that carries
+    an operation whose key names a gate ("hold", "hold2") waits until the test opens it."""
+
+    messages: list[list[str]]
+    timeouts: list[tuple[float, list[float]]]  # (the message's time left, each item's)
+    gates: dict[str, asyncio.Event]
+
+    async def _hold(self, requests: list[participant_pb2.PrepareRequest]) -> None:
+        self.messages.append([r.txn_id for r in requests])
+        for r in requests:
+            gate = self.gates.get(op_key(r))
+            if gate is not None:
+                await gate.wait()
+
+    async def Prepare(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.PrepareResponse:
+        await self._hold([request])
+        return await super().Prepare(request, context)
+
+    async def PrepareMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.PrepareManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.PrepareManyResponse:
+        left = context.time_remaining()
+        assert left is not None
+        self.timeouts.append((left, [i.timeout.ToNanoseconds() / 1e9 for i in request.items]))
+        await self._hold([i.prepare for i in request.items])
+        return await super().PrepareMany(request, context)
+
+
+def queued(coordinator: Coordinator, target: str) -> int:
+    """How many Prepares wait for `target` behind the message in flight."""
+    return len(coordinator._prepare_batchers[target]._queue)
+
+
+def op_key(request: participant_pb2.PrepareRequest) -> str:
+    unpacked = op()
+    request.operation.Unpack(unpacked)
+    return str(unpacked["key"]) if "key" in unpacked else ""
+
+
+@pytest.fixture
+async def gated(tmp_path: Path) -> AsyncIterator[tuple[str, _Gated]]:
+    config = ParticipantConfig(allow_no_coordinator=True)  # its coordinators serve no GetOutcome
+    async with _Gated(KV(), tmp_path / "gated.db", credentials=INSECURE, config=config) as participant:
+        participant.messages, participant.timeouts = [], []
+        participant.gates = {"hold": asyncio.Event(), "hold2": asyncio.Event()}
+        async with served(participant) as address:
+            yield address, participant
+
+
+TWO_PHASE = replace(FAST, one_phase=False)
+
+
+async def test_prepares_queued_behind_one_in_flight_share_the_next_message(
+    tmp_path: Path, gated: tuple[str, _Gated]
+) -> None:
+    """A lone Prepare goes out at once, alone; the Prepares that queue while it is in
+    flight go out together as one PrepareMany (at most max_prepare_batch each), and
+    every transaction commits."""
+    target, participant = gated
+    async with Coordinator(
+        tmp_path / "d.db", credentials=INSECURE, config=replace(TWO_PHASE, max_prepare_batch=4)
+    ) as c:
+        first = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
+        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+        rest = [asyncio.create_task(c.run([Branch(target, op(key=f"k{i}"))])) for i in range(6)]
+        await eventually(lambda: queued(c, target) == 6, what="six Prepares queued behind the first")
+        participant.gates["hold"].set()
+        results = await asyncio.gather(first, *rest)
+    assert all(r.committed for r in results)
+    assert [len(m) for m in participant.messages] == [1, 4, 2]
+    assert sorted(t for m in participant.messages for t in m) == sorted(r.txn_id for r in results)
+
+
+async def test_a_queued_prepare_of_an_aborted_transaction_is_never_sent(
+    tmp_path: Path, gated: tuple[str, _Gated], start_kv: Callable[..., Kv]
+) -> None:
+    """A transaction that decides ABORT (another branch voted no) while its Prepare is
+    queued behind an in-flight one withdraws it: the participant never sees that
+    Prepare, and gets the Abort (a tombstone)."""
+    target, participant = gated
+    kv = start_kv()
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=TWO_PHASE) as c:
+        first = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
+        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+        refused = await c.run([Branch(target, op(key="x")), kv.branch(behave="abort")])
+        assert refused.outcome is Outcome.ABORTED and "told to abort" in refused.reason
+        await eventually(lambda: txn_state(tmp_path / "gated.db", refused.txn_id) == "ABORTED", what="the Abort")
+        participant.gates["hold"].set()
+        assert (await first).committed
+        assert await c.wait_idle(10)
+    assert participant.messages == [[first.result().txn_id]]
+
+
+async def test_each_batched_prepare_keeps_its_own_deadline(tmp_path: Path, gated: tuple[str, _Gated]) -> None:
+    """Items of one PrepareMany carry their own time left and the message the latest;
+    a transaction whose deadline passes while its batch is in flight aborts at its own
+    deadline, and the participant holds nothing for it, while the other commits."""
+    target, participant = gated
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=TWO_PHASE) as c:
+        first = asyncio.create_task(c.run([Branch(target, op(key="hold"))], timeout_s=5))
+        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+        hurried = asyncio.create_task(c.run([Branch(target, op(key="hold2"))], timeout_s=0.5))
+        patient = asyncio.create_task(c.run([Branch(target, op(key="x1"))], timeout_s=5))
+        await eventually(lambda: queued(c, target) == 2, what="two Prepares queued behind the first")
+        participant.gates["hold"].set()
+        assert (await first).committed
+        late = await hurried  # answered at its own deadline, its batch still held
+        assert late.outcome is Outcome.ABORTED and "DEADLINE_EXCEEDED" in late.reason
+        participant.gates["hold2"].set()
+        assert (await patient).committed
+        assert await c.wait_idle(10)
+    assert participant.messages == [[first.result().txn_id], [late.txn_id, patient.result().txn_id]]
+    [(left, items)] = participant.timeouts
+    assert sorted(items)[0] <= 0.5 < sorted(items)[1] <= 5 and left > 0.5
+    await eventually(lambda: txn_state(tmp_path / "gated.db", late.txn_id) == "ABORTED", what="the late one refused")
+    assert [t for t, *_ in query(tmp_path / "gated.db", "SELECT txn_id FROM reserved")] == []

@@ -121,6 +121,7 @@ async def test_failed_store_commit_stops_the_participant(local: Local, monkeypat
         p.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5),
         p.Abort(participant_pb2.AbortRequest(txn_id="t1"), timeout=5),
         p.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t1", "t2"]), timeout=5),
+        p.PrepareMany(_items(prepare_request("t3")), timeout=5),
     ]
     for call in later:
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -166,3 +167,92 @@ async def test_a_commit_that_raises_is_loud_and_answers_internal(local: Local) -
     assert [e["event"] for e in loud] == ["decision_raised", "commit_raised"]
     assert all(isinstance(e["exc_info"], RuntimeError) for e in loud)
     assert local.txns() == [("t-bug", "PREPARED")] and local.reserved() == [("t-bug", "raise_on_commit", 1)]
+
+
+def _items(*prepares: participant_pb2.PrepareRequest, timeout_s: float = 5.0) -> participant_pb2.PrepareManyRequest:
+    """A PrepareMany of `prepares`, each with `timeout_s` left."""
+    request = participant_pb2.PrepareManyRequest()
+    for prepare in prepares:
+        item = request.items.add(prepare=prepare)
+        item.timeout.FromNanoseconds(int(timeout_s * 1e9))
+    return request
+
+
+async def test_prepare_many_is_one_synced_batch_with_each_item_on_its_own(local: Local) -> None:
+    """PrepareMany prepares its items with one fsync; an item that votes ABORT, is
+    invalid, or whose business step raises changes nothing and leaves the others
+    prepared; results come back one per item, in order."""
+    request = _items(
+        prepare_request("m1"),
+        prepare_request("m2", behave="abort"),
+        prepare_request("m3", behave="invalid"),
+        prepare_request("m4", behave="raise"),
+        prepare_request("m5", key="k5"),
+        participant_pb2.PrepareRequest(txn_id="m6"),  # no operation
+    )
+    with capture_logs() as events:
+        call = local.stub.PrepareMany(request, timeout=5)
+        assert await local.syncs_of(call) == 1
+    reply = await call
+    got = [(r.code, r.response.vote) for r in reply.results]
+    ok, invalid = grpc.StatusCode.OK.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert got == [
+        (ok, participant_pb2.VOTE_COMMIT),
+        (ok, participant_pb2.VOTE_ABORT),
+        (invalid, participant_pb2.VOTE_UNSPECIFIED),
+        (grpc.StatusCode.INTERNAL.value[0], participant_pb2.VOTE_UNSPECIFIED),
+        (ok, participant_pb2.VOTE_COMMIT),
+        (invalid, participant_pb2.VOTE_UNSPECIFIED),
+    ]
+    assert reply.results[1].response.reason == "told to abort" and "operation is required" in reply.results[5].message
+    assert sorted(local.reserved()) == [("m1", "k", 1), ("m5", "k5", 1)]
+    assert sorted(local.txns()) == [("m1", "PREPARED"), ("m5", "PREPARED")]
+    assert [e["txn_id"] for e in events if e["event"] == "prepare_raised"] == ["m4"]
+
+
+async def test_prepare_many_items_repeat_and_expire_as_prepare_does(local: Local) -> None:
+    """In PrepareMany a repeated item gets the vote it got before, an item for an
+    aborted transaction votes ABORT, and an item whose own deadline has passed votes
+    ABORT and reserves nothing, even though the message's deadline is far."""
+    await local.stub.Prepare(prepare_request("r1"), timeout=5)
+    await local.stub.Abort(participant_pb2.AbortRequest(txn_id="gone"), timeout=5)
+    reply = await local.stub.PrepareMany(_items(prepare_request("r1"), prepare_request("gone")), timeout=5)
+    assert [r.response.vote for r in reply.results] == [participant_pb2.VOTE_COMMIT, participant_pb2.VOTE_ABORT]
+    late = await local.stub.PrepareMany(_items(prepare_request("late"), timeout_s=1e-6), timeout=5)
+    assert late.results[0].response.vote == participant_pb2.VOTE_ABORT
+    assert "deadline" in late.results[0].response.reason
+    assert sorted(local.reserved()) == [("r1", "k", 1)]
+
+
+async def test_prepare_many_refuses_bad_batches(local: Local) -> None:
+    """PrepareMany with no items or more than 1000 is INVALID_ARGUMENT and changes
+    nothing; an item without a timeout is refused alone."""
+    for request in (_items(), _items(*(prepare_request(f"b{i}") for i in range(1001)))):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await local.stub.PrepareMany(request, timeout=5)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    request = participant_pb2.PrepareManyRequest(
+        items=[participant_pb2.PrepareManyRequest.Item(prepare=prepare_request("nt"))]
+    )
+    reply = await local.stub.PrepareMany(request, timeout=5)
+    assert reply.results[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "timeout" in reply.results[0].message
+    assert local.txns() == [] and local.reserved() == []
+
+
+async def test_prepare_many_whose_commit_fails_votes_for_nothing(local: Local, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PrepareMany whose one store commit fails (EIO) is UNAVAILABLE for the whole
+    batch and leaves none of its items on disk (rule 8)."""
+    eio_once(local, monkeypatch)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await local.stub.PrepareMany(_items(prepare_request("e1"), prepare_request("e2")), timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert local.participant.store.failed and local.reserved() == [] and local.txns() == []
+
+
+async def test_a_draining_participant_refuses_prepare_many(local: Local) -> None:
+    """Once draining, PrepareMany is UNAVAILABLE, like Prepare, and reserves nothing."""
+    assert await local.participant.drain(0.1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await local.stub.PrepareMany(_items(prepare_request("d1")), timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert local.txns() == [] and local.reserved() == []

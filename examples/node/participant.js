@@ -307,8 +307,9 @@ function participantService(store, RedeemPoints, crashAt) {
       decide(store, req.txn_id, 'ABORTED');
       return {};
     }),
-    // Optional in the contract: the coordinator then sends Commit one by one.
+    // Optional in the contract: the coordinator then sends Commit (Prepare) one by one.
     CommitMany: (call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: 'send Commit one by one' }),
+    PrepareMany: (call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: 'send Prepare one by one' }),
   };
 }
 

@@ -45,8 +45,9 @@ def grant(identities: Iterable[str], service: str, *methods: str) -> dict[str, f
 
 
 def participant_rules(coordinators: Iterable[str]) -> dict[str, frozenset[str]]:
-    """Only coordinators may drive a participant: Prepare, Commit, CommitMany, Abort."""
-    return grant(coordinators, PARTICIPANT_SERVICE, "Prepare", "Commit", "CommitMany", "Abort")
+    """Only coordinators may drive a participant: Prepare, PrepareMany, Commit,
+    CommitMany, Abort."""
+    return grant(coordinators, PARTICIPANT_SERVICE, "Prepare", "PrepareMany", "Commit", "CommitMany", "Abort")
 
 
 def coordinator_rules(participants: Iterable[str]) -> dict[str, frozenset[str]]:

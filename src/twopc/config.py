@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from twopc.limits import MAX_COMMIT_MANY, MAX_UNDECIDED_PER_COORDINATOR
+from twopc.limits import MAX_COMMIT_MANY, MAX_PREPARE_MANY, MAX_UNDECIDED_PER_COORDINATOR
 
 
 def _positive(**values: float) -> None:
@@ -110,6 +110,8 @@ class CoordinatorConfig:
         shutdown_grace_s: on close, how long background phase-2 work may finish
             before it is cancelled (committed work resumes on the next start).
         max_commit_batch: the most transactions one CommitMany carries.
+        max_prepare_batch: the most transactions one PrepareMany carries (at most
+            `twopc.limits.MAX_PREPARE_MANY`, what participants accept).
         recovery_concurrency: how many logged commits recovery re-drives at once.
     """
 
@@ -122,11 +124,13 @@ class CoordinatorConfig:
     one_phase: bool = True
     shutdown_grace_s: float = 1.0
     max_commit_batch: int = 256
+    max_prepare_batch: int = 256
     recovery_concurrency: int = 64
 
     def __post_init__(self) -> None:
         _positive(
             max_commit_batch=self.max_commit_batch,
+            max_prepare_batch=self.max_prepare_batch,
             recovery_concurrency=self.recovery_concurrency,
             prepare_timeout_s=self.prepare_timeout_s,
             rpc_timeout_s=self.rpc_timeout_s,
@@ -138,6 +142,8 @@ class CoordinatorConfig:
             raise ValueError("phase2_wait_s and shutdown_grace_s must be finite numbers >= 0")
         if self.max_commit_batch > MAX_COMMIT_MANY:
             raise ValueError(f"max_commit_batch must be at most {MAX_COMMIT_MANY} (what a participant accepts)")
+        if self.max_prepare_batch > MAX_PREPARE_MANY:
+            raise ValueError(f"max_prepare_batch must be at most {MAX_PREPARE_MANY} (what a participant accepts)")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
 

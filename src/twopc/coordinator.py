@@ -49,6 +49,7 @@ from twopc.errors import (
 )
 from twopc.faults import crash_point
 from twopc.observe import EventKind, Observer, Observers
+from twopc.prepare_batch import PrepareBatcher, PrepareFailedError
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -148,6 +149,7 @@ class Coordinator:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, participant_pb2_grpc.ParticipantAsyncStub] = {}
         self._batchers: dict[str, _CommitBatcher] = {}
+        self._prepare_batchers: dict[str, PrepareBatcher] = {}
         self._server: grpc.aio.Server | None = None
         self._in_flight: set[str] = set()  # in phase 1, or its decision being written: PENDING
         self._committed: dict[str, tuple[str, ...]] = {}  # logged, no END yet
@@ -592,17 +594,11 @@ class Coordinator:
         request = participant_pb2.PrepareRequest(
             txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase, coordinators=self._peers
         )
-        timeout = deadline - asyncio.get_running_loop().time()
-        if timeout <= 0:
-            return BranchResult(branch.label, branch.target, None, "deadline passed before Prepare was sent")
-        self.messages_sent += 1
         try:
-            # wait_for_ready: a participant that just restarted is reached within the
-            # deadline instead of failing fast on a channel still backing off.
-            reply = await self._stub(branch.target).Prepare(request, timeout=timeout, wait_for_ready=True)
-        except grpc.aio.AioRpcError as e:
-            _log.info("prepare_failed", txn_id=gid, branch=branch.label, error=rpc.describe(e))
-            return BranchResult(branch.label, branch.target, None, rpc.describe(e))
+            reply = await self._prepare_batcher(branch.target).prepare(request, deadline)
+        except PrepareFailedError as e:
+            _log.info("prepare_failed", txn_id=gid, branch=branch.label, error=str(e))
+            return BranchResult(branch.label, branch.target, None, str(e))
         vote = _VOTES.get(reply.vote)
         if vote is None:
             _log.warning("prepare_bad_vote", txn_id=gid, branch=branch.label, vote=reply.vote)
@@ -797,6 +793,21 @@ class Coordinator:
             batcher = self._batchers[target] = _CommitBatcher(self, target)
         return batcher
 
+    def _prepare_batcher(self, target: str) -> PrepareBatcher:
+        batcher = self._prepare_batchers.get(target)
+        if batcher is None:
+            batcher = self._prepare_batchers[target] = PrepareBatcher(
+                target,
+                self._stub(target),
+                limit=self.config.max_prepare_batch,
+                spawn=self._spawn,
+                sent=self._count_message,
+            )
+        return batcher
+
+    def _count_message(self) -> None:
+        self.messages_sent += 1
+
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -810,9 +821,10 @@ class Coordinator:
 
 class _CommitBatcher:
     """Commits bound for one participant, sent as one CommitMany while an earlier
-    batch is in flight. There is no timer: a lone Commit goes out at once, and under
-    load the Commits that queue meanwhile share a message (and the participant's
-    fsync). A participant without CommitMany (UNIMPLEMENTED) gets Commit one by one.
+    batch is in flight. There is no timer: a lone Commit goes out at once (from its
+    caller's task, without a hand-off to the sender), and under load the Commits that
+    queue meanwhile share a message (and the participant's fsync). A participant
+    without CommitMany (UNIMPLEMENTED) gets Commit one by one.
     """
 
     def __init__(self, coordinator: Coordinator, target: str) -> None:
@@ -820,6 +832,7 @@ class _CommitBatcher:
         self._target = target
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._sender: asyncio.Task[None] | None = None
+        self._direct = False  # a lone Commit is in flight from its caller's task
         self.supported = True
 
     async def commit(self, txn_id: str) -> None:
@@ -829,13 +842,42 @@ class _CommitBatcher:
             _RefusedError: the participant refused it.
             grpc.aio.AioRpcError: the batch's message failed.
         """
+        if self._sender is None and not self._direct and not self._pending:
+            # Nothing in flight: this Commit goes out now, from the caller's own task.
+            self._direct = True
+            try:
+                await self._send_one(txn_id)
+            finally:
+                self._direct = False
+                if self._pending:  # queued behind this one: the next message
+                    self._sender = self._coordinator._spawn(self._send())
+            return
         future = self._pending.get(txn_id)
         if future is None:
             future = self._pending[txn_id] = asyncio.get_running_loop().create_future()
             future.add_done_callback(_consume)
-        if self._sender is None:
+        if self._sender is None and not self._direct:
             self._sender = self._coordinator._spawn(self._send())
         await asyncio.shield(future)
+
+    async def _send_one(self, txn_id: str) -> None:
+        self._coordinator.messages_sent += 1
+        try:
+            reply = await self._coordinator._stub(self._target).CommitMany(
+                participant_pb2.CommitManyRequest(txn_ids=[txn_id]),
+                timeout=self._coordinator.config.rpc_timeout_s,
+                wait_for_ready=True,
+            )
+        except grpc.aio.AioRpcError as e:
+            self._unsupported(e)
+            raise
+        if txn_id in reply.refused:
+            raise _RefusedError(reply.refused[txn_id])
+
+    def _unsupported(self, error: grpc.aio.AioRpcError) -> None:
+        if error.code() is grpc.StatusCode.UNIMPLEMENTED and self.supported:
+            self.supported = False
+            _log.info("commit_many_unsupported", branch=self._target, fallback="Commit")
 
     async def _send(self) -> None:
         stub = self._coordinator._stub(self._target)
@@ -854,9 +896,7 @@ class _CommitBatcher:
                         request, timeout=self._coordinator.config.rpc_timeout_s, wait_for_ready=True
                     )
                 except grpc.aio.AioRpcError as e:
-                    if e.code() is grpc.StatusCode.UNIMPLEMENTED and self.supported:
-                        self.supported = False
-                        _log.info("commit_many_unsupported", branch=self._target, fallback="Commit")
+                    self._unsupported(e)
                     _settle(batch, e)
                     continue
                 except Exception as e:  # noqa: BLE001 - every waiter hears of it

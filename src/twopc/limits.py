@@ -42,6 +42,9 @@ MAX_ITEMS = 100
 MAX_COMMIT_MANY = 1000
 """Transaction ids in one CommitMany."""
 
+MAX_PREPARE_MANY = 1000
+"""Items in one PrepareMany."""
+
 MAX_OPERATION_BYTES = 64 * 1024
 """The packed operation (`google.protobuf.Any` value) of one Prepare."""
 

@@ -36,6 +36,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
 import grpc
@@ -159,6 +160,55 @@ def _check_commit_many(txn_ids: Sequence[str]) -> None:
         limits.check_txn_id(txn_id, "each of txn_ids")
 
 
+INLINE_MAX_ITEMS = 4
+"""Batches up to this size may take the store's idle path (no thread hand-offs). A
+bigger one is a sign of load: it goes to the store's thread, so that the event loop
+reads the next message while the batch is written."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One Prepare, checked and unpacked, ready for the store."""
+
+    txn_id: str
+    coordinator: str
+    alternates: str  # the other coordinator instances' addresses, space-separated
+    operation: Message
+    digest: str
+    deadline: float | None  # time.monotonic(); None: no deadline
+    one_phase: bool
+
+
+class _ItemError(Exception):
+    """A Prepare answered with a status instead of a vote; nothing changed."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _refusal(error: Exception) -> str | _ItemError:
+    """What a business `prepare` that raised answers: an ABORT vote's reason, or a status."""
+    if isinstance(error, VoteAbort):
+        return error.reason
+    if isinstance(error, _ExhaustedError):
+        return _ItemError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+    if isinstance(error, InvalidOperation):
+        return _ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, NotFound):
+        return _ItemError(grpc.StatusCode.NOT_FOUND, str(error))
+    return _ItemError(grpc.StatusCode.INTERNAL, f"prepare failed: {limits.clip(repr(error))}")
+
+
+def _report(item: _Item, failure: _ItemError, error: Exception) -> None:
+    """Logs a Prepare answered with a status: a bug loudly, a capped coordinator as a warning."""
+    if failure.code is grpc.StatusCode.INTERNAL:
+        _log.error("prepare_raised", txn_id=item.txn_id, exc_info=error)
+    elif failure.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        _log.warning("prepare_refused_cap", txn_id=item.txn_id, coordinator=item.coordinator)
+
+
 class Participant(participant_pb2_grpc.ParticipantServicer):
     """The `twopc.v1.Participant` servicer around a business handler.
 
@@ -273,15 +323,109 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     async def Prepare(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.PrepareResponse:
-        txn_id = request.txn_id
         if self.draining:  # the coordinator decides ABORT at once; nothing is reserved
             await context.abort(grpc.StatusCode.UNAVAILABLE, "participant is shutting down")
-        await rpc.validate(context, lambda: _check_prepare(request))
-        await self._admit(request, context)
+        remaining = context.time_remaining()
+        try:
+            item = self._item(
+                request, None if remaining is None else time.monotonic() + remaining, auth.peer_identities(context)
+            )
+        except _ItemError as e:
+            await context.abort(e.code, e.message)
+        try:
+            vote, reason, repeat = await self.store.write(
+                functools.partial(self._prepare_tx, item), inline_if_idle=True
+            )
+        except DurabilityError as e:
+            _log.critical("prepare_write_failed", txn_id=item.txn_id, error=str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+        except Exception as e:  # noqa: BLE001 - mapped to a vote or a status; a bug is INTERNAL
+            failure = _refusal(e)
+            if isinstance(failure, _ItemError):
+                _report(item, failure, e)
+                await context.abort(failure.code, failure.message)
+            vote, reason, repeat = Vote.ABORT, failure, False
+        self._prepared([(item, vote, reason, repeat)])
+        return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
+
+    async def PrepareMany(  # noqa: N802 - the RPC's name
+        self, request: participant_pb2.PrepareManyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.PrepareManyResponse:
+        if not 1 <= len(request.items) <= limits.MAX_PREPARE_MANY:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"PrepareMany takes 1 to {limits.MAX_PREPARE_MANY} items, got {len(request.items)}",
+            )
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "participant is shutting down")
+        now = time.monotonic()
+        remaining = context.time_remaining()
+        caller = auth.peer_identities(context)
+        results = [participant_pb2.PrepareManyResponse.Result() for _ in request.items]
+        items: list[tuple[int, _Item]] = []
+        for i, entry in enumerate(request.items):
+            try:
+                left = entry.timeout.ToNanoseconds() / 1e9 if entry.HasField("timeout") else 0.0
+                if not 0 < left <= limits.MAX_TIMEOUT_S:
+                    raise _ItemError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"timeout is required, from 0 to {limits.MAX_TIMEOUT_S:g} s"
+                    )
+                deadline = now + (left if remaining is None else min(left, remaining))
+                items.append((i, self._item(entry.prepare, deadline, caller)))
+            except _ItemError as e:
+                results[i].code, results[i].message = e.code.value[0], e.message
+        if items:
+            try:
+                outcomes = await self.store.write(
+                    functools.partial(self._prepare_many_tx, [x for _, x in items]),
+                    inline_if_idle=len(items) <= INLINE_MAX_ITEMS,
+                )
+            except DurabilityError as e:
+                _log.critical("prepare_write_failed", txn_ids=[x.txn_id for _, x in items[:8]], error=str(e))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+            except Exception as e:  # noqa: BLE001 - a failure outside any item: nothing changed
+                _log.error("prepare_many_failed", count=len(items), exc_info=e)
+                await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed at the participant: {type(e).__name__}")
+            voted = []
+            for (i, item), outcome in zip(items, outcomes, strict=True):
+                if isinstance(outcome, _ItemError):
+                    results[i].code, results[i].message = outcome.code.value[0], outcome.message
+                else:
+                    vote, reason, repeat = outcome
+                    results[i].response.vote, results[i].response.reason = _PB_VOTE[vote], reason
+                    voted.append((item, vote, reason, repeat))
+            self._prepared(voted)
+        return participant_pb2.PrepareManyResponse(results=results)
+
+    def _item(self, request: participant_pb2.PrepareRequest, deadline: float | None, caller: Sequence[str]) -> _Item:
+        """Checks one Prepare (its bounds, and the coordinator it names against the
+        trusted ones, for `caller`'s identities) and unpacks its operation, before any
+        store work.
+
+        Raises:
+            _ItemError: INVALID_ARGUMENT or PERMISSION_DENIED, with what is wrong.
+        """
+        try:
+            _check_prepare(request)
+        except limits.LimitError as e:
+            raise _ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            trust.admit(self.config, request.coordinator, request.one_phase, caller)
+            for address in request.coordinators:  # any of them will be believed
+                if address:
+                    trust.admit(self.config, address, request.one_phase, caller)
+        except trust.Refused as e:
+            _log.warning(
+                "prepare_refused_coordinator",
+                txn_id=request.txn_id,
+                coordinator=limits.clip(request.coordinator),
+                caller=",".join(caller[:4]),
+            )
+            raise _ItemError(grpc.StatusCode[e.code], str(e)) from None
         kind = self._types.get(request.operation.TypeName())
         if kind is None:
             accepted = ", ".join(sorted(self._types))
-            await context.abort(
+            raise _ItemError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown operation type {limits.clip(request.operation.type_url, 100)!r};"
                 f" this participant accepts {accepted}",
@@ -292,46 +436,30 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         except DecodeError:
             unpacked = False
         if not unpacked:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
+            raise _ItemError(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
         digest = _digest(request.operation.type_url, request.operation.value)
         # Several coordinator instances sharing a log: any of them can answer.
         alternates = " ".join(dict.fromkeys(a for a in request.coordinators if a and a != request.coordinator))
-        prepare = functools.partial(
-            self._prepare_tx, txn_id, request.coordinator, alternates, operation, digest, deadline, request.one_phase
-        )
-        try:
-            vote, reason, repeat = await self.store.write(prepare)
-        except VoteAbort as e:
-            vote, reason, repeat = Vote.ABORT, e.reason, False
-        except _ExhaustedError as e:
-            _log.warning("prepare_refused_cap", txn_id=txn_id, coordinator=request.coordinator)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except InvalidOperation as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except NotFound as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except DurabilityError as e:
-            _log.critical("prepare_write_failed", txn_id=txn_id, error=str(e))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
-        except Exception as e:  # noqa: BLE001 - a bug in the service's prepare is INTERNAL, not a crash
-            _log.exception("prepare_raised", txn_id=txn_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed: {limits.clip(repr(e))}")
-        if not repeat and vote is Vote.COMMIT and not request.one_phase:
+        return _Item(request.txn_id, request.coordinator, alternates, operation, digest, deadline, request.one_phase)
+
+    def _prepared(self, outcomes: Sequence[tuple[_Item, Vote, str, bool]]) -> None:
+        """After the votes are durable, before they are answered."""
+        if any(not repeat and vote is Vote.COMMIT and not item.one_phase for item, vote, _, repeat in outcomes):
             crash_point("participant.after_prepare_durable")
-        # Happy-path events are debug: at info they cost more than the fsync they log.
-        report = _log.info if vote is Vote.ABORT else _log.debug
-        report("prepared", txn_id=txn_id, vote=vote.value, reason=reason, one_phase=request.one_phase, repeat=repeat)
-        self.observers.emit(
-            EventKind.PREPARED,
-            txn_id,
-            target=request.coordinator,
-            vote=vote,
-            reason=reason,
-            one_phase=request.one_phase,
-        )
-        return participant_pb2.PrepareResponse(vote=_PB_VOTE[vote], reason=reason)
+        for item, vote, reason, repeat in outcomes:
+            # Happy-path events are debug: at info they cost more than the fsync they log.
+            report = _log.info if vote is Vote.ABORT else _log.debug
+            report(
+                "prepared", txn_id=item.txn_id, vote=vote.value, reason=reason, one_phase=item.one_phase, repeat=repeat
+            )
+            self.observers.emit(
+                EventKind.PREPARED,
+                item.txn_id,
+                target=item.coordinator,
+                vote=vote,
+                reason=reason,
+                one_phase=item.one_phase,
+            )
 
     async def Commit(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -346,7 +474,10 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         await rpc.validate(context, lambda: _check_commit_many(request.txn_ids))
         crash_point("participant.before_commit")
         try:
-            refused = await self.store.write(functools.partial(self._commit_many_tx, list(request.txn_ids)))
+            refused = await self.store.write(
+                functools.partial(self._commit_many_tx, list(request.txn_ids)),
+                inline_if_idle=len(request.txn_ids) <= INLINE_MAX_ITEMS,
+            )
         except DurabilityError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         except Exception as e:  # noqa: BLE001 - a business commit that raises; loud, never UNKNOWN
@@ -387,32 +518,12 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         # An abort need not be forced (presumed abort: losing it only means the
         # transaction is resolved again, to the same answer).
         fn = self._commit_tx if state == COMMITTED else self._abort_tx
-        changed = await self.store.write(functools.partial(fn, txn_id), durable=state == COMMITTED)
+        changed = await self.store.write(functools.partial(fn, txn_id), durable=state == COMMITTED, inline_if_idle=True)
         if changed:
             _log.debug("decided", txn_id=txn_id, state=state)
             self.observers.emit(EventKind.APPLIED, txn_id, outcome=_OUTCOME[state])
 
     # --- admission: limits and trust (twopc.limits, twopc.trust) ------------------
-
-    async def _admit(
-        self, request: participant_pb2.PrepareRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        """Refuses a Prepare naming a coordinator this participant does not trust
-        (each of `coordinators` too: any of them will be believed)."""
-        caller = auth.peer_identities(context)
-        try:
-            trust.admit(self.config, request.coordinator, request.one_phase, caller)
-            for address in request.coordinators:
-                if address:
-                    trust.admit(self.config, address, request.one_phase, caller)
-        except trust.Refused as e:
-            _log.warning(
-                "prepare_refused_coordinator",
-                txn_id=request.txn_id,
-                coordinator=limits.clip(request.coordinator),
-                caller=",".join(auth.peer_identities(context)[:4]),
-            )
-            await context.abort(grpc.StatusCode[e.code], str(e))
 
     def _check_capacity(self, db: sqlite3.Connection, coordinator: str) -> None:
         """Raises _ExhaustedError if `coordinator` holds its cap of undecided
@@ -427,53 +538,62 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
 
     # --- the local transactions (on the store's thread) ----------------------------
 
-    def _prepare_tx(
-        self,
-        txn_id: str,
-        coordinator: str,
-        alternates: str,
-        operation: Message,
-        digest: str,
-        deadline: float | None,
-        one_phase: bool,
-        db: sqlite3.Connection,
-    ) -> tuple[Vote, str, bool]:
+    def _prepare_tx(self, item: _Item, db: sqlite3.Connection) -> tuple[Vote, str, bool]:
         """Returns (vote, reason, repeat): `repeat` when the row existed already."""
-        row = db.execute("SELECT state, digest FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+        row = db.execute("SELECT state, digest FROM twopc_txn WHERE txn_id = ?", (item.txn_id,)).fetchone()
         if row is not None:  # a repeated Prepare: the same answer, no work
             if row[0] == ABORTED:
                 return Vote.ABORT, "transaction already aborted", True
-            if row[1] != digest:
+            if row[1] != item.digest:
                 # Not a repeat but another transaction under a used id: refuse it and
                 # leave the first one as it is.
                 return Vote.ABORT, "transaction id already used for another operation", True
             return Vote.COMMIT, "", True
-        if deadline is not None and time.monotonic() >= deadline:
+        if item.deadline is not None and time.monotonic() >= item.deadline:
             return Vote.ABORT, "deadline passed before prepare", False
-        if not one_phase:
-            self._check_capacity(db, coordinator)
-        vote = self.handler.prepare(db, txn_id, operation)
+        if not item.one_phase:
+            self._check_capacity(db, item.coordinator)
+        vote = self.handler.prepare(db, item.txn_id, item.operation)
         if vote is Vote.READ_ONLY:
             return vote, "", False
         if vote is not Vote.COMMIT:
             raise TypeError(f"prepare must return Vote.COMMIT or Vote.READ_ONLY, got {vote!r}")
         now = time.time()
-        if one_phase:
-            self.handler.commit(db, txn_id)
+        if item.one_phase:
+            self.handler.commit(db, item.txn_id)
         db.execute(
             "INSERT INTO twopc_txn (txn_id, state, coordinator, prepared_at, decided_at, digest, alternates)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                txn_id,
-                COMMITTED if one_phase else PREPARED,
-                coordinator,
+                item.txn_id,
+                COMMITTED if item.one_phase else PREPARED,
+                item.coordinator,
                 now,
-                now if one_phase else None,
-                digest,
-                alternates,
+                now if item.one_phase else None,
+                item.digest,
+                item.alternates,
             ),
         )
         return vote, "", False
+
+    def _prepare_many_tx(self, items: list[_Item], db: sqlite3.Connection) -> list[tuple[Vote, str, bool] | _ItemError]:
+        """Prepares each in its own savepoint of one local transaction (one fsync for
+        the batch): an item whose business step raises is rolled back alone."""
+        outcomes: list[tuple[Vote, str, bool] | _ItemError] = []
+        for item in items:
+            db.execute("SAVEPOINT item")
+            try:
+                outcomes.append(self._prepare_tx(item, db))
+            except Exception as e:  # noqa: BLE001 - this item's refusal or failure, not the batch's
+                db.execute("ROLLBACK TO item")
+                failure = _refusal(e)
+                if isinstance(failure, str):
+                    outcomes.append((Vote.ABORT, failure, False))
+                else:
+                    _report(item, failure, e)
+                    outcomes.append(failure)
+            db.execute("RELEASE item")
+        return outcomes
 
     def _commit_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
         row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()

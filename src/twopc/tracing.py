@@ -184,7 +184,12 @@ class _Inject(_ClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        txn_id = getattr(request, "txn_id", "") or next(iter(getattr(request, "txn_ids", ())), "")
+        # A batch (CommitMany, PrepareMany) travels in its first transaction's trace.
+        txn_id = (
+            getattr(request, "txn_id", "")
+            or next(iter(getattr(request, "txn_ids", ())), "")
+            or next((item.prepare.txn_id for item in getattr(request, "items", ())), "")
+        )
         ctx = self._tracing.context_of(txn_id) if txn_id else None
         if ctx is not None:
             carrier: dict[str, str] = {}

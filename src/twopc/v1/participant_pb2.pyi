@@ -88,6 +88,7 @@ Field numbers are forever: add fields, never renumber or reuse one.
 from collections import abc as _abc
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -360,3 +361,109 @@ class CommitManyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitManyResponse: _TypeAlias = CommitManyResponse  # noqa: Y015
+
+@_typing.final
+class PrepareManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Item(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PREPARE_FIELD_NUMBER: _builtins.int
+        TIMEOUT_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def prepare(self) -> Global___PrepareRequest:
+            """As in Prepare. Required: txn_id and operation."""
+
+        @_builtins.property
+        def timeout(self) -> _duration_pb2.Duration:
+            """The time this transaction's phase 1 had left when the coordinator sent the
+            message. Required, > 0 and at most 300 s; the participant adds it to the time
+            it received the message and votes ABORT for the item once that has passed.
+            """
+
+        def __init__(
+            self,
+            *,
+            prepare: Global___PrepareRequest | None = ...,
+            timeout: _duration_pb2.Duration | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["prepare", b"prepare", "timeout", b"timeout"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["prepare", b"prepare", "timeout", b"timeout"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrepareManyRequest.Item]:
+        """Required, 1 to 1000 items."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___PrepareManyRequest.Item] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareManyRequest: _TypeAlias = PrepareManyRequest  # noqa: Y015
+
+@_typing.final
+class PrepareManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        RESPONSE_FIELD_NUMBER: _builtins.int
+        CODE_FIELD_NUMBER: _builtins.int
+        MESSAGE_FIELD_NUMBER: _builtins.int
+        code: _builtins.int
+        """0 (OK), or the gRPC status code (google.rpc.Code number) that Prepare would
+        have answered for this item alone: INVALID_ARGUMENT (missing txn_id,
+        operation or timeout, unknown or malformed operation), NOT_FOUND (the
+        operation names something unknown), INTERNAL (the business step raised).
+        Nothing changed for that item; the coordinator counts it as an ABORT vote.
+        """
+        message: _builtins.str
+        """Why, for a person, when `code` is not 0."""
+        @_builtins.property
+        def response(self) -> Global___PrepareResponse:
+            """The item's vote and reason, as PrepareResponse. Meaningful when `code` is 0."""
+
+        def __init__(
+            self,
+            *,
+            response: Global___PrepareResponse | None = ...,
+            code: _builtins.int = ...,
+            message: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "response", b"response"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrepareManyResponse.Result]:
+        """One per request item, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PrepareManyResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareManyResponse: _TypeAlias = PrepareManyResponse  # noqa: Y015

@@ -54,6 +54,11 @@ class ParticipantStub:
                 request_serializer=twopc_dot_v1_dot_participant__pb2.CommitManyRequest.SerializeToString,
                 response_deserializer=twopc_dot_v1_dot_participant__pb2.CommitManyResponse.FromString,
                 _registered_method=True)
+        self.PrepareMany = channel.unary_unary(
+                '/twopc.v1.Participant/PrepareMany',
+                request_serializer=twopc_dot_v1_dot_participant__pb2.PrepareManyRequest.SerializeToString,
+                response_deserializer=twopc_dot_v1_dot_participant__pb2.PrepareManyResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -151,6 +156,48 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareMany(self, request, context):
+        """Phase 1 for several transactions in one message: for each item, exactly what
+        Prepare does, with the item's own deadline and its own vote. A coordinator sends
+        it to batch the Prepares that queue up for one participant while an earlier
+        message to it is in flight (never on a timer: a lone Prepare goes out at once,
+        as Prepare). Optional: a participant that answers UNIMPLEMENTED gets Prepare one
+        by one.
+
+        Rules, for every item:
+        * R1, R3, R4 as Prepare: a repeated txn_id is answered from what was prepared
+        before, a tombstone votes ABORT; every VOTE_COMMIT in the reply is durable
+        before the reply is sent (one local transaction, one fsync, may carry the
+        whole batch).
+        * R2 per item: the item's deadline is the earlier of its own `timeout`
+        (measured from when the participant reads the message) and the message's
+        gRPC deadline; an item whose deadline has passed when its turn comes votes
+        ABORT and reserves nothing. The message's gRPC deadline is the latest
+        item's, so an item whose coordinator gave up while the message was in
+        flight is not cancelled with it: the coordinator's Abort (a tombstone,
+        R4) or GetOutcome's ABORTED (R7) releases whatever it reserved.
+        * Independence: an item whose business step fails changes nothing and does
+        not affect the others (each in its own savepoint); its result carries the
+        status Prepare would have answered (R10).
+        * The reply has one result per item, in the request's order.
+        * The coordinator never sends two items with one txn_id in a message; a
+        participant that receives them prepares the first and answers the second
+        as a repeat (R3).
+        Status codes of the whole call:
+        OK                 `results` has every item's outcome.
+        INVALID_ARGUMENT   no items, or more than 1000. Nothing changed.
+        DEADLINE_EXCEEDED  the message's deadline passed. Items may have voted
+        COMMIT durably (then GetOutcome resolves them, R7).
+        UNAVAILABLE        the participant is shutting down, or its store failed
+        (R9). No item's COMMIT vote was given; the coordinator
+        counts every item as an ABORT vote.
+        INTERNAL           the participant failed outside any item (a bug). Nothing
+        changed; every item counts as an ABORT vote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +220,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.CommitMany,
                     request_deserializer=twopc_dot_v1_dot_participant__pb2.CommitManyRequest.FromString,
                     response_serializer=twopc_dot_v1_dot_participant__pb2.CommitManyResponse.SerializeToString,
+            ),
+            'PrepareMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMany,
+                    request_deserializer=twopc_dot_v1_dot_participant__pb2.PrepareManyRequest.FromString,
+                    response_serializer=twopc_dot_v1_dot_participant__pb2.PrepareManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,6 +335,33 @@ class Participant:
             '/twopc.v1.Participant/CommitMany',
             twopc_dot_v1_dot_participant__pb2.CommitManyRequest.SerializeToString,
             twopc_dot_v1_dot_participant__pb2.CommitManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twopc.v1.Participant/PrepareMany',
+            twopc_dot_v1_dot_participant__pb2.PrepareManyRequest.SerializeToString,
+            twopc_dot_v1_dot_participant__pb2.PrepareManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -189,6 +189,44 @@ class ParticipantStub:
       INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
     """
+    PrepareMany: _grpc.UnaryUnaryMultiCallable[_participant_pb2.PrepareManyRequest, _participant_pb2.PrepareManyResponse]
+    """Phase 1 for several transactions in one message: for each item, exactly what
+    Prepare does, with the item's own deadline and its own vote. A coordinator sends
+    it to batch the Prepares that queue up for one participant while an earlier
+    message to it is in flight (never on a timer: a lone Prepare goes out at once,
+    as Prepare). Optional: a participant that answers UNIMPLEMENTED gets Prepare one
+    by one.
+
+    Rules, for every item:
+      * R1, R3, R4 as Prepare: a repeated txn_id is answered from what was prepared
+        before, a tombstone votes ABORT; every VOTE_COMMIT in the reply is durable
+        before the reply is sent (one local transaction, one fsync, may carry the
+        whole batch).
+      * R2 per item: the item's deadline is the earlier of its own `timeout`
+        (measured from when the participant reads the message) and the message's
+        gRPC deadline; an item whose deadline has passed when its turn comes votes
+        ABORT and reserves nothing. The message's gRPC deadline is the latest
+        item's, so an item whose coordinator gave up while the message was in
+        flight is not cancelled with it: the coordinator's Abort (a tombstone,
+        R4) or GetOutcome's ABORTED (R7) releases whatever it reserved.
+      * Independence: an item whose business step fails changes nothing and does
+        not affect the others (each in its own savepoint); its result carries the
+        status Prepare would have answered (R10).
+      * The reply has one result per item, in the request's order.
+      * The coordinator never sends two items with one txn_id in a message; a
+        participant that receives them prepares the first and answers the second
+        as a repeat (R3).
+    Status codes of the whole call:
+      OK                 `results` has every item's outcome.
+      INVALID_ARGUMENT   no items, or more than 1000. Nothing changed.
+      DEADLINE_EXCEEDED  the message's deadline passed. Items may have voted
+                         COMMIT durably (then GetOutcome resolves them, R7).
+      UNAVAILABLE        the participant is shutting down, or its store failed
+                         (R9). No item's COMMIT vote was given; the coordinator
+                         counts every item as an ABORT vote.
+      INTERNAL           the participant failed outside any item (a bug). Nothing
+                         changed; every item counts as an ABORT vote.
+    """
 
 @_typing.type_check_only
 class ParticipantAsyncStub(ParticipantStub):
@@ -268,6 +306,44 @@ class ParticipantAsyncStub(ParticipantStub):
       UNAVAILABLE        try again later (the coordinator retries one by one).
       INTERNAL           as for Commit: nothing changed, the coordinator retries.
       UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
+    """
+    PrepareMany: _aio.UnaryUnaryMultiCallable[_participant_pb2.PrepareManyRequest, _participant_pb2.PrepareManyResponse]  # type: ignore[assignment]
+    """Phase 1 for several transactions in one message: for each item, exactly what
+    Prepare does, with the item's own deadline and its own vote. A coordinator sends
+    it to batch the Prepares that queue up for one participant while an earlier
+    message to it is in flight (never on a timer: a lone Prepare goes out at once,
+    as Prepare). Optional: a participant that answers UNIMPLEMENTED gets Prepare one
+    by one.
+
+    Rules, for every item:
+      * R1, R3, R4 as Prepare: a repeated txn_id is answered from what was prepared
+        before, a tombstone votes ABORT; every VOTE_COMMIT in the reply is durable
+        before the reply is sent (one local transaction, one fsync, may carry the
+        whole batch).
+      * R2 per item: the item's deadline is the earlier of its own `timeout`
+        (measured from when the participant reads the message) and the message's
+        gRPC deadline; an item whose deadline has passed when its turn comes votes
+        ABORT and reserves nothing. The message's gRPC deadline is the latest
+        item's, so an item whose coordinator gave up while the message was in
+        flight is not cancelled with it: the coordinator's Abort (a tombstone,
+        R4) or GetOutcome's ABORTED (R7) releases whatever it reserved.
+      * Independence: an item whose business step fails changes nothing and does
+        not affect the others (each in its own savepoint); its result carries the
+        status Prepare would have answered (R10).
+      * The reply has one result per item, in the request's order.
+      * The coordinator never sends two items with one txn_id in a message; a
+        participant that receives them prepares the first and answers the second
+        as a repeat (R3).
+    Status codes of the whole call:
+      OK                 `results` has every item's outcome.
+      INVALID_ARGUMENT   no items, or more than 1000. Nothing changed.
+      DEADLINE_EXCEEDED  the message's deadline passed. Items may have voted
+                         COMMIT durably (then GetOutcome resolves them, R7).
+      UNAVAILABLE        the participant is shutting down, or its store failed
+                         (R9). No item's COMMIT vote was given; the coordinator
+                         counts every item as an ABORT vote.
+      INTERNAL           the participant failed outside any item (a bug). Nothing
+                         changed; every item counts as an ABORT vote.
     """
 
 class ParticipantServicer(metaclass=_abc_1.ABCMeta):
@@ -369,6 +445,50 @@ class ParticipantServicer(metaclass=_abc_1.ABCMeta):
           UNAVAILABLE        try again later (the coordinator retries one by one).
           INTERNAL           as for Commit: nothing changed, the coordinator retries.
           UNIMPLEMENTED      not offered: the coordinator sends Commit one by one.
+        """
+
+    @_abc_1.abstractmethod
+    def PrepareMany(
+        self,
+        request: _participant_pb2.PrepareManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_participant_pb2.PrepareManyResponse, _abc.Awaitable[_participant_pb2.PrepareManyResponse]]:
+        """Phase 1 for several transactions in one message: for each item, exactly what
+        Prepare does, with the item's own deadline and its own vote. A coordinator sends
+        it to batch the Prepares that queue up for one participant while an earlier
+        message to it is in flight (never on a timer: a lone Prepare goes out at once,
+        as Prepare). Optional: a participant that answers UNIMPLEMENTED gets Prepare one
+        by one.
+
+        Rules, for every item:
+          * R1, R3, R4 as Prepare: a repeated txn_id is answered from what was prepared
+            before, a tombstone votes ABORT; every VOTE_COMMIT in the reply is durable
+            before the reply is sent (one local transaction, one fsync, may carry the
+            whole batch).
+          * R2 per item: the item's deadline is the earlier of its own `timeout`
+            (measured from when the participant reads the message) and the message's
+            gRPC deadline; an item whose deadline has passed when its turn comes votes
+            ABORT and reserves nothing. The message's gRPC deadline is the latest
+            item's, so an item whose coordinator gave up while the message was in
+            flight is not cancelled with it: the coordinator's Abort (a tombstone,
+            R4) or GetOutcome's ABORTED (R7) releases whatever it reserved.
+          * Independence: an item whose business step fails changes nothing and does
+            not affect the others (each in its own savepoint); its result carries the
+            status Prepare would have answered (R10).
+          * The reply has one result per item, in the request's order.
+          * The coordinator never sends two items with one txn_id in a message; a
+            participant that receives them prepares the first and answers the second
+            as a repeat (R3).
+        Status codes of the whole call:
+          OK                 `results` has every item's outcome.
+          INVALID_ARGUMENT   no items, or more than 1000. Nothing changed.
+          DEADLINE_EXCEEDED  the message's deadline passed. Items may have voted
+                             COMMIT durably (then GetOutcome resolves them, R7).
+          UNAVAILABLE        the participant is shutting down, or its store failed
+                             (R9). No item's COMMIT vote was given; the coordinator
+                             counts every item as an ABORT vote.
+          INTERNAL           the participant failed outside any item (a bug). Nothing
+                             changed; every item counts as an ABORT vote.
         """
 
 def add_ParticipantServicer_to_server(servicer: ParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
