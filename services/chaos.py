@@ -105,6 +105,7 @@ class Result:
     purchases: dict[str, int] = field(default_factory=dict)
     unknown_resolved: dict[str, int] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
+    batched_faults: dict[str, int] = field(default_factory=dict)  # net faults on PrepareMany, CommitMany
     skipped: list[str] = field(default_factory=list)
     recovery_s: float | None = None
     totals: dict[str, int] = field(default_factory=dict)
@@ -299,15 +300,22 @@ def check_client_view(c: Cluster, history: list[Purchase], result: Result) -> No
     result.unknown_resolved = dict(resolved)
 
 
-def count_net_faults(shop_log: Path) -> Counter[str]:
-    counts: Counter[str] = Counter()
+def count_net_faults(shop_log: Path) -> tuple[Counter[str], Counter[str]]:
+    """The network faults the shop's interceptor injected: by kind, and by batched
+    method (PrepareMany, CommitMany), which shows the batched paths were hit."""
+    kinds: Counter[str] = Counter()
+    batched: Counter[str] = Counter()
     for line in shop_log.read_text(errors="replace").splitlines():
         if '"net_fault"' in line:
             try:
-                counts[json.loads(line)["kind"]] += 1
+                event = json.loads(line)
+                kinds[event["kind"]] += 1
             except (ValueError, KeyError):
                 continue
-    return counts
+            method = str(event.get("method", "")).rsplit("/", 1)[-1]
+            if method.endswith("Many"):
+                batched[method] += 1
+    return kinds, batched
 
 
 async def run(opts: Options) -> Result:
@@ -385,7 +393,9 @@ async def run(opts: Options) -> Result:
             } | {"in_doubt": report.in_doubt, "committed_at_both": report.committed}
             check_client_view(c, history, result)
             result.purchases = dict(Counter(p.seen for p in history))
-            result.faults = dict(nemesis.counts) | dict(count_net_faults(workdir / "shop.log"))
+            net, batched = count_net_faults(workdir / "shop.log")
+            result.faults = dict(nemesis.counts) | dict(net)
+            result.batched_faults = dict(batched)
     finally:
         if pg is not None:
             pg.close()
@@ -407,6 +417,8 @@ def render(result: Result) -> str:
         + (f" (afterwards {result.unknown_resolved})" if result.unknown_resolved else "")
     )
     lines.append("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(result.faults.items())))
+    batched = ", ".join(f"{k} {v}" for k, v in sorted(result.batched_faults.items())) or "none"
+    lines.append(f"of them on batched messages: {batched}")
     for skipped in result.skipped:
         lines.append(f"skipped: {skipped}")
     recovery = f"{result.recovery_s} s" if result.recovery_s is not None else "NOT reached"
