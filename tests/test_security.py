@@ -22,8 +22,8 @@ from services.cluster import Cluster
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import Credentials, pki, rpc
-from twopc.auth import Authorizer, Policy, grant
+from twopc import Coordinator, Credentials, pki, rpc
+from twopc.auth import Authorizer, Policy, coordinator_rules, grant
 from twopc.testing import ServiceProcess
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -341,3 +341,18 @@ async def test_a_caller_without_a_verified_name_is_unauthenticated(tmp_path: Pat
     finally:
         await server.stop(None)
     assert served == []
+
+
+async def test_a_coordinators_own_get_outcome_server_takes_a_policy(tmp_path: Path) -> None:
+    """`Coordinator(listen=..., policy=...)`: only the participants it names may ask
+    GetOutcome on the coordinator's own server; another identity of the same CA is
+    refused with PERMISSION_DENIED."""
+    root = pki.issue(tmp_path / "pki", ["coordinator", "wallet", "intruder"])
+    policy = Policy(coordinator_rules(["wallet"]))
+    async with Coordinator(
+        tmp_path / "d.db", credentials=Credentials.from_dir(root / "coordinator"), listen="127.0.0.1:0", policy=policy
+    ) as c:
+        ask = coordinator_pb2.GetOutcomeRequest(txn_id=f"{c.id}:nothing")
+        for who, expected in (("wallet", OK), ("intruder", DENIED)):
+            async with rpc.channel(c.address, Credentials.from_dir(root / who)) as ch:
+                assert await code_of(coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome(ask, timeout=5)) == expected

@@ -34,7 +34,7 @@ from google.protobuf import any_pb2
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_never, wait_random_exponential
 
 from twopc import limits, rpc
-from twopc.auth import Policy
+from twopc.auth import Authorizer, Policy
 from twopc.config import CoordinatorConfig, Credentials
 from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
@@ -119,6 +119,9 @@ class Coordinator:
             coordinator's log (or one service address in front of them all): sent
             in every Prepare, so a participant in doubt asks them when this
             instance is gone.
+        policy: who may ask GetOutcome on the `listen` server (`twopc.auth`,
+            e.g. `Policy(coordinator_rules(["wallet", "orders"]))`); `serve` takes
+            its own. Without one, anyone who reaches the port may ask.
     """
 
     def __init__(
@@ -132,7 +135,9 @@ class Coordinator:
         interceptors: Sequence[Any] = (),
         observers: Iterable[Observer] = (),
         peers: Sequence[str] = (),
+        policy: Policy | None = None,
     ) -> None:
+        self._policy = policy
         self._log: DecisionLog
         if isinstance(log, str) and log.startswith(("postgresql://", "postgres://")):
             from twopc.postgres_decision_log import PostgresDecisionLog  # the postgres extra
@@ -205,7 +210,7 @@ class Coordinator:
             for record in pending:
                 self._committed[record.txn_id] = record.targets
             if self._listen is not None:
-                self._server = rpc.server()
+                self._server = rpc.server([Authorizer(self._policy)] if self._policy is not None else [])
                 self.add_to_server(self._server)
                 port = rpc.add_port(self._server, self._listen, self._credentials)
                 await self._server.start()
