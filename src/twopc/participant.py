@@ -2,10 +2,11 @@
 
 `Participant` is the gRPC servicer of `twopc.v1.Participant` around a
 `ParticipantHandler`, the service's business logic. It owns a transaction table in
-the service's own SQLite file, `twopc_txn` (txn id, state, coordinator, times), and
-runs every business step in the same local transaction as the table row it belongs
-to, so the reservation and the record that it is PREPARED reach the disk together
-with one fsync (shared with concurrent prepares: group commit).
+the service's own database (a SQLite file, or PostgreSQL: `twopc.stores`),
+`twopc_txn` (txn id, state, coordinator, times), and runs every business step in the
+same local transaction as the table row it belongs to, so the reservation and the
+record that it is PREPARED reach the disk together with one fsync (shared with
+concurrent prepares: group commit).
 
 What the helper guarantees (rules of docs/design.md), so the business code does not
 have to:
@@ -35,7 +36,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -48,7 +49,16 @@ from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
 from twopc.observe import EventKind, Observer, Observers
-from twopc.stores import SqliteStore
+from twopc.stores.base import (
+    ConflictError,
+    Connection,
+    Store,
+    StoreUnavailableError,
+    execute,
+    is_retried,
+    open_store,
+    schema_for,
+)
 from twopc.types import Outcome, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -67,8 +77,8 @@ CREATE TABLE IF NOT EXISTS twopc_txn (
     txn_id       TEXT PRIMARY KEY,
     state        TEXT NOT NULL CHECK (state IN ('PREPARED', 'COMMITTED', 'ABORTED')),
     coordinator  TEXT NOT NULL DEFAULT '',
-    prepared_at  REAL,
-    decided_at   REAL,
+    prepared_at  DOUBLE PRECISION,
+    decided_at   DOUBLE PRECISION,
     digest       TEXT NOT NULL DEFAULT '',  -- of the prepared operation: a repeat must match
     alternates   TEXT NOT NULL DEFAULT ''   -- more GetOutcome addresses (instances sharing a log)
 );
@@ -85,22 +95,28 @@ _PB_VOTE = {
 
 
 class ParticipantHandler(Protocol):
-    """A service's business part of 2PC. Each method runs on the store's thread,
+    """A service's business part of 2PC. Each method runs on a thread of the store,
     inside the local transaction that also records the 2PC state: use `db` for every
     read and write, keep it short, and never wait on the network.
 
+    `db` is the store's connection: a `sqlite3.Connection` on SQLite, a
+    `sqlalchemy.Connection` on PostgreSQL. Run SQL through `twopc.stores.execute`
+    with `:name` parameters and the same code serves both. On PostgreSQL a method
+    may run more than once (after a serialization failure, rolled back first).
+
     Attributes:
         operations: the operation message types this participant accepts.
-        schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`).
+        schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`),
+            or one per dialect: {"sqlite": ..., "postgresql": ...}.
     """
 
     @property
     def operations(self) -> Sequence[type[Message]]: ...
 
     @property
-    def schema(self) -> str: ...
+    def schema(self) -> str | Mapping[str, str]: ...
 
-    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+    def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         """Validates and reserves. Returns COMMIT (reserved) or READ_ONLY.
 
         Args:
@@ -119,14 +135,14 @@ class ParticipantHandler(Protocol):
         """
         ...
 
-    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
+    def commit(self, db: Connection, txn_id: str) -> None:
         """Applies the reservation made by `prepare`. It gets no operation: the
         reservation must record all that commit needs. Must not fail for business
         reasons: the decision is final (a raise is logged as critical and the
         coordinator retries)."""
         ...
 
-    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
+    def abort(self, db: Connection, txn_id: str) -> None:
         """Releases the reservation made by `prepare`. It gets no operation either."""
         ...
 
@@ -192,6 +208,10 @@ def _refusal(error: Exception) -> str | _ItemError:
     """What a business `prepare` that raised answers: an ABORT vote's reason, or a status."""
     if isinstance(error, VoteAbort):
         return error.reason
+    if isinstance(error, ConflictError):  # lost to concurrent transactions; nothing reserved
+        return f"conflict: {error}"
+    if isinstance(error, StoreUnavailableError):  # no vote it could not stand behind
+        return _ItemError(grpc.StatusCode.UNAVAILABLE, f"participant store unavailable: {error}")
     if isinstance(error, _ExhaustedError):
         return _ItemError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, InvalidOperation):
@@ -222,9 +242,10 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
 
     Args:
         handler: the business logic.
-        store: the service's SQLite store (not yet open: the participant opens it
-            with its schema, and closes it), or its file path; the service may use
-            `participant.store` for its own business API too.
+        store: the service's store (not yet open: the participant opens it with
+            its schema, and closes it): a SQLite file path, a PostgreSQL URL
+            (`postgresql://...`, extra `[postgres]`), or a store object; the
+            service may use `participant.store` for its own business API too.
         credentials: transport security for calls to the coordinator's GetOutcome.
         config: in-doubt resolution timing and retention.
         observers: told of each vote, decision and in-doubt question (`twopc.observe`).
@@ -233,15 +254,16 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
     def __init__(
         self,
         handler: ParticipantHandler,
-        store: SqliteStore | str | os.PathLike[str],
+        store: Store | str | os.PathLike[str],
         *,
         credentials: Credentials,
         config: ParticipantConfig | None = None,
         observers: Iterable[Observer] = (),
     ) -> None:
         self.handler = handler
-        self.store = SqliteStore(store) if isinstance(store, str | os.PathLike) else store
-        self.store.schema = _SCHEMA + handler.schema + self.store.schema  # all applied when it opens
+        self.store = open_store(store)
+        # All applied when it opens.
+        self.store.schema = _SCHEMA + schema_for(handler.schema, self.store.dialect) + self.store.schema
         self.config = config or ParticipantConfig()
         if self.config.trusted_coordinators is None and credentials.secure:
             # Under TLS the default trusts no address, only the caller's own name.
@@ -259,7 +281,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             raise ValueError("give the participant its store unopened: it opens it with the twopc schema")
         await self.store.open()
         try:
-            await self.store.write(_migrate)
+            if self.store.dialect == "sqlite":  # PostgreSQL tables date from this version
+                await self.store.write(_migrate)
         except BaseException:
             await self.store.close()
             raise
@@ -383,6 +406,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             except DurabilityError as e:
                 _log.critical("prepare_write_failed", txn_ids=[x.txn_id for _, x in items[:8]], error=str(e))
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
+            except StoreUnavailableError as e:  # PostgreSQL: lost, or gave up on conflicts; nothing voted
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store unavailable: {e}")
             except Exception as e:  # noqa: BLE001 - a failure outside any item: nothing changed
                 _log.error("prepare_many_failed", count=len(items), exc_info=e)
                 await context.abort(grpc.StatusCode.INTERNAL, f"prepare failed at the participant: {type(e).__name__}")
@@ -478,7 +503,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 functools.partial(self._commit_many_tx, list(request.txn_ids)),
                 inline_if_idle=len(request.txn_ids) <= INLINE_MAX_ITEMS,
             )
-        except DurabilityError as e:
+        except (DurabilityError, StoreUnavailableError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         except Exception as e:  # noqa: BLE001 - a business commit that raises; loud, never UNKNOWN
             _log.critical("commit_raised", txn_ids=list(request.txn_ids)[:8], count=len(request.txn_ids), exc_info=e)
@@ -500,7 +525,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             await self.apply(txn_id, state)
         except _RefusedError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except DurabilityError as e:
+        except (DurabilityError, StoreUnavailableError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         except Exception as e:  # noqa: BLE001 - the business commit/abort raised; loud, never UNKNOWN
             # After a yes vote the decision is final: a commit that cannot be applied
@@ -525,22 +550,24 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
 
     # --- admission: limits and trust (twopc.limits, twopc.trust) ------------------
 
-    def _check_capacity(self, db: sqlite3.Connection, coordinator: str) -> None:
+    def _check_capacity(self, db: Connection, coordinator: str) -> None:
         """Raises _ExhaustedError if `coordinator` holds its cap of undecided
         transactions here (counted in the Prepare's own local transaction)."""
         cap = self.config.max_undecided_per_coordinator
-        (held,) = db.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM twopc_txn WHERE coordinator = ? AND state = ? LIMIT ?)",
-            (coordinator, PREPARED, cap),
+        (held,) = execute(
+            db,
+            "SELECT count(*) FROM (SELECT 1 FROM twopc_txn WHERE coordinator = :coordinator AND state = :state"
+            " LIMIT :cap) AS held",
+            {"coordinator": coordinator, "state": PREPARED, "cap": cap},
         ).fetchone()
         if held >= cap:
             raise _ExhaustedError(f"the coordinator holds {cap} undecided transactions here; try later")
 
     # --- the local transactions (on the store's thread) ----------------------------
 
-    def _prepare_tx(self, item: _Item, db: sqlite3.Connection) -> tuple[Vote, str, bool]:
+    def _prepare_tx(self, item: _Item, db: Connection) -> tuple[Vote, str, bool]:
         """Returns (vote, reason, repeat): `repeat` when the row existed already."""
-        row = db.execute("SELECT state, digest FROM twopc_txn WHERE txn_id = ?", (item.txn_id,)).fetchone()
+        row = execute(db, "SELECT state, digest FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": item.txn_id}).fetchone()
         if row is not None:  # a repeated Prepare: the same answer, no work
             if row[0] == ABORTED:
                 return Vote.ABORT, "transaction already aborted", True
@@ -561,42 +588,45 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         now = time.time()
         if item.one_phase:
             self.handler.commit(db, item.txn_id)
-        db.execute(
+        execute(
+            db,
             "INSERT INTO twopc_txn (txn_id, state, coordinator, prepared_at, decided_at, digest, alternates)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                item.txn_id,
-                COMMITTED if item.one_phase else PREPARED,
-                item.coordinator,
-                now,
-                now if item.one_phase else None,
-                item.digest,
-                item.alternates,
-            ),
+            " VALUES (:txn_id, :state, :coordinator, :now, :decided_at, :digest, :alternates)",
+            {
+                "txn_id": item.txn_id,
+                "state": COMMITTED if item.one_phase else PREPARED,
+                "coordinator": item.coordinator,
+                "now": now,
+                "decided_at": now if item.one_phase else None,
+                "digest": item.digest,
+                "alternates": item.alternates,
+            },
         )
         return vote, "", False
 
-    def _prepare_many_tx(self, items: list[_Item], db: sqlite3.Connection) -> list[tuple[Vote, str, bool] | _ItemError]:
+    def _prepare_many_tx(self, items: list[_Item], db: Connection) -> list[tuple[Vote, str, bool] | _ItemError]:
         """Prepares each in its own savepoint of one local transaction (one fsync for
         the batch): an item whose business step raises is rolled back alone."""
         outcomes: list[tuple[Vote, str, bool] | _ItemError] = []
         for item in items:
-            db.execute("SAVEPOINT item")
+            execute(db, "SAVEPOINT item")
             try:
                 outcomes.append(self._prepare_tx(item, db))
             except Exception as e:  # noqa: BLE001 - this item's refusal or failure, not the batch's
-                db.execute("ROLLBACK TO item")
+                if is_retried(e):  # PostgreSQL: the whole batch runs again on a fresh snapshot
+                    raise
+                execute(db, "ROLLBACK TO item")
                 failure = _refusal(e)
                 if isinstance(failure, str):
                     outcomes.append((Vote.ABORT, failure, False))
                 else:
                     _report(item, failure, e)
                     outcomes.append(failure)
-            db.execute("RELEASE item")
+            execute(db, "RELEASE item")
         return outcomes
 
-    def _commit_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
-        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    def _commit_tx(self, txn_id: str, db: Connection) -> bool:
+        row = _state(db, txn_id)
         if row is None:
             raise _RefusedError(f"cannot commit {txn_id}: never prepared here")
         if row[0] == COMMITTED:
@@ -604,10 +634,10 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if row[0] == ABORTED:
             raise _RefusedError(f"cannot commit {txn_id}: already aborted")
         self.handler.commit(db, txn_id)
-        db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (COMMITTED, time.time(), txn_id))
+        _set_state(db, txn_id, COMMITTED)
         return True
 
-    def _commit_many_tx(self, txn_ids: list[str], db: sqlite3.Connection) -> dict[str, str]:
+    def _commit_many_tx(self, txn_ids: list[str], db: Connection) -> dict[str, str]:
         """Commits each in one local transaction (one fsync); returns the refused ones."""
         refused: dict[str, str] = {}
         for txn_id in txn_ids:
@@ -618,11 +648,13 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
                 refused[txn_id] = str(e)
         return refused
 
-    def _abort_tx(self, txn_id: str, db: sqlite3.Connection) -> bool:
-        row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    def _abort_tx(self, txn_id: str, db: Connection) -> bool:
+        row = _state(db, txn_id)
         if row is None:  # presumed abort; the tombstone refuses a late Prepare
-            db.execute(
-                "INSERT INTO twopc_txn (txn_id, state, decided_at) VALUES (?, ?, ?)", (txn_id, ABORTED, time.time())
+            execute(
+                db,
+                "INSERT INTO twopc_txn (txn_id, state, decided_at) VALUES (:txn_id, :state, :now)",
+                {"txn_id": txn_id, "state": ABORTED, "now": time.time()},
             )
             return True
         if row[0] == ABORTED:
@@ -630,7 +662,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         if row[0] == COMMITTED:
             raise _RefusedError(f"cannot abort {txn_id}: already committed")
         self.handler.abort(db, txn_id)
-        db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (ABORTED, time.time(), txn_id))
+        _set_state(db, txn_id, ABORTED)
         return True
 
     # --- in-doubt resolution -------------------------------------------------------
@@ -640,13 +672,15 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         coordinator is its address, followed by the other instances' when several
         share a decision log ("a:1 b:1", space-separated)."""
         cutoff = time.time() - older_than_s
-        return await self.store.read(
-            lambda db: db.execute(
+        rows = await self.store.read(
+            lambda db: execute(
+                db,
                 "SELECT txn_id, trim(coordinator || ' ' || alternates) FROM twopc_txn"
-                " WHERE state = ? AND prepared_at <= ? ORDER BY prepared_at",
-                (PREPARED, cutoff),
+                " WHERE state = :state AND prepared_at <= :cutoff ORDER BY prepared_at",
+                {"state": PREPARED, "cutoff": cutoff},
             ).fetchall()
         )
+        return [(t, c) for t, c in rows]
 
     async def drain(self, timeout_s: float) -> bool:
         """Starts a graceful stop: refuses new Prepares with UNAVAILABLE and waits up
@@ -665,8 +699,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         """Tells the observers how many transactions are prepared and the age of the
         oldest (IN_DOUBT_SCANNED); the resolver does it every round."""
         count, oldest = await self.store.read(
-            lambda db: db.execute(
-                "SELECT count(*), min(prepared_at) FROM twopc_txn WHERE state = ?", (PREPARED,)
+            lambda db: execute(
+                db, "SELECT count(*), min(prepared_at) FROM twopc_txn WHERE state = :state", {"state": PREPARED}
             ).fetchone()
         )
         age = time.time() - oldest if oldest is not None else 0.0
@@ -745,7 +779,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         cutoff = time.time() - self.config.retention_s
         await self.store.write(
             # Only decided rows have decided_at; the index makes this a range delete.
-            lambda db: db.execute("DELETE FROM twopc_txn WHERE decided_at < ?", (cutoff,)),
+            lambda db: execute(db, "DELETE FROM twopc_txn WHERE decided_at < :cutoff", {"cutoff": cutoff}),
             durable=False,
         )
 
@@ -770,3 +804,16 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE twopc_txn ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
     if "alternates" not in columns:
         db.execute("ALTER TABLE twopc_txn ADD COLUMN alternates TEXT NOT NULL DEFAULT ''")
+
+
+def _state(db: Connection, txn_id: str) -> tuple[str] | None:
+    row = execute(db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
+    return None if row is None else (row[0],)
+
+
+def _set_state(db: Connection, txn_id: str, state: str) -> None:
+    execute(
+        db,
+        "UPDATE twopc_txn SET state = :state, decided_at = :now WHERE txn_id = :txn_id",
+        {"state": state, "now": time.time(), "txn_id": txn_id},
+    )

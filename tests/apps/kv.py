@@ -9,7 +9,8 @@ The operation is a `google.protobuf.Struct` so the core needs no proto of its ow
     {"key": "raise_on_commit"}           reserve, then raise inside commit (a bug)
     {"key": "k", "delay_s": 2}           take 2 s to prepare (a slow voter)
 Reservations live in `reserved`, committed ones move to `applied`; tests read the
-SQLite file directly to see what the participant really holds.
+store directly to see what the participant really holds. The same code runs on
+SQLite and on PostgreSQL (`--db postgresql://...`).
 
 Run: python -m tests.apps.kv --db kv.db --port 0
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sqlite3
 import time
 from typing import Any
 
@@ -26,6 +26,7 @@ from google.protobuf import struct_pb2
 
 from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort
 from twopc.logs import configure as configure_logs
+from twopc.stores import Connection, execute
 
 
 class KV:
@@ -35,7 +36,7 @@ class KV:
     CREATE TABLE IF NOT EXISTS applied (txn_id TEXT PRIMARY KEY, key TEXT NOT NULL, amount INTEGER NOT NULL);
     """
 
-    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+    def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         op = dict(operation.items())
         behave = op.get("behave", "")
         if behave == "abort":
@@ -46,19 +47,23 @@ class KV:
             raise RuntimeError("bug in prepare")
         if behave == "invalid" or "key" not in op:
             raise InvalidOperation("key is required")
-        db.execute("INSERT INTO reserved VALUES (?, ?, ?)", (txn_id, op["key"], int(op.get("amount", 1))))
+        execute(
+            db,
+            "INSERT INTO reserved VALUES (:txn_id, :key, :amount)",
+            {"txn_id": txn_id, "key": op["key"], "amount": int(op.get("amount", 1))},
+        )
         time.sleep(float(op.get("delay_s", 0)))  # on the store's thread: a slow vote, nothing else waits
         return Vote.COMMIT
 
-    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
-        (key,) = db.execute("SELECT key FROM reserved WHERE txn_id = ?", (txn_id,)).fetchone()
+    def commit(self, db: Connection, txn_id: str) -> None:
+        (key,) = execute(db, "SELECT key FROM reserved WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
         if key == "raise_on_commit":
             raise RuntimeError("bug in commit")
-        db.execute("INSERT INTO applied SELECT * FROM reserved WHERE txn_id = ?", (txn_id,))
-        db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
+        execute(db, "INSERT INTO applied SELECT * FROM reserved WHERE txn_id = :txn_id", {"txn_id": txn_id})
+        execute(db, "DELETE FROM reserved WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
-    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
-        db.execute("DELETE FROM reserved WHERE txn_id = ?", (txn_id,))
+    def abort(self, db: Connection, txn_id: str) -> None:
+        execute(db, "DELETE FROM reserved WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
 
 async def main() -> None:

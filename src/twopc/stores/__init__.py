@@ -1,8 +1,21 @@
 """Where participants and coordinators keep durable state: one room per database.
 
-`sqlite` is the embedded default (one file, one writer thread, group commit).
+`sqlite` is the embedded default (one file, one writer thread, group commit);
+`postgres` keeps a participant's data in PostgreSQL (extra `[postgres]`, imported only
+when used). `open_store` picks one from a path or a URL, and `execute` runs one
+statement on either's connection, so business SQL is written once (see `base`).
 """
 
+from twopc.stores.base import ConflictError, Connection, Store, StoreUnavailableError, execute, open_store
 from twopc.stores.sqlite import SqliteStore, StoreStats
 
-__all__ = ["SqliteStore", "StoreStats"]
+__all__ = [
+    "ConflictError",
+    "Connection",
+    "SqliteStore",
+    "Store",
+    "StoreStats",
+    "StoreUnavailableError",
+    "execute",
+    "open_store",
+]

@@ -97,6 +97,7 @@ class SqliteStore:
     """
 
     idle_path_max_s_default = 0.002
+    dialect = "sqlite"  # which of a handler's schemas it applies (see twopc.stores)
 
     def __init__(
         self,

@@ -1,0 +1,137 @@
+"""What a participant needs of its store, and SQL that runs on either store.
+
+A store runs jobs: `await store.write(fn)` calls `fn(connection)` inside one local
+transaction and returns once that transaction is committed (and, with
+`durable=True`, on disk). The connection a job gets is the store's own:
+
+* `twopc.store.SqliteStore`: a `sqlite3.Connection` (the standard library);
+* `twopc.stores.postgres.PostgresStore`: a `sqlalchemy.Connection` on psycopg.
+
+Business SQL stays portable by writing it once with named parameters (`:name`) and
+running it through `execute`: SQLite's own driver takes `:name` natively, and
+SQLAlchemy's `text()` compiles the same text for psycopg. Nothing rewrites SQL here;
+each driver reads what it documents. The statements themselves must be in the
+dialects' common subset (standard DML is; DDL often is not, which is why a handler's
+`schema` may be given per dialect).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+from twopc.errors import TwoPCError
+from twopc.stores.sqlite import SqliteStore, StoreStats
+
+T = TypeVar("T")
+
+Connection = Any
+"""A job's connection: `sqlite3.Connection` or `sqlalchemy.Connection`."""
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+class StoreUnavailableError(TwoPCError):
+    """The store could not run the job now, and nothing of it can be promised: the
+    database is unreachable, or the connection broke so that whether the job
+    committed is unknown. Retry later; a participant answers UNAVAILABLE.
+    """
+
+
+class ConflictError(StoreUnavailableError):
+    """The job kept losing to concurrent transactions (serialization failures,
+    deadlocks, lock timeouts) and was given up; it changed nothing. A Prepare
+    votes ABORT with this reason."""
+
+
+class Store(Protocol):
+    """A participant's store.
+
+    Attributes:
+        dialect: "sqlite" or "postgresql": which `schema` of a handler to apply.
+        schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`).
+        stats: counters of synced commits, for tests and benchmarks.
+    """
+
+    dialect: str
+    schema: str
+    stats: StoreStats
+
+    @property
+    def failed(self) -> bool:
+        """True once the store has stopped for good (a failed fsync)."""
+        ...
+
+    @property
+    def is_open(self) -> bool:
+        """True between `open` and `close`."""
+        ...
+
+    async def wait_failed(self) -> BaseException:
+        """Returns the store's fatal error once it has failed for good."""
+        ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, fn: Callable[[Connection], T], *, durable: bool = True, inline_if_idle: bool = False) -> T:
+        """Runs `fn(connection)` in one local transaction; returns once committed."""
+        ...
+
+    async def read(self, fn: Callable[[Connection], T]) -> T: ...
+
+
+def open_store(where: Store | str | os.PathLike[str], **options: Any) -> Store:
+    """The store for a SQLite path or a PostgreSQL URL (`postgresql://...`).
+
+    Args:
+        where: a file path (SQLite), a URL (PostgreSQL), or a store, returned as is.
+        options: keyword arguments for `PostgresStore` (pool size, timeouts).
+    """
+    if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
+        from twopc.stores.postgres import PostgresStore  # the [postgres] extra, only when used
+
+        return PostgresStore(where, **options)
+    if isinstance(where, str | os.PathLike):
+        return SqliteStore(where)
+    return where
+
+
+def execute(db: Connection, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Runs one statement with named parameters (`:name`) on a job's connection.
+
+    Returns the driver's cursor or result: both iterate rows as tuples and have
+    `fetchone`, `fetchall` and `rowcount`.
+    """
+    if isinstance(db, sqlite3.Connection):
+        return db.execute(sql, params or {})
+    return db.execute(_text(sql), params or {})
+
+
+@functools.lru_cache(maxsize=512)
+def _text(sql: str) -> Any:
+    import sqlalchemy
+
+    return sqlalchemy.text(sql)
+
+
+def is_retried(error: BaseException) -> bool:
+    """True for a database error the store handles by running the whole job again
+    (PostgreSQL's: a serialization failure, a broken connection): a job that catches
+    errors of its own must let these through. Never true on SQLite."""
+    exc = sys.modules.get("sqlalchemy.exc")  # loaded only where PostgreSQL is used
+    return exc is not None and isinstance(error, exc.DBAPIError)
+
+
+def schema_for(schema: str | Mapping[str, str], dialect: str) -> str:
+    """A handler's schema for one dialect: the same text for both, or one per dialect."""
+    if isinstance(schema, str):
+        return schema
+    if dialect not in schema:
+        raise ValueError(f"the handler's schema has no {dialect!r} version (it has {sorted(schema)})")
+    return schema[dialect]

@@ -1,0 +1,266 @@
+"""A participant's store in PostgreSQL: jobs run in parallel on a connection pool.
+
+`PostgresStore` has the interface of `twopc.store.SqliteStore` (`write`, `read`,
+`schema`, `stats`), so `Participant` keeps every rule it keeps on SQLite: a
+prepare's table row and the business reservation commit in one local transaction,
+and `write` returns only after PostgreSQL has committed it (with
+`synchronous_commit = on`, once its WAL record is flushed: rule 1).
+
+Where SQLite has one writer thread and batches jobs into one fsync, PostgreSQL has
+many backends: jobs run concurrently on a pool of connections (one thread per
+connection, since business code is synchronous), and PostgreSQL's own group commit
+shares one WAL flush among the commits that arrive together.
+
+Concurrency control is PostgreSQL's SERIALIZABLE isolation, so business code that is
+correct on SQLite (one writer at a time) stays correct here: two prepares racing
+for the last item cannot both reserve it. The loser gets a serialization failure;
+the store runs the job again on a fresh snapshot (the job must be a function of the
+database only), a few times with jittered backoff. A job that keeps losing, a
+deadlock or a lock wait past `lock_timeout_s` raise `ConflictError`: a Prepare then
+votes ABORT with that reason. A broken connection before COMMIT is retried (the
+server rolled the transaction back); a broken connection *during* COMMIT leaves the
+outcome unknown and raises `StoreUnavailableError`, so the participant votes nothing
+it cannot stand behind. Retrying never duplicates work: a job runs again only after
+its earlier attempt was rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import psycopg
+import sqlalchemy
+import structlog
+from sqlalchemy import event, exc
+from sqlalchemy.engine import make_url
+
+from twopc.errors import ClosedError
+from twopc.stores.sqlite import StoreStats
+from twopc.stores.base import ConflictError, StoreUnavailableError
+
+T = TypeVar("T")
+
+_log = structlog.get_logger("twopc.stores.postgres")
+
+# SQLSTATEs: https://www.postgresql.org/docs/current/errcodes-appendix.html
+_RETRY = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # lock_not_available, query_canceled
+
+
+def engine_url(url: str) -> sqlalchemy.URL:
+    """A `postgresql://` URL for SQLAlchemy with the psycopg (3) driver."""
+    return make_url(url).set(drivername="postgresql+psycopg")
+
+
+class PostgresStore:
+    """A PostgreSQL database (or one schema of it) as a participant's store.
+
+    Args:
+        url: `postgresql://user@host:port/database`; add
+            `?options=-csearch_path%3Dname` to keep the tables in a schema.
+        schema: SQL run at open, under an advisory lock (`CREATE TABLE IF NOT EXISTS`).
+        pool_size: connections (and threads) running jobs at once.
+        lock_timeout_s: the longest a job waits for a row lock before giving up.
+        statement_timeout_s: the longest one statement may run.
+        retries: runs of a job that lost to a concurrent one before `ConflictError`.
+        connect_timeout_s: the longest to wait for a new connection.
+    """
+
+    dialect = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        schema: str = "",
+        *,
+        pool_size: int = 16,
+        lock_timeout_s: float = 1.0,
+        statement_timeout_s: float = 10.0,
+        retries: int = 8,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        if pool_size < 1 or retries < 1:
+            raise ValueError("pool_size and retries must be >= 1")
+        if min(lock_timeout_s, statement_timeout_s, connect_timeout_s) <= 0:
+            raise ValueError("timeouts must be > 0")
+        self.url = url
+        self.schema = schema
+        self.pool_size = pool_size
+        self.lock_timeout_s = lock_timeout_s
+        self.statement_timeout_s = statement_timeout_s
+        self.retries = retries
+        self.connect_timeout_s = connect_timeout_s
+        self.stats = StoreStats()
+        self.engine: sqlalchemy.Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def path(self) -> str:
+        """Where the data is, for messages (the URL without a password)."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def failed(self) -> bool:
+        """Never: PostgreSQL itself stops on a failed fsync; a failed job is retried."""
+        return False
+
+    @property
+    def is_open(self) -> bool:
+        """True between `open` and `close`."""
+        return self._executor is not None
+
+    async def wait_failed(self) -> BaseException:
+        """Never returns: nothing here is fatal to the process (PostgreSQL stops
+        itself on a failed fsync, and recovers from its WAL)."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def open(self) -> None:
+        """Creates the pool and applies the schema.
+
+        Raises:
+            RuntimeError: it is open already.
+            StoreUnavailableError: the server cannot be reached.
+        """
+        if self.is_open:
+            raise RuntimeError(f"store {self.path} is open already")
+        engine = sqlalchemy.create_engine(
+            engine_url(self.url),
+            pool_size=self.pool_size,
+            max_overflow=0,
+            pool_timeout=self.connect_timeout_s,
+            isolation_level="SERIALIZABLE",
+            connect_args={"connect_timeout": max(1, round(self.connect_timeout_s))},
+        )
+        settings = (
+            f"SET lock_timeout = {round(self.lock_timeout_s * 1000)};"
+            f" SET statement_timeout = {round(self.statement_timeout_s * 1000)};"
+            " SET synchronous_commit = on"
+        )
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            with dbapi_connection.cursor() as cur:
+                for statement in settings.split(";"):
+                    cur.execute(statement)
+            dbapi_connection.commit()
+
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="postgres")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._apply_schema)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _apply_schema(self) -> None:
+        assert self.engine is not None
+        try:
+            raw = self.engine.raw_connection()
+        except exc.DBAPIError as e:
+            raise StoreUnavailableError(f"cannot connect to {self.path}: {e.orig}") from e
+        try:
+            conn = raw.driver_connection
+            assert conn is not None
+            # Two services starting on one database must not race to create a table.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('twopc schema'))")
+            if self.schema.strip():
+                conn.execute(self.schema.encode())  # no parameters: many statements allowed
+            conn.commit()
+        except psycopg.OperationalError as e:
+            raise StoreUnavailableError(f"cannot set up {self.path}: {e}") from e
+        finally:
+            raw.close()
+
+    async def close(self) -> None:
+        """Waits for running jobs, then closes every connection."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True)
+        if self.engine is not None:
+            self.engine.dispose()
+            self.engine = None
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def write(
+        self, fn: Callable[[sqlalchemy.Connection], T], *, durable: bool = True, inline_if_idle: bool = False
+    ) -> T:
+        """Runs `fn(conn)` in a SERIALIZABLE transaction and returns its result once
+        committed (with `durable`, once the commit's WAL is flushed).
+
+        `inline_if_idle` is SQLite's shortcut and means nothing here. `fn` may run more than once (after a serialization failure or a broken
+        connection, each earlier run rolled back): it must depend on the database
+        only.
+
+        Raises:
+            ConflictError: it kept losing to concurrent transactions; nothing changed.
+            StoreUnavailableError: no connection, or the outcome of COMMIT is unknown.
+            Exception: whatever `fn` raised; its changes are rolled back.
+        """
+        if self._executor is None:
+            raise ClosedError(f"store {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, durable)
+
+    async def read(self, fn: Callable[[sqlalchemy.Connection], T]) -> T:
+        """Runs `fn(conn)` in a transaction and returns its result."""
+        return await self.write(fn, durable=False)
+
+    def _run(self, fn: Callable[[sqlalchemy.Connection], T], durable: bool) -> T:
+        assert self.engine is not None
+        lost: list[str] = []
+        for attempt in range(self.retries):
+            committing = False
+            try:
+                with self.engine.connect() as conn:
+                    tx = conn.begin()
+                    try:
+                        if not durable:  # an abort or an END: losing it only means asking again
+                            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                        result = fn(conn)
+                        committing = True
+                        tx.commit()
+                    finally:
+                        if tx.is_active:
+                            tx.rollback()
+            except exc.DBAPIError as e:
+                reason = self._classify(e, committing)
+                lost.append(reason)
+                if attempt + 1 < self.retries:
+                    time.sleep(random.uniform(0, 0.002 * 2**attempt))  # on a pool thread, not the loop
+                    continue
+                if reason == "connection lost":
+                    raise StoreUnavailableError(f"{self.path}: connection lost {self.retries} times") from e
+                raise ConflictError(f"gave up after {self.retries} tries: {', '.join(lost)}") from e
+            self.stats.batches += 1
+            self.stats.jobs += 1
+            if durable:
+                self.stats.syncs += 1
+            return result
+        raise AssertionError("unreachable")
+
+    def _classify(self, e: exc.DBAPIError, committing: bool) -> str:
+        """The reason to retry `e`, or raises what it means for the caller."""
+        sqlstate = getattr(e.orig, "sqlstate", None) or ""
+        if sqlstate in _RETRY:
+            return "serialization failure" if sqlstate == "40001" else "deadlock"
+        if sqlstate in _CONFLICT:
+            raise ConflictError(_CONFLICT[sqlstate]) from e
+        if e.connection_invalidated or sqlstate.startswith("08") or isinstance(e, exc.OperationalError):
+            if committing:
+                _log.warning("commit_outcome_unknown", store=self.path, error=str(e.orig))
+                raise StoreUnavailableError(f"connection to {self.path} lost during COMMIT: outcome unknown") from e
+            if sqlstate.startswith(("08", "57P")) or e.connection_invalidated:
+                return "connection lost"
+            raise StoreUnavailableError(f"{self.path}: {e.orig}") from e
+        raise e
