@@ -11,7 +11,8 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 import twopc
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, pgserver
+from twopc.pgserver import PostgresServer
 from twopc.testing import ServiceProcess, query, wait_until
 from twopc.v1 import participant_pb2
 
@@ -36,8 +37,8 @@ def prepare_request(txn_id: str, **fields: object) -> participant_pb2.PrepareReq
     return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation)
 
 
-def txn_state(db: Path, txn_id: str) -> str | None:
-    found = query(db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
+def txn_state(db: Path | str, txn_id: str) -> str | None:
+    found = query(db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", txn_id=txn_id)
     return found[0][0] if found else None
 
 
@@ -48,17 +49,17 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 10.0, what: s
 
 
 class Kv:
-    """A kv participant process and its database file."""
+    """A kv participant process and its store (a SQLite file or a PostgreSQL URL)."""
 
-    def __init__(self, proc: ServiceProcess, db: Path) -> None:
-        self.proc, self.db = proc, db
+    def __init__(self, proc: ServiceProcess, db: Path | str, name: str) -> None:
+        self.proc, self.db, self.name = proc, db, name
 
     @property
     def target(self) -> str:
         return self.proc.address
 
     def branch(self, **fields: Any) -> Branch:
-        return Branch(self.target, op(**({"key": "k", "amount": 1} | fields)), name=self.db.stem)
+        return Branch(self.target, op(**({"key": "k", "amount": 1} | fields)), name=self.name)
 
     def reserved(self) -> list[tuple[Any, ...]]:
         return query(self.db, "SELECT txn_id, key, amount FROM reserved")
@@ -75,16 +76,48 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
     """Starts kv participant processes; all are stopped at the end of the test."""
     started: list[ServiceProcess] = []
 
-    def start(name: str = "kv", env: dict[str, str] | None = None, args: Sequence[str] = ()) -> Kv:
-        db = tmp_path / f"{name}-{len(started)}.db"
-        argv = ["--db", str(db), *args]
-        proc = ServiceProcess("tests.apps.kv", argv, log_path=tmp_path / f"{db.stem}.log", env=env).start()
+    def start(
+        name: str = "kv", env: dict[str, str] | None = None, args: Sequence[str] = (), db: str | None = None
+    ) -> Kv:
+        """`db`: a PostgreSQL URL to use instead of a fresh SQLite file."""
+        unique = f"{name}-{len(started)}"
+        store = db or tmp_path / f"{unique}.db"
+        argv = ["--db", str(store), *args]
+        proc = ServiceProcess("tests.apps.kv", argv, log_path=tmp_path / f"{unique}.log", env=env).start()
         started.append(proc)
-        return Kv(proc, db)
+        return Kv(proc, store, unique)
 
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the whole run (max_prepared_transactions set),
+    for tests that do not kill it; they each get a schema of their own."""
+    reason = pgserver.missing()
+    if reason:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A URL to a fresh schema on the shared private server, dropped afterwards."""
+    with pgserver.schema(pg_server.url) as url:
+        yield url
+
+
+@pytest.fixture
+def pg_killable() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server of this test's own, which it may SIGKILL."""
+    reason = pgserver.missing()
+    if reason:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ async def test_participant_killed_after_voting_yes_commits_after_restart(
         run = asyncio.create_task(coordinator.run([a.branch(amount=5), b.branch()], timeout_s=20.0))
         try:
             await eventually(
-                lambda: any(e["event"] == "voted" and e.get("branch") == a.db.stem for e in events),
+                lambda: any(e["event"] == "voted" and e.get("branch") == a.name for e in events),
                 what="a's vote at the coordinator",
             )
             a.proc.kill()

@@ -9,14 +9,16 @@ messages at chosen probabilities, for chaos runs.
 
 `TcpProxy` relays TCP to a server and cuts the path (a partition) on demand.
 
-`snapshot` and `query` read a service's SQLite file the way an auditor in another
-process would; `wait_until` polls a condition with a deadline.
+`snapshot` and `query` read a service's store (a SQLite file or a PostgreSQL
+database) the way an auditor in another process would; `wait_until` polls a
+condition with a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import os
 import random
@@ -35,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+
+from twopc.stores.base import POSTGRES_SCHEMES, execute
 
 
 class ServiceProcess:
@@ -280,10 +284,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def snapshot(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
-    """A read-only, consistent view of a store's SQLite file, opened as another process
-    would open it (WAL lets it read while the service writes)."""
-    conn = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True)
+def snapshot(where: str | os.PathLike[str]) -> Iterator[Any]:
+    """A read-only, consistent view of a store, opened as another process would open
+    it: a SQLite file (WAL lets it read while the service writes), or a PostgreSQL
+    URL (one REPEATABLE READ snapshot). Run SQL on it with `twopc.stores.execute`."""
+    if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
+        with _engine(where).connect() as pg:
+            pg.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield pg
+        return
+    conn = sqlite3.connect(f"file:{os.fspath(where)}?mode=ro", uri=True)
     try:
         conn.execute("BEGIN")  # one snapshot for every query in the block
         yield conn
@@ -291,10 +301,23 @@ def snapshot(path: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def query(path: str | os.PathLike[str], sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    """The rows of one query against a store's file, read-only."""
-    with snapshot(path) as db:
-        return db.execute(sql, params).fetchall()
+@functools.cache
+def _engine(url: str) -> Any:
+    import sqlalchemy
+
+    from twopc.stores.postgres import engine_url
+
+    # Autocommit at the driver so the snapshot's own BEGIN opens the transaction.
+    return sqlalchemy.create_engine(engine_url(url), poolclass=sqlalchemy.NullPool, isolation_level="AUTOCOMMIT")
+
+
+def query(where: str | os.PathLike[str], sql: str, *params: Any, **named: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query against a store (file or URL), read-only. Parameters are
+    `?` positional (SQLite only) or `:name` keywords (either store)."""
+    with snapshot(where) as db:
+        if params:
+            return db.execute(sql, params).fetchall()  # type: ignore[no-any-return]
+        return [tuple(row) for row in execute(db, sql, named)]
 
 
 async def wait_until(
