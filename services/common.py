@@ -29,6 +29,7 @@ from twopc.auth import Policy, operations_rules, participant_rules
 from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.logs import configure as configure_logs
 from twopc.observe import JsonLines, Observers
+from twopc.stores import ConflictError, StoreUnavailableError
 from twopc.tracing import Tracing
 
 _log = structlog.get_logger("services")
@@ -42,15 +43,16 @@ DEFAULT_PAGE_SIZE = 100  # list RPCs: what page_size=0 means
 MAX_PAGE_SIZE = 1000  # list RPCs: a larger page_size is lowered to this
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
+def parser(
+    prog: str,
+    description: str,
+    *,
+    db_help: str = "SQLite file of this service (created if missing); the shop also takes a postgresql:// URL,"
+    " a decision log shared by several shops (?schema=NAME&lease_s=S)",
+) -> argparse.ArgumentParser:
     """The flags every service takes."""
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument(
-        "--db",
-        required=True,
-        help="SQLite file of this service (created if missing); the shop also takes a postgresql:// URL,"
-        " a decision log shared by several shops (?schema=NAME&lease_s=S)",
-    )
+    p.add_argument("--db", required=True, help=db_help)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port to listen on, 0 for any free one (default %(default)s)")
     p.add_argument(
@@ -172,7 +174,12 @@ def policy(credentials: Credentials, rules: dict[str, frozenset[str]]) -> Policy
 
 def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The flags of a participant service: the common ones and in-doubt resolution."""
-    p = parser(prog, description)
+    p = parser(
+        prog,
+        description,
+        db_help="where this service keeps its data: a SQLite file (created if missing) or a PostgreSQL URL,"
+        " postgresql://user@host:port/database (needs the postgres extra)",
+    )
     d = ParticipantConfig()
     p.add_argument(
         "--in-doubt-after-s",
@@ -272,6 +279,8 @@ _STATUS = {
     InvalidOperation: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ConflictError: grpc.StatusCode.ABORTED,  # PostgreSQL: kept losing to concurrent calls; retry
+    StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,  # PostgreSQL: unreachable, or the outcome unknown
 }
 
 
@@ -279,7 +288,7 @@ async def api(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[T]) -
     """Awaits a business API job, turning business errors into gRPC statuses."""
     try:
         return await work
-    except (InvalidOperation, NotFound, AlreadyExists) as e:
+    except (InvalidOperation, NotFound, AlreadyExists, StoreUnavailableError) as e:
         await context.abort(next(code for kind, code in _STATUS.items() if isinstance(e, kind)), str(e))
         raise  # unreachable: abort raises
 

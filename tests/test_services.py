@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from google.protobuf.message import Message
 from services.common import MAX_AMOUNT
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from twopc.pgserver import PostgresServer, schema
 from twopc.testing import ServiceProcess
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -22,7 +24,7 @@ from twopc.v1 import participant_pb2, participant_pb2_grpc
 class Service:
     """A service process with a channel to it."""
 
-    def __init__(self, proc: ServiceProcess, db: Path) -> None:
+    def __init__(self, proc: ServiceProcess, db: str) -> None:
         self.proc, self.db = proc, db
         self.channel = grpc.aio.insecure_channel(proc.address)
         self.twopc = participant_pb2_grpc.ParticipantStub(self.channel)
@@ -55,17 +57,33 @@ def procs() -> Iterator[list[ServiceProcess]]:
         p.stop()
 
 
-async def _service(module: str, tmp_path: Path, procs: list[ServiceProcess]) -> Service:
-    db = tmp_path / f"{module}.db"
-    args = ["--db", str(db), "--insecure", "--allow-no-coordinator"]  # the test drives Prepare by hand
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_for(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], str]]:
+    """Where a service keeps its data, as its --db: a SQLite file, or a schema of its
+    own on a PostgreSQL server. Every service test runs on both: same business code."""
+    if request.param == "sqlite":
+        yield lambda name: str(tmp_path / f"{name}.db")
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    with contextlib.ExitStack() as schemas:
+        yield lambda name: schemas.enter_context(schema(server.url, prefix=name.replace(".", "_")))
+
+
+async def _service(
+    module: str, tmp_path: Path, procs: list[ServiceProcess], store_for: Callable[[str], str]
+) -> Service:
+    db = store_for(module)
+    args = ["--db", db, "--insecure", "--allow-no-coordinator"]  # the test drives Prepare by hand
     proc = ServiceProcess(module, args, log_path=tmp_path / f"{module}.log").start()
     procs.append(proc)
     return Service(proc, db)
 
 
 @pytest.fixture
-async def wallet(tmp_path: Path, procs: list[ServiceProcess]) -> AsyncIterator[tuple[Service, Any]]:
-    s = await _service("services.wallet", tmp_path, procs)
+async def wallet(
+    tmp_path: Path, procs: list[ServiceProcess], store_for: Callable[[str], str]
+) -> AsyncIterator[tuple[Service, Any]]:
+    s = await _service("services.wallet", tmp_path, procs, store_for)
     api = wallet_pb2_grpc.WalletStub(s.channel)
     await api.OpenAccount(wallet_pb2.OpenAccountRequest(account="bob"), timeout=5)
     await api.Deposit(wallet_pb2.DepositRequest(account="bob", amount=300), timeout=5)
@@ -74,8 +92,10 @@ async def wallet(tmp_path: Path, procs: list[ServiceProcess]) -> AsyncIterator[t
 
 
 @pytest.fixture
-async def orders(tmp_path: Path, procs: list[ServiceProcess]) -> AsyncIterator[tuple[Service, Any]]:
-    s = await _service("services.order", tmp_path, procs)
+async def orders(
+    tmp_path: Path, procs: list[ServiceProcess], store_for: Callable[[str], str]
+) -> AsyncIterator[tuple[Service, Any]]:
+    s = await _service("services.order", tmp_path, procs, store_for)
     api = order_pb2_grpc.OrdersStub(s.channel)
     await api.AddStock(order_pb2.AddStockRequest(sku="pen", quantity=5, unit_price=100), timeout=5)
     await api.AddStock(order_pb2.AddStockRequest(sku="ink", quantity=1, unit_price=50), timeout=5)
@@ -354,3 +374,20 @@ async def test_orders_page_through_more_orders_than_one_page(orders: tuple[Servi
     assert len(first.orders) == 100 and first.next_page_token
     for request in [order_pb2.ListOrdersRequest(page_size=-5), order_pb2.ListOrdersRequest(page_token="eA==")]:
         assert await status_of(api.ListOrders(request, timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_two_buyers_racing_for_the_last_item_exactly_one_reserves(orders: tuple[Service, Any]) -> None:
+    """Two Prepares for the last unit of a product, at once (ten times over): exactly one
+    reserves it; the other votes ABORT with a reason, never an error."""
+    svc, api = orders
+    for round_ in range(10):
+        sku = f"lamp{round_}"
+        await api.AddStock(order_pb2.AddStockRequest(sku=sku, quantity=1, unit_price=10), timeout=5)
+        votes = await asyncio.gather(
+            svc.prepare(f"t{round_}a", order(f"o{round_}a", (sku, 1), account="ann")),
+            svc.prepare(f"t{round_}b", order(f"o{round_}b", (sku, 1), account="ben")),
+        )
+        assert sorted(v.vote for v in votes) == [participant_pb2.VOTE_COMMIT, participant_pb2.VOTE_ABORT]
+        loser = next(v for v in votes if v.vote == participant_pb2.VOTE_ABORT)
+        assert "out of stock" in loser.reason or "conflict" in loser.reason, loser.reason
+        assert await stock(api, sku) == (1, 1, 0)

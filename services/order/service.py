@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from typing import Any
 
@@ -12,15 +11,17 @@ import grpc
 from services.common import MAX_AMOUNT, MAX_QUANTITY, ApiAccess, api, check_amount, page_after, page_size, page_token
 from services.order.v1 import order_pb2, order_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
+from twopc.stores import Connection, execute
 
+# One text for both stores: every type here means the same in SQLite and PostgreSQL.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
     sku        TEXT PRIMARY KEY,
-    unit_price INTEGER NOT NULL CHECK (unit_price > 0),
-    on_hand    INTEGER NOT NULL CHECK (on_hand >= 0),
-    reserved   INTEGER NOT NULL CHECK (reserved >= 0 AND reserved <= on_hand),
-    received   INTEGER NOT NULL CHECK (received >= 0),  -- all stock ever added
-    sold       INTEGER NOT NULL CHECK (sold >= 0)       -- all stock shipped by confirmed orders
+    unit_price BIGINT NOT NULL CHECK (unit_price > 0),
+    on_hand    BIGINT NOT NULL CHECK (on_hand >= 0),
+    reserved   BIGINT NOT NULL CHECK (reserved >= 0 AND reserved <= on_hand),
+    received   BIGINT NOT NULL CHECK (received >= 0),  -- all stock ever added
+    sold       BIGINT NOT NULL CHECK (sold >= 0)       -- all stock shipped by confirmed orders
 );
 CREATE TABLE IF NOT EXISTS orders (
     order_id   TEXT PRIMARY KEY,
@@ -28,8 +29,8 @@ CREATE TABLE IF NOT EXISTS orders (
     items      TEXT NOT NULL,  -- JSON [[sku, quantity], ...], sorted by sku
     state      TEXT NOT NULL CHECK (state IN ('PENDING', 'CONFIRMED', 'CANCELLED')),
     txn_id     TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    amount     INTEGER NOT NULL DEFAULT 0 CHECK (amount >= 0)  -- what the buyer is charged
+    created_at DOUBLE PRECISION NOT NULL,
+    amount     BIGINT NOT NULL DEFAULT 0 CHECK (amount >= 0)  -- what the buyer is charged
 );
 CREATE INDEX IF NOT EXISTS orders_created ON orders (created_at, order_id);  -- ListOrders pages
 """
@@ -41,10 +42,12 @@ _STATES = {
 }
 
 
-def stock(db: sqlite3.Connection, sku: str) -> order_pb2.Stock:
+def stock(db: Connection, sku: str) -> order_pb2.Stock:
     """A product's stock; NotFound if unknown."""
     limits.check_id("sku", sku)
-    row = db.execute("SELECT unit_price, on_hand, reserved, sold FROM products WHERE sku = ?", (sku,)).fetchone()
+    row = execute(
+        db, "SELECT unit_price, on_hand, reserved, sold FROM products WHERE sku = :sku", {"sku": sku}
+    ).fetchone()
     if row is None:
         raise NotFound(f"no product {sku!r}")
     price, on_hand, reserved, sold = row
@@ -71,10 +74,12 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
     return items
 
 
-def _order(db: sqlite3.Connection, order_id: str) -> order_pb2.Order:
+def _order(db: Connection, order_id: str) -> order_pb2.Order:
     limits.check_id("order_id", order_id)
-    row = db.execute(
-        "SELECT account, items, state, txn_id, amount FROM orders WHERE order_id = ?", (order_id,)
+    row = execute(
+        db,
+        "SELECT account, items, state, txn_id, amount FROM orders WHERE order_id = :order_id",
+        {"order_id": order_id},
     ).fetchone()
     if row is None:
         raise NotFound(f"no order {order_id!r}")
@@ -95,18 +100,19 @@ class OrderHandler:
     operations = (order_pb2.PlaceOrder,)
     schema = SCHEMA
 
-    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+    def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         place: order_pb2.PlaceOrder = operation
         items = _items(place)
         blob = json.dumps(items)
-        known = db.execute("SELECT account, items, state FROM orders WHERE order_id = ?", (place.order_id,)).fetchone()
+        order = {"order_id": place.order_id}
+        known = execute(db, "SELECT account, items, state FROM orders WHERE order_id = :order_id", order).fetchone()
         if known is not None:
             account, old_items, state = known
             if (account, old_items) != (place.account, blob):
                 raise InvalidOperation(f"order {place.order_id!r} exists with other content")
             if state != "CANCELLED":
                 raise VoteAbort(f"order {place.order_id!r} is already {state.lower()}")
-            db.execute("DELETE FROM orders WHERE order_id = ?", (place.order_id,))  # a retry after a cancel
+            execute(db, "DELETE FROM orders WHERE order_id = :order_id", order)  # a retry after a cancel
         short = []
         for sku, quantity in items:
             available = stock(db, sku).available
@@ -115,29 +121,39 @@ class OrderHandler:
         if short:
             raise VoteAbort("out of stock: " + "; ".join(short))
         for sku, quantity in items:
-            db.execute("UPDATE products SET reserved = reserved + ? WHERE sku = ?", (quantity, sku))
-        db.execute(
-            "INSERT INTO orders VALUES (?, ?, ?, 'PENDING', ?, ?, ?)",
-            (place.order_id, place.account, blob, txn_id, time.time(), place.amount),
+            execute(db, "UPDATE products SET reserved = reserved + :q WHERE sku = :sku", {"q": quantity, "sku": sku})
+        execute(
+            db,
+            "INSERT INTO orders VALUES (:order_id, :account, :items, 'PENDING', :txn_id, :at, :amount)",
+            {
+                "order_id": place.order_id,
+                "account": place.account,
+                "items": blob,
+                "txn_id": txn_id,
+                "at": time.time(),
+                "amount": place.amount,
+            },
         )
         return Vote.COMMIT
 
-    def _items_of(self, db: sqlite3.Connection, txn_id: str) -> list[tuple[str, int]]:
-        (blob,) = db.execute("SELECT items FROM orders WHERE txn_id = ?", (txn_id,)).fetchone()
+    def _items_of(self, db: Connection, txn_id: str) -> list[tuple[str, int]]:
+        (blob,) = execute(db, "SELECT items FROM orders WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
         return [(s, q) for s, q in json.loads(blob)]
 
-    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
+    def commit(self, db: Connection, txn_id: str) -> None:
         for sku, quantity in self._items_of(db, txn_id):
-            db.execute(
-                "UPDATE products SET on_hand = on_hand - ?, reserved = reserved - ?, sold = sold + ? WHERE sku = ?",
-                (quantity, quantity, quantity, sku),
+            execute(
+                db,
+                "UPDATE products SET on_hand = on_hand - :q, reserved = reserved - :q, sold = sold + :q"
+                " WHERE sku = :sku",
+                {"q": quantity, "sku": sku},
             )
-        db.execute("UPDATE orders SET state = 'CONFIRMED' WHERE txn_id = ?", (txn_id,))
+        execute(db, "UPDATE orders SET state = 'CONFIRMED' WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
-    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
+    def abort(self, db: Connection, txn_id: str) -> None:
         for sku, quantity in self._items_of(db, txn_id):
-            db.execute("UPDATE products SET reserved = reserved - ? WHERE sku = ?", (quantity, sku))
-        db.execute("UPDATE orders SET state = 'CANCELLED' WHERE txn_id = ?", (txn_id,))
+            execute(db, "UPDATE products SET reserved = reserved - :q WHERE sku = :sku", {"q": quantity, "sku": sku})
+        execute(db, "UPDATE orders SET state = 'CANCELLED' WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
 
 class OrdersApi(order_pb2_grpc.OrdersServicer):
@@ -149,22 +165,23 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
     async def AddStock(  # noqa: N802 - the RPC's name
         self, request: order_pb2.AddStockRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.Stock:
-        def add(db: sqlite3.Connection) -> order_pb2.Stock:
+        def add(db: Connection) -> order_pb2.Stock:
             limits.check_id("sku", request.sku)
             if not 0 <= request.quantity <= MAX_QUANTITY:
                 raise InvalidOperation(f"quantity must be between 0 and {MAX_QUANTITY}, got {request.quantity}")
             if not 0 <= request.unit_price <= MAX_AMOUNT:
                 raise InvalidOperation(f"unit_price must be between 0 and {MAX_AMOUNT}, got {request.unit_price}")
-            q, price = request.quantity, request.unit_price
-            if db.execute("SELECT 1 FROM products WHERE sku = ?", (request.sku,)).fetchone() is None:
-                if price == 0:
+            args = {"sku": request.sku, "q": request.quantity, "price": request.unit_price}
+            if execute(db, "SELECT 1 FROM products WHERE sku = :sku", args).fetchone() is None:
+                if request.unit_price == 0:
                     raise InvalidOperation(f"new product {request.sku!r} needs a unit_price")
-                db.execute("INSERT INTO products VALUES (?, ?, ?, 0, ?, 0)", (request.sku, price, q, q))
+                execute(db, "INSERT INTO products VALUES (:sku, :price, :q, 0, :q, 0)", args)
             else:
-                db.execute(
-                    "UPDATE products SET on_hand = on_hand + ?, received = received + ?,"
-                    " unit_price = CASE WHEN ? > 0 THEN ? ELSE unit_price END WHERE sku = ?",
-                    (q, q, price, price, request.sku),
+                execute(
+                    db,
+                    "UPDATE products SET on_hand = on_hand + :q, received = received + :q,"
+                    " unit_price = CASE WHEN :price > 0 THEN :price ELSE unit_price END WHERE sku = :sku",
+                    args,
                 )
             return stock(db, request.sku)
 
@@ -183,15 +200,17 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
     async def ListOrders(  # noqa: N802 - the RPC's name
         self, request: order_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.ListOrdersResponse:
-        def orders(db: sqlite3.Connection) -> order_pb2.ListOrdersResponse:
+        def orders(db: Connection) -> order_pb2.ListOrdersResponse:
             size = page_size(request.page_size)
             after = page_after("orders", request.page_token)
             if after is not None and (len(after) != 2 or not isinstance(after[0], float | int)):
                 raise InvalidOperation("page_token is not one this list handed out")
-            rows = db.execute(
-                "SELECT created_at, order_id FROM orders WHERE (created_at, order_id) > (?, ?)"
-                " ORDER BY created_at, order_id LIMIT ?",
-                (*(after or (float("-inf"), "")), size + 1),
+            created_at, order_id = after or (float("-inf"), "")
+            rows = execute(
+                db,
+                "SELECT created_at, order_id FROM orders WHERE (created_at, order_id) > (:created_at, :order_id)"
+                " ORDER BY created_at, order_id LIMIT :limit",
+                {"created_at": created_at, "order_id": order_id, "limit": size + 1},
             ).fetchall()
             more = len(rows) > size
             rows = rows[:size]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -21,36 +20,43 @@ from services.common import (
 )
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
+from twopc.stores import Connection, execute
 
-SCHEMA = """
+_TABLES = """
 CREATE TABLE IF NOT EXISTS accounts (
     account TEXT PRIMARY KEY,
-    balance INTEGER NOT NULL CHECK (balance >= 0)
+    balance BIGINT NOT NULL CHECK (balance >= 0)
 );
 CREATE TABLE IF NOT EXISTS holds (
     txn_id  TEXT PRIMARY KEY,
     account TEXT NOT NULL REFERENCES accounts,
-    amount  INTEGER NOT NULL CHECK (amount > 0)
+    amount  BIGINT NOT NULL CHECK (amount > 0)
 );
 CREATE INDEX IF NOT EXISTS holds_account ON holds (account);
 CREATE TABLE IF NOT EXISTS ledger (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq     {seq},
     account TEXT NOT NULL REFERENCES accounts,
     kind    TEXT NOT NULL CHECK (kind IN ('deposit', 'debit')),
-    amount  INTEGER NOT NULL CHECK (amount > 0),
+    amount  BIGINT NOT NULL CHECK (amount > 0),
     txn_id  TEXT UNIQUE,  -- a debit's transaction: at most one debit per transaction
-    at      REAL NOT NULL
+    at      DOUBLE PRECISION NOT NULL
 );
 """
+# The DDL differs only in how the ledger numbers its entries; the business SQL is one.
+SCHEMA = {
+    "sqlite": _TABLES.format(seq="INTEGER PRIMARY KEY AUTOINCREMENT"),
+    "postgresql": _TABLES.format(seq="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+}
 
 
-def balance(db: sqlite3.Connection, account: str) -> wallet_pb2.Balance:
+def balance(db: Connection, account: str) -> wallet_pb2.Balance:
     """The account's balance, holds and available money; NotFound if unknown."""
     limits.check_id("account", account)
-    row = db.execute(
-        "SELECT balance, (SELECT coalesce(sum(amount), 0) FROM holds WHERE account = ?) FROM accounts"
-        " WHERE account = ?",
-        (account, account),
+    row = execute(
+        db,
+        "SELECT balance, (SELECT CAST(coalesce(sum(amount), 0) AS BIGINT) FROM holds WHERE account = :account)"
+        " FROM accounts WHERE account = :account",
+        {"account": account},
     ).fetchone()
     if row is None:
         raise NotFound(f"no account {account!r}")
@@ -64,27 +70,37 @@ class WalletHandler:
     operations = (wallet_pb2.Debit,)
     schema = SCHEMA
 
-    def prepare(self, db: sqlite3.Connection, txn_id: str, operation: Any) -> Vote:
+    def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         debit: wallet_pb2.Debit = operation
         limits.check_id("account", debit.account)
         check_amount("amount", debit.amount, MAX_AMOUNT)
         available = balance(db, debit.account).available
         if available < debit.amount:
             raise VoteAbort(f"insufficient funds: available {available}, needed {debit.amount}")
-        db.execute("INSERT INTO holds VALUES (?, ?, ?)", (txn_id, debit.account, debit.amount))
+        execute(
+            db,
+            "INSERT INTO holds VALUES (:txn_id, :account, :amount)",
+            {"txn_id": txn_id, "account": debit.account, "amount": debit.amount},
+        )
         return Vote.COMMIT
 
-    def commit(self, db: sqlite3.Connection, txn_id: str) -> None:
-        account, amount = db.execute("SELECT account, amount FROM holds WHERE txn_id = ?", (txn_id,)).fetchone()
-        db.execute("UPDATE accounts SET balance = balance - ? WHERE account = ?", (amount, account))
-        db.execute(
-            "INSERT INTO ledger (account, kind, amount, txn_id, at) VALUES (?, 'debit', ?, ?, ?)",
-            (account, amount, txn_id, time.time()),
+    def commit(self, db: Connection, txn_id: str) -> None:
+        txn = {"txn_id": txn_id}
+        account, amount = execute(db, "SELECT account, amount FROM holds WHERE txn_id = :txn_id", txn).fetchone()
+        execute(
+            db,
+            "UPDATE accounts SET balance = balance - :amount WHERE account = :account",
+            {"amount": amount, "account": account},
         )
-        db.execute("DELETE FROM holds WHERE txn_id = ?", (txn_id,))
+        execute(
+            db,
+            "INSERT INTO ledger (account, kind, amount, txn_id, at) VALUES (:account, 'debit', :amount, :txn_id, :at)",
+            {"account": account, "amount": amount, "txn_id": txn_id, "at": time.time()},
+        )
+        execute(db, "DELETE FROM holds WHERE txn_id = :txn_id", txn)
 
-    def abort(self, db: sqlite3.Connection, txn_id: str) -> None:
-        db.execute("DELETE FROM holds WHERE txn_id = ?", (txn_id,))
+    def abort(self, db: Connection, txn_id: str) -> None:
+        execute(db, "DELETE FROM holds WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
 
 class WalletApi(wallet_pb2_grpc.WalletServicer):
@@ -96,11 +112,12 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
     async def OpenAccount(  # noqa: N802 - the RPC's name
         self, request: wallet_pb2.OpenAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.OpenAccountResponse:
-        def open_account(db: sqlite3.Connection) -> None:
+        def open_account(db: Connection) -> None:
             limits.check_id("account", request.account)
-            if db.execute("SELECT 1 FROM accounts WHERE account = ?", (request.account,)).fetchone():
+            account = {"account": request.account}
+            if execute(db, "SELECT 1 FROM accounts WHERE account = :account", account).fetchone():
                 raise AlreadyExists(f"account {request.account!r} exists")
-            db.execute("INSERT INTO accounts VALUES (?, 0)", (request.account,))
+            execute(db, "INSERT INTO accounts VALUES (:account, 0)", account)
 
         await api(context, self.store.write(open_account))
         return wallet_pb2.OpenAccountResponse()
@@ -108,16 +125,19 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
     async def Deposit(  # noqa: N802 - the RPC's name
         self, request: wallet_pb2.DepositRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.DepositResponse:
-        def deposit(db: sqlite3.Connection) -> wallet_pb2.Balance:
+        def deposit(db: Connection) -> wallet_pb2.Balance:
             limits.check_id("account", request.account)
             check_amount("amount", request.amount, MAX_AMOUNT)
             before = balance(db, request.account)
             if before.balance + request.amount > MAX_BALANCE:
                 raise InvalidOperation(f"balance would exceed {MAX_BALANCE}")
-            db.execute("UPDATE accounts SET balance = balance + ? WHERE account = ?", (request.amount, request.account))
-            db.execute(
-                "INSERT INTO ledger (account, kind, amount, txn_id, at) VALUES (?, 'deposit', ?, NULL, ?)",
-                (request.account, request.amount, time.time()),
+            entry = {"account": request.account, "amount": request.amount, "at": time.time()}
+            execute(db, "UPDATE accounts SET balance = balance + :amount WHERE account = :account", entry)
+            execute(
+                db,
+                "INSERT INTO ledger (account, kind, amount, txn_id, at)"
+                " VALUES (:account, 'deposit', :amount, NULL, :at)",
+                entry,
             )
             return balance(db, request.account)
 
@@ -133,16 +153,17 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
     ) -> wallet_pb2.ListLedgerResponse:
         kinds = {"deposit": wallet_pb2.ENTRY_KIND_DEPOSIT, "debit": wallet_pb2.ENTRY_KIND_DEBIT}
 
-        def ledger(db: sqlite3.Connection) -> wallet_pb2.ListLedgerResponse:
+        def ledger(db: Connection) -> wallet_pb2.ListLedgerResponse:
             size = page_size(request.page_size)
             after = page_after("ledger", request.page_token)
             if after is not None and (len(after) != 2 or after[0] != request.account or not isinstance(after[1], int)):
                 raise InvalidOperation("page_token is not one this list handed out for this account")
             balance(db, request.account)  # NotFound for an unknown account
-            rows = db.execute(
-                "SELECT seq, kind, amount, coalesce(txn_id, ''), at FROM ledger WHERE account = ? AND seq > ?"
-                " ORDER BY seq LIMIT ?",
-                (request.account, after[1] if after else 0, size + 1),
+            rows = execute(
+                db,
+                "SELECT seq, kind, amount, coalesce(txn_id, ''), at FROM ledger WHERE account = :account AND seq > :after"
+                " ORDER BY seq LIMIT :limit",
+                {"account": request.account, "after": after[1] if after else 0, "limit": size + 1},
             ).fetchall()
             more = len(rows) > size
             rows = rows[:size]

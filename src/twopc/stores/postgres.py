@@ -40,8 +40,8 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 
 from twopc.errors import ClosedError
-from twopc.stores.sqlite import StoreStats
 from twopc.stores.base import ConflictError, StoreUnavailableError
+from twopc.stores.sqlite import StoreStats
 
 T = TypeVar("T")
 
@@ -81,7 +81,7 @@ class PostgresStore:
         pool_size: int = 16,
         lock_timeout_s: float = 1.0,
         statement_timeout_s: float = 10.0,
-        retries: int = 8,
+        retries: int = 30,
         connect_timeout_s: float = 5.0,
     ) -> None:
         if pool_size < 1 or retries < 1:
@@ -237,7 +237,7 @@ class PostgresStore:
                 reason = self._classify(e, committing)
                 lost.append(reason)
                 if attempt + 1 < self.retries:
-                    time.sleep(random.uniform(0, 0.002 * 2**attempt))  # on a pool thread, not the loop
+                    time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))  # a pool thread's, not the loop's
                     continue
                 if reason == "connection lost":
                     raise StoreUnavailableError(f"{self.path}: connection lost {self.retries} times") from e
