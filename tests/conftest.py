@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 import twopc
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, pgserver
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Participant, pgserver, rpc
 from twopc.pgserver import PostgresServer
 from twopc.testing import ServiceProcess, query, wait_until
-from twopc.v1 import participant_pb2
+from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 # Every level, so that tests can capture the hot path's debug events (capture_logs).
 twopc.logs.configure("console", level="debug")
@@ -90,6 +93,37 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
     yield start
     for p in started:
         p.stop()
+
+
+@dataclass
+class Served:
+    """A participant served in this process on port 0, a stub to call it, and the URL
+    (or path) of its store, to read it as an auditor would."""
+
+    participant: Participant
+    stub: participant_pb2_grpc.ParticipantAsyncStub
+    url: str
+
+    def rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        return query(self.url, sql, **params)
+
+
+S = TypeVar("S", bound=Served)
+
+
+@contextlib.asynccontextmanager
+async def serve(participant: Participant, url: str, kind: type[S]) -> AsyncIterator[S]:
+    """Opens `participant`, serves it on a gRPC server on port 0, and yields `kind`."""
+    async with participant:
+        server = grpc.aio.server()
+        participant.add_to_server(server)
+        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                yield kind(participant, participant_pb2_grpc.ParticipantStub(ch), url)
+        finally:
+            await server.stop(None)
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,9 @@ database through another connection, as an auditor would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,21 +18,16 @@ import psycopg
 import pytest
 
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, Kv, eventually, prepare_request
-from twopc import Coordinator, Outcome, Participant, ParticipantConfig, rpc
+from tests.conftest import INSECURE, Kv, Served, eventually, prepare_request, serve
+from twopc import Coordinator, Outcome, Participant, ParticipantConfig
 from twopc.stores import ConflictError, execute, open_store
 from twopc.stores.postgres import PostgresStore
 from twopc.testing import query
-from twopc.v1 import participant_pb2, participant_pb2_grpc
+from twopc.v1 import participant_pb2
 
 
-@dataclass
-class Local:
-    """A kv participant on PostgreSQL served in this process, and a stub to call it."""
-
-    participant: Participant
-    stub: participant_pb2_grpc.ParticipantAsyncStub
-    url: str
+class Local(Served):
+    """A kv participant on PostgreSQL served in this process."""
 
     @property
     def store(self) -> PostgresStore:
@@ -42,33 +35,19 @@ class Local:
         return self.participant.store
 
     def reserved(self) -> list[tuple[Any, ...]]:
-        return query(self.url, "SELECT txn_id, key, amount FROM reserved ORDER BY txn_id")
+        return self.rows("SELECT txn_id, key, amount FROM reserved ORDER BY txn_id")
 
     def applied(self) -> list[tuple[Any, ...]]:
-        return query(self.url, "SELECT txn_id, key, amount FROM applied ORDER BY txn_id")
+        return self.rows("SELECT txn_id, key, amount FROM applied ORDER BY txn_id")
 
     def txns(self) -> list[tuple[Any, ...]]:
-        return query(self.url, "SELECT txn_id, state FROM twopc_txn ORDER BY txn_id")
-
-
-@contextlib.asynccontextmanager
-async def serve(participant: Participant, url: str) -> AsyncIterator[Local]:
-    async with participant:
-        server = grpc.aio.server()
-        participant.add_to_server(server)
-        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                yield Local(participant, participant_pb2_grpc.ParticipantStub(ch), url)
-        finally:
-            await server.stop(None)
+        return self.rows("SELECT txn_id, state FROM twopc_txn ORDER BY txn_id")
 
 
 @pytest.fixture
 async def local(pg_url: str) -> AsyncIterator[Local]:
     """A kv participant whose store is a fresh PostgreSQL schema, chosen by URL."""
-    async with serve(Participant(KV(), pg_url, credentials=INSECURE), pg_url) as served:
+    async with serve(Participant(KV(), pg_url, credentials=INSECURE), pg_url, Local) as served:
         yield served
 
 
@@ -140,7 +119,7 @@ async def test_prepare_whose_deadline_passes_waiting_for_a_connection_reserves_n
     """With every pooled connection busy, a Prepare that gets one only after its
     deadline reserves nothing and records nothing."""
     store = open_store(pg_url, pool_size=1)
-    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url) as local:
+    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url, Local) as local:
         release = threading.Event()
         slow = asyncio.create_task(store.write(lambda db: release.wait(10)))
         try:
@@ -158,7 +137,7 @@ async def test_lock_wait_past_the_timeout_votes_abort_with_a_reason(pg_url: str)
     """A Prepare blocked on a row another transaction holds votes ABORT with a reason
     after `lock_timeout_s`, reserves nothing, and answers no error status."""
     store = open_store(pg_url, lock_timeout_s=0.2)
-    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url) as local:
+    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url, Local) as local:
         with psycopg.connect(pg_url) as holder:  # an uncommitted row with the same key
             holder.execute("INSERT INTO reserved VALUES ('t1', 'other', 1)")
             reply = await local.stub.Prepare(prepare_request("t1"), timeout=5)
@@ -207,7 +186,7 @@ async def test_in_doubt_resolver_and_purge(pg_url: str, coordinator: Coordinator
     GetOutcome (unknown there: ABORTED, rule 6); decided rows past their retention
     are purged."""
     config = ParticipantConfig(in_doubt_after_s=0.2, resolve_interval_s=0.1, retention_s=0.5)
-    async with serve(Participant(KV(), pg_url, credentials=INSECURE, config=config), pg_url) as local:
+    async with serve(Participant(KV(), pg_url, credentials=INSECURE, config=config), pg_url, Local) as local:
         request = prepare_request("t-doubt")
         request.coordinator = coordinator.address
         assert (await local.stub.Prepare(request, timeout=5)).vote == participant_pb2.VOTE_COMMIT

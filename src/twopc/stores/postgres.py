@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import psycopg
 import sqlalchemy
 import structlog
+from psycopg.pq import TransactionStatus
 from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 
@@ -49,6 +50,7 @@ _log = structlog.get_logger("twopc.stores.postgres")
 
 # SQLSTATEs: https://www.postgresql.org/docs/current/errcodes-appendix.html
 _RETRY = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+_OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 _CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # lock_not_available, query_canceled
 
 
@@ -69,6 +71,9 @@ class PostgresStore:
         statement_timeout_s: the longest one statement may run.
         retries: runs of a job that lost to a concurrent one before `ConflictError`.
         connect_timeout_s: the longest to wait for a new connection.
+        autocommit: jobs get a connection outside any transaction and run their own
+            (`BEGIN ... PREPARE TRANSACTION`: `twopc.prepared`); a job that fails is
+            retried as a whole, so it must tell a repeat from a first run.
     """
 
     dialect = "postgresql"
@@ -83,6 +88,7 @@ class PostgresStore:
         statement_timeout_s: float = 10.0,
         retries: int = 30,
         connect_timeout_s: float = 5.0,
+        autocommit: bool = False,
     ) -> None:
         if pool_size < 1 or retries < 1:
             raise ValueError("pool_size and retries must be >= 1")
@@ -95,6 +101,7 @@ class PostgresStore:
         self.statement_timeout_s = statement_timeout_s
         self.retries = retries
         self.connect_timeout_s = connect_timeout_s
+        self.autocommit = autocommit
         self.stats = StoreStats()
         self.engine: sqlalchemy.Engine | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -223,16 +230,19 @@ class PostgresStore:
             committing = False
             try:
                 with self.engine.connect() as conn:
-                    tx = conn.begin()
-                    try:
-                        if not durable:  # an abort or an END: losing it only means asking again
-                            conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-                        result = fn(conn)
-                        committing = True
-                        tx.commit()
-                    finally:
-                        if tx.is_active:
-                            tx.rollback()
+                    if self.autocommit:
+                        result = self._run_bare(conn, fn)
+                    else:
+                        tx = conn.begin()
+                        try:
+                            if not durable:  # an abort or an END: losing it only means asking again
+                                conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+                            result = fn(conn)
+                            committing = True
+                            tx.commit()
+                        finally:
+                            if tx.is_active:
+                                tx.rollback()
             except exc.DBAPIError as e:
                 reason = self._classify(e, committing)
                 lost.append(reason)
@@ -248,6 +258,18 @@ class PostgresStore:
                 self.stats.syncs += 1
             return result
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _run_bare(conn: sqlalchemy.Connection, fn: Callable[[sqlalchemy.Connection], T]) -> T:
+        """Runs a job that manages its own transactions; none is left open after it."""
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            return fn(conn)
+        finally:
+            if not conn.invalidated:  # a broken connection is discarded, with its transaction
+                raw = conn.connection.driver_connection
+                if raw is not None and raw.info.transaction_status in _OPEN:
+                    raw.execute("ROLLBACK")
 
     def _classify(self, e: exc.DBAPIError, committing: bool) -> str:
         """The reason to retry `e`, or raises what it means for the caller."""
