@@ -14,29 +14,12 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
+from tests.apps.debits import Debits
 from tests.conftest import INSECURE, Served, eventually, serve
-from twopc import Coordinator, ParticipantConfig, Vote, VoteAbort
+from twopc import Coordinator, ParticipantConfig
 from twopc.pgserver import PostgresServer, schema
 from twopc.prepared import PreparedParticipant, PreparedTransactionsDisabledError
-from twopc.stores import execute
 from twopc.v1 import participant_pb2
-
-
-class Debits:
-    """The service's own SQL, as it is: debit an account if the balance allows."""
-
-    operations = (wrappers_pb2.Int64Value,)
-    schema = "CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY, balance BIGINT NOT NULL);"
-
-    def prepare(self, db: Any, txn_id: str, operation: Any) -> Vote:
-        done = execute(
-            db,
-            "UPDATE accounts SET balance = balance - :amount WHERE account = 'ann' AND balance >= :amount",
-            {"amount": operation.value},
-        )
-        if done.rowcount != 1:
-            raise VoteAbort(f"insufficient funds for {operation.value}")
-        return Vote.COMMIT
 
 
 class Local(Served):

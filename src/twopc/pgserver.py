@@ -265,6 +265,11 @@ def schema(url: str, prefix: str = "t") -> Iterator[str]:
         yield url + sep + "options=" + quote(f"-csearch_path={name}")
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
+            # Prepared transactions left by its participants would hold its tables.
+            if conn.execute(b"SELECT to_regclass(%s)", (f'"{name}".twopc_prepared',)).fetchone() != (None,):
+                join = f'SELECT p.gid FROM pg_prepared_xacts p JOIN "{name}".twopc_prepared t USING (gid)'
+                for (gid,) in conn.execute(join.encode()).fetchall():
+                    conn.execute(f"ROLLBACK PREPARED '{gid}'".encode())
             conn.execute(f'DROP SCHEMA "{name}" CASCADE'.encode())
 
 

@@ -27,6 +27,7 @@ its earlier attempt was rolled back.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class PostgresStore:
     Args:
         url: `postgresql://user@host:port/database`; add
             `?options=-csearch_path%3Dname` to keep the tables in a schema.
-        schema: SQL run at open, under an advisory lock (`CREATE TABLE IF NOT EXISTS`).
+        schema: SQL run at open, under an advisory lock (`CREATE TABLE IF NOT EXISTS`);
+            once per text: its digest is kept in `twopc_schema`.
         pool_size: connections (and threads) running jobs at once.
         lock_timeout_s: the longest a job waits for a row lock before giving up.
         statement_timeout_s: the longest one statement may run.
@@ -176,8 +178,14 @@ class PostgresStore:
             assert conn is not None
             # Two services starting on one database must not race to create a table.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('twopc schema'))")
-            if self.schema.strip():
+            # Run a schema once: even `CREATE INDEX IF NOT EXISTS` locks its table, and
+            # after a crash a prepared transaction may hold that table until resolved.
+            conn.execute(b"CREATE TABLE IF NOT EXISTS twopc_schema (digest TEXT PRIMARY KEY)")
+            digest = hashlib.sha256(self.schema.encode()).hexdigest()
+            seen = conn.execute(b"SELECT 1 FROM twopc_schema WHERE digest = %s", (digest,)).fetchone()
+            if seen is None and self.schema.strip():
                 conn.execute(self.schema.encode())  # no parameters: many statements allowed
+                conn.execute(b"INSERT INTO twopc_schema VALUES (%s)", (digest,))
             conn.commit()
         except psycopg.OperationalError as e:
             raise StoreUnavailableError(f"cannot set up {self.path}: {e}") from e

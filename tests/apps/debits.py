@@ -1,0 +1,57 @@
+"""A participant over PostgreSQL prepared transactions (`twopc.prepared`): a debit.
+
+The operation is a `google.protobuf.Int64Value`, the amount to take from account
+"ann"; the business SQL is one conditional UPDATE, run as it is inside the
+transaction that PREPARE TRANSACTION ends. Tests read `accounts` and
+`pg_prepared_xacts` directly.
+
+Run: python -m tests.apps.debits --db postgresql://... --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from google.protobuf import wrappers_pb2
+
+from twopc import Credentials, ParticipantConfig, Vote, VoteAbort
+from twopc.logs import configure as configure_logs
+from twopc.prepared import PreparedParticipant
+from twopc.stores import execute
+
+
+class Debits:
+    """The service's own SQL, as it is: debit ann if the balance allows."""
+
+    operations = (wrappers_pb2.Int64Value,)
+    schema = "CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY, balance BIGINT NOT NULL);"
+
+    def prepare(self, db: Any, txn_id: str, operation: Any) -> Vote:
+        done = execute(
+            db,
+            "UPDATE accounts SET balance = balance - :amount WHERE account = 'ann' AND balance >= :amount",
+            {"amount": operation.value},
+        )
+        if done.rowcount != 1:
+            raise VoteAbort(f"insufficient funds for {operation.value}")
+        return Vote.COMMIT
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--in-doubt-after-s", type=float, default=1.0)
+    parser.add_argument("--resolve-interval-s", type=float, default=0.3)
+    args = parser.parse_args()
+    configure_logs("json", level="debug")
+    config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
+    async with PreparedParticipant(Debits(), args.db, credentials=Credentials.insecure(), config=config) as p:
+        await p.serve(f"{args.host}:{args.port}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
