@@ -36,8 +36,8 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
 test: $(STAMP) ## run the test suite (real processes, real SQLite files)
 	$(VENV)/bin/pytest
 
-demo: $(STAMP) ## the purchase scenario with its failures, as separate processes (TLS=1: mutual TLS)
-	$(PY) -m services.demo $(if $(TLS),--tls)
+demo: $(STAMP) ## the purchase scenario with its failures, as separate processes (TLS=1: mutual TLS, DB=postgres)
+	$(PY) -m services.demo $(if $(TLS),--tls) $(if $(DB),--db $(DB))
 
 CONSOLE_PORT ?= 8080
 console: $(STAMP) ## the services plus a web console on 127.0.0.1 (CONSOLE_PORT=), with demo fault controls

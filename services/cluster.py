@@ -10,7 +10,8 @@ instances that take each other's work over), each told of the others.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +23,7 @@ from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import Credentials, pki, rpc
+from twopc.pgserver import PostgresServer
 from twopc.testing import ServiceProcess, free_port, wait_until
 
 RPC_TIMEOUT_S = 5.0
@@ -72,6 +74,8 @@ class Cluster:
         shops: how many shops (coordinator instances) share `log_url`; `shop` is
             the first, `shops` all of them ("shop", "shop1", "shop2"...). The
             participants trust every shop's address.
+        stores: per participant ("wallet", "orders"), a PostgreSQL URL to keep its
+            data in instead of a SQLite file in `workdir` (see `postgres_stores`).
     """
 
     def __init__(
@@ -89,13 +93,16 @@ class Cluster:
         identities: Sequence[str] = (),
         log_url: str = "",
         shops: int = 1,
+        stores: Mapping[str, str] | None = None,
     ) -> None:
         if shops > 1 and not log_url:
             raise ValueError("several shops need a shared log: give log_url")
         self.workdir = workdir
         self.settings = s = settings or Settings()
         workdir.mkdir(parents=True, exist_ok=True)
-        self.wallet_db, self.orders_db, self.shop_db = (workdir / f"{n}.db" for n in ("wallet", "orders", "shop"))
+        stores = stores or {}
+        self.wallet_db, self.orders_db = (stores.get(n) or workdir / f"{n}.db" for n in ("wallet", "orders"))
+        self.shop_db = workdir / "shop.db"
         hosts = hosts or {}
         self.metrics_address: dict[str, str] = {}
         self.events_path: dict[str, Path] = {}
@@ -264,3 +271,21 @@ class Cluster:
 
         await wait_until(ok, timeout_s, interval_s=0.1)
         return report
+
+
+@contextlib.contextmanager
+def postgres_stores(
+    workdir: Path, names: Sequence[str] = ("wallet", "orders"), *, address: str = "127.0.0.1"
+) -> Iterator[tuple[PostgresServer, dict[str, str]]]:
+    """A private PostgreSQL server (its log in `workdir`) with one schema per
+    participant; yields the server and each participant's URL. `address` is where
+    the services reach it (a bridge's address when they run in network namespaces);
+    the server also listens on loopback."""
+    listen = sorted({"127.0.0.1", address})
+    trust = [f"{address.rsplit('.', 1)[0]}.0/24"] if address != "127.0.0.1" else []
+    workdir.mkdir(parents=True, exist_ok=True)
+    with PostgresServer(listen=listen, trust=trust, log_path=workdir / "postgres.log") as server:
+        for name in names:
+            server.execute(f'CREATE SCHEMA "{name}"')
+        urls = {n: server.url_of("postgres", search_path=n).replace("127.0.0.1", address, 1) for n in names}
+        yield server, urls

@@ -5,7 +5,7 @@ the seven scenarios of services/scenarios.py, and ends by checking the invariant
 of docs/design.md over both services and the shop's log. Exits non-zero if any fails.
 Every process it started is stopped when it exits, also on Ctrl-C.
 
-    python -m services.demo [--workdir DIR] [--tls]
+    python -m services.demo [--workdir DIR] [--tls] [--db postgres]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from services import scenarios
-from services.cluster import Cluster
+from services.cluster import Cluster, postgres_stores
 from services.scenarios import Step, outcome
 
 WIDTH = 78
@@ -42,10 +42,18 @@ def show(n: int, step: Step) -> None:
     say("why:", step.why)
 
 
-async def main(workdir: Path, *, tls: bool = False) -> int:
+async def main(workdir: Path, *, tls: bool = False, db: str = "sqlite") -> int:
+    if db == "postgres":
+        with postgres_stores(workdir) as (server, stores):
+            print(f"twopc demo on PostgreSQL: wallet and orders keep their data in {server.url} (a schema each)")
+            return await _run(workdir, tls, stores)
+    return await _run(workdir, tls, {})
+
+
+async def _run(workdir: Path, tls: bool, stores: dict[str, str]) -> int:
     security = "mutual TLS (throwaway CA in pki/)" if tls else "plaintext on loopback"
     print(f"twopc demo: wallet, orders and shop as separate processes, {security}; data and logs in {workdir}/")
-    async with Cluster(workdir, tls=tls) as c:
+    async with Cluster(workdir, tls=tls, stores=stores) as c:
         print(f"  wallet {c.wallet.address}   orders {c.orders.address}   shop (coordinator) {c.shop.address}")
         await scenarios.seed(c)
         for n, scenario in enumerate(scenarios.SCENARIOS, 1):
@@ -69,9 +77,15 @@ def cli() -> None:
     p = argparse.ArgumentParser(prog="python -m services.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("var") / time.strftime("demo-%Y%m%d-%H%M%S"))
     p.add_argument("--tls", action="store_true", help="mutual TLS between every process, with a throwaway CA")
+    p.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="where wallet and orders keep their data: SQLite files (default) or a private PostgreSQL server",
+    )
     args = p.parse_args()
     try:
-        sys.exit(asyncio.run(main(args.workdir, tls=args.tls)))
+        sys.exit(asyncio.run(main(args.workdir, tls=args.tls, db=args.db)))
     except KeyboardInterrupt:  # the Cluster has stopped every process on the way out
         print("\ninterrupted; every process was stopped", file=sys.stderr)
         sys.exit(130)

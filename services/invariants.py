@@ -1,11 +1,11 @@
 """The invariants of docs/design.md, checked from the services' own stores and the log.
 
-It reads the SQLite files directly, read-only, as an auditor would (WAL lets it read
-while the services run): the wallet's accounts, holds and ledger, the order service's
-products and orders, both participants' twopc transaction tables, and the shop's
-decision log. Every purchase is one transaction with a wallet branch and an order
-branch, so atomicity is: a transaction debited the wallet exactly when its order was
-confirmed.
+It reads the stores directly, read-only, as an auditor would (SQLite files, where WAL
+lets it read while the services run, or PostgreSQL schemas): the wallet's accounts,
+holds and ledger, the order service's products and orders, both participants' twopc
+transaction tables, and the shop's decision log. Every purchase is one transaction
+with a wallet branch and an order branch, so atomicity is: a transaction debited the
+wallet exactly when its order was confirmed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from twopc.stores import execute
 from twopc.testing import snapshot
 
 
@@ -49,7 +51,7 @@ def logged_commits(log: Path | str) -> dict[str, bool]:
         return {t: e is not None for t, e in db.execute("SELECT txn_id, ended_at FROM decisions")}
 
 
-def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bool = True) -> Report:
+def check(wallet_db: Path | str, orders_db: Path | str, log_db: Path | str, *, quiescent: bool = True) -> Report:
     """Checks every invariant; `quiescent` adds "nothing left in doubt" (use it once
     every process is back and recovery had its time). `log_db` is the shop's log
     file or a postgresql:// URL."""
@@ -63,9 +65,10 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
         r.held = _one(w, "SELECT coalesce(sum(amount), 0) FROM holds")
         if r.deposited != r.balances + r.spent:
             bad(f"money not conserved: deposited {r.deposited} != balances {r.balances} + spent {r.spent}")
-        for account, balance, held in w.execute(
+        for account, balance, held in execute(
+            w,
             "SELECT a.account, a.balance, coalesce(sum(h.amount), 0) FROM accounts a"
-            " LEFT JOIN holds h ON h.account = a.account GROUP BY a.account"
+            " LEFT JOIN holds h ON h.account = a.account GROUP BY a.account",
         ):
             if balance < 0 or balance - held < 0:
                 bad(f"negative money at {account}: balance {balance}, held {held}")
@@ -73,8 +76,8 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
         r.received = _one(o, "SELECT coalesce(sum(received), 0) FROM products")
         r.on_hand = _one(o, "SELECT coalesce(sum(on_hand), 0) FROM products")
         r.sold = _one(o, "SELECT coalesce(sum(sold), 0) FROM products")
-        for sku, on_hand, reserved, received, sold in o.execute(
-            "SELECT sku, on_hand, reserved, received, sold FROM products"
+        for sku, on_hand, reserved, received, sold in execute(
+            o, "SELECT sku, on_hand, reserved, received, sold FROM products"
         ):
             if received != on_hand + sold:
                 bad(f"stock of {sku} not conserved: received {received} != on hand {on_hand} + sold {sold}")
@@ -95,8 +98,8 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
                 bad(message)
 
         # Atomicity: a debit exactly for each confirmed order.
-        debited = {t for (t,) in w.execute("SELECT txn_id FROM ledger WHERE kind = 'debit'")}
-        confirmed = {t for (t,) in o.execute("SELECT txn_id FROM orders WHERE state = 'CONFIRMED'")}
+        debited = {t for (t,) in execute(w, "SELECT txn_id FROM ledger WHERE kind = 'debit'")}
+        confirmed = {t for (t,) in execute(o, "SELECT txn_id FROM orders WHERE state = 'CONFIRMED'")}
         r.committed = len(debited & confirmed)
         for t in sorted(debited - confirmed):
             bad_unless_heuristic(t, f"txn {t}: wallet debited, order {_order_state(o, t)}")
@@ -106,7 +109,7 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
         participant_commits = [
             (name, t)
             for name, db in (("wallet", w), ("orders", o))
-            for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'")
+            for (t,) in execute(db, "SELECT txn_id FROM twopc_txn WHERE state = 'COMMITTED'")
         ]
         # Read after the participants: a record they acted on is in the log by then.
         commits = logged_commits(log_db)
@@ -114,7 +117,7 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
             if t not in commits:
                 bad_unless_heuristic(t, f"txn {t}: {name} committed, but the coordinator never logged COMMIT")
         # Liveness after healing: nothing in doubt, no reservation left behind.
-        prepared = {t for db in (w, o) for (t,) in db.execute("SELECT txn_id FROM twopc_txn WHERE state = 'PREPARED'")}
+        prepared = {t for db in (w, o) for (t,) in execute(db, "SELECT txn_id FROM twopc_txn WHERE state = 'PREPARED'")}
         r.in_doubt = len(prepared)
         if quiescent:
             for t in sorted(prepared):
@@ -132,23 +135,28 @@ def check(wallet_db: Path, orders_db: Path, log_db: Path | str, *, quiescent: bo
     return r
 
 
-def _heuristics(db: sqlite3.Connection) -> list[tuple[str, str]]:
+def _heuristics(db: Any) -> list[tuple[str, str]]:
     """(txn id, decision) of each heuristic decision in a participant's store."""
-    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'twopc_heuristic'").fetchone():
+    exists = (
+        "SELECT 1 FROM sqlite_master WHERE name = 'twopc_heuristic'"
+        if isinstance(db, sqlite3.Connection)
+        else "SELECT to_regclass('twopc_heuristic')"
+    )
+    if execute(db, exists).fetchone() in (None, (None,)):
         return []
-    return db.execute("SELECT txn_id, decision FROM twopc_heuristic ORDER BY at").fetchall()
+    return [(t, d) for t, d in execute(db, "SELECT txn_id, decision FROM twopc_heuristic ORDER BY at")]
 
 
-def _one(db: sqlite3.Connection, sql: str) -> int:
-    (value,) = db.execute(sql).fetchone()
+def _one(db: Any, sql: str) -> int:
+    (value,) = execute(db, sql).fetchone()
     return int(value)
 
 
-def _order_state(o: sqlite3.Connection, txn_id: str) -> str:
-    row = o.execute("SELECT state FROM orders WHERE txn_id = ?", (txn_id,)).fetchone()
+def _order_state(o: Any, txn_id: str) -> str:
+    row = execute(o, "SELECT state FROM orders WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
     return row[0].lower() if row else "absent"
 
 
-def _txn_state(w: sqlite3.Connection, txn_id: str) -> str:
-    row = w.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+def _txn_state(w: Any, txn_id: str) -> str:
+    row = execute(w, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
     return f"{row[0].lower()}, not debited" if row else "not debited"

@@ -264,5 +264,5 @@ async def _order_is(c: Cluster, order_id: str, state: str) -> bool:
 
 
 async def _tombstoned(c: Cluster, txn_id: str) -> bool:
-    rows = query(c.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
+    rows = query(c.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", txn_id=txn_id)
     return bool(rows) and rows[0][0] == "ABORTED"

@@ -24,7 +24,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -67,6 +67,12 @@ class PostgresServer:
         max_prepared_transactions: the server setting (0 disables PREPARE TRANSACTION).
         settings: more `postgresql.conf` settings, e.g. {"max_connections": "200"}.
         port: the port to listen on; 0 picks a free one, kept across restarts.
+        listen: the addresses to listen on (besides, say, a bridge's for services
+            in network namespaces).
+        trust: networks (CIDR) whose clients connect without a password, besides
+            loopback.
+        log_path: where the server's log goes (default: beside its data, removed
+            by `close`).
     """
 
     def __init__(
@@ -75,6 +81,9 @@ class PostgresServer:
         max_prepared_transactions: int = 64,
         settings: Mapping[str, str] | None = None,
         port: int = 0,
+        listen: Sequence[str] = ("127.0.0.1",),
+        trust: Sequence[str] = (),
+        log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         found = bindir()
         if found is None:
@@ -82,8 +91,8 @@ class PostgresServer:
         self._bin = found
         self.port = port or _free_port()
         self.settings = {
-            "listen_addresses": "'127.0.0.1'",
-            "unix_socket_directories": "''",
+            "listen_addresses": ",".join(listen),
+            "unix_socket_directories": "",
             "max_prepared_transactions": str(max_prepared_transactions),
             "max_connections": "200",
             "fsync": "on",
@@ -94,7 +103,8 @@ class PostgresServer:
         }
         self.root = Path(tempfile.mkdtemp(prefix="twopc-pg-"))
         self.data = self.root / "data"
-        self.log_path = self.root / "server.log"
+        self.log_path = Path(log_path) if log_path else self.root / "server.log"
+        self.trust = list(trust)
         self._as_postgres = os.geteuid() == 0
         self._initialised = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -128,7 +138,7 @@ class PostgresServer:
         """
         if not self._initialised:
             self._init()
-        opts = [a for k, v in self.settings.items() for a in ("-c", f"{k}={v.strip(chr(39))}")]
+        opts = [a for k, v in self.settings.items() for a in ("-c", f"{k}={v}")]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [*self._prefix, str(self._bin / "postgres"), "-D", str(self.data), "-p", str(self.port), *opts],
@@ -159,6 +169,9 @@ class PostgresServer:
         )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
+        if self.trust:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in self.trust)
         self._initialised = True
 
     def pids(self) -> list[int]:
