@@ -46,8 +46,8 @@ console: $(STAMP) ## the services plus a web console on 127.0.0.1 (CONSOLE_PORT=
 SEED ?=
 DURATION ?= 60
 CONCURRENCY ?= 8
-chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=)
-	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
+chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=, DB=postgres)
+	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) $(if $(DB),--db $(DB)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
 
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP) ## hypothesis against the real servers under mutual TLS (FUZZ_EXAMPLES=, default 20000; `make test` runs 3000)

@@ -11,7 +11,9 @@ at random times:
   the participants (a fault-injecting interceptor in the shop, `--net-faults`);
 * a network partition: a participant's host is cut off from the network (its link is
   taken down), then reconnected. Needs root and `ip netns`; skipped with a message
-  otherwise.
+  otherwise;
+* with `--db postgres` (wallet and orders on a private PostgreSQL server, a schema
+  each): SIGKILL of the PostgreSQL server, then a restart (crash recovery from WAL).
 
 With `--ha`, two shops (coordinator instances) share a PostgreSQL decision log
 (a private server on a host of its own when namespaces are available, else the
@@ -49,11 +51,13 @@ from typing import Any
 
 import grpc
 
-from services.cluster import Cluster, Host, Settings
+from services.cluster import Cluster, Host, Settings, postgres_stores
 from services.scenarios import outcome
+from twopc.pgserver import PostgresServer
 from twopc.testing import ServiceProcess, query
 
 KILLS = ("kill_wallet", "kill_orders", "kill_shop")
+KILL_POSTGRES = "kill_postgres"  # with --db postgres: the server under wallet and orders
 PAUSES = ("pause_wallet", "pause_orders")
 PARTITIONS = ("partition_wallet", "partition_orders")
 HA_KILLS = ("kill_shop1",)  # kill_shop is in KILLS
@@ -80,6 +84,7 @@ class Options:
     ha: bool = False  # two shops on a PostgreSQL log
     lease_s: float = 1.0  # their lease, in --ha
     pg_url: str = "postgresql://postgres@127.0.0.1:5432/test"  # in --ha without namespaces
+    db: str = "sqlite"
 
 
 @dataclass(frozen=True)
@@ -198,8 +203,8 @@ def _ip(*args: str) -> None:
 class Nemesis:
     """Runs the fault schedule against the cluster, one fault at a time."""
 
-    def __init__(self, c: Cluster, network: Network | None) -> None:
-        self.c, self.network = c, network
+    def __init__(self, c: Cluster, network: Network | None, postgres: PostgresServer | None = None) -> None:
+        self.c, self.network, self.postgres = c, network, postgres
         self.counts: Counter[str] = Counter()
         self.active: tuple[str, ServiceProcess | None] | None = None
 
@@ -227,6 +232,12 @@ class Nemesis:
             await self.heal()
 
     async def inject(self, kind: str) -> None:
+        if kind == KILL_POSTGRES:  # the database under both participants crashes
+            assert self.postgres is not None
+            await asyncio.to_thread(self.postgres.kill)
+            self.active = (kind, None)
+            self.counts[kind] += 1
+            return
         proc = self._proc(kind)
         if kind in KILLS or kind in HA_KILLS:
             proc.kill()
@@ -243,7 +254,10 @@ class Nemesis:
             return
         kind, proc = self.active
         self.active = None
-        if kind in KILLS or kind in HA_KILLS:
+        if kind == KILL_POSTGRES:
+            assert self.postgres is not None
+            await asyncio.to_thread(self.postgres.restart)  # crash recovery from its WAL
+        elif kind in KILLS or kind in HA_KILLS:
             assert proc is not None
             await asyncio.to_thread(proc.restart)
         elif kind in PAUSES or kind in HA_PAUSES:
@@ -334,12 +348,14 @@ async def run(opts: Options) -> Result:
             result.skipped.append(f"partition: {why}")
     else:
         result.skipped.append("partition: disabled by --no-partitions")
-    faults = schedule(rng, opts, kinds)
     net_faults = f"{opts.net_faults},seed={opts.seed}"
     settings = Settings(prepare_timeout_s=opts.prepare_timeout_s, log_level="info")
     hosts = {n: network.host(n) for n in names if n != "pg"} if network else None
     accounts = [f"buyer{i}" for i in range(opts.accounts)]
     skus = [*(f"sku{i}" for i in range(opts.skus - 1)), SCARCE_SKU]
+    if opts.db == "postgres":
+        kinds.append(KILL_POSTGRES)
+    faults = schedule(rng, opts, kinds)
     pg: Any = None
     try:
         if network:
@@ -354,24 +370,31 @@ async def run(opts: Options) -> Result:
                 log_url = pg.url(schema, lease_s=str(opts.lease_s))
             else:
                 log_url = f"{opts.pg_url}?schema={schema}&lease_s={opts.lease_s}"
-        cluster = Cluster(
-            workdir,
-            settings,
-            hosts=hosts,
-            shop_args=["--net-faults", net_faults],
-            wallet_module=opts.wallet_module,
-            tls=opts.tls,
-            log_url=log_url,
-            shops=2 if opts.ha else 1,
-        )
-        async with cluster as c:
+        async with contextlib.AsyncExitStack() as stack:
+            postgres: PostgresServer | None = None
+            stores: dict[str, str] = {}
+            if opts.db == "postgres":  # reached at the bridge's address from the namespaces
+                address = network.gateway if network else "127.0.0.1"
+                postgres, stores = stack.enter_context(postgres_stores(workdir, address=address))
+            cluster = Cluster(
+                workdir,
+                settings,
+                hosts=hosts,
+                shop_args=["--net-faults", net_faults],
+                wallet_module=opts.wallet_module,
+                tls=opts.tls,
+                log_url=log_url,
+                shops=2 if opts.ha else 1,
+                stores=stores,
+            )
+            c = await stack.enter_async_context(cluster)
             for i, account in enumerate(accounts):  # some buyers are poor: purchases fail for funds
                 await c.open_account(account, 1_000 if i % 4 == 0 else rng.randint(200_000, 2_000_000))
             for sku in skus:  # one scarce product: purchases fail for stock
                 await c.add_stock(sku, 5 if sku == SCARCE_SKU else 100_000, rng.randint(100, 2_000))
             progress(f"chaos: seed {opts.seed}, {opts.duration_s:.0f} s, {len(faults)} faults planned, in {workdir}")
             started = time.monotonic()
-            nemesis = Nemesis(c, network)
+            nemesis = Nemesis(c, network, postgres)
             nemesis_task = asyncio.create_task(nemesis.run(faults, started))
             supervisor = asyncio.create_task(nemesis.supervise())
             history = await workload(c, opts, accounts, skus, started + opts.duration_s)
@@ -380,6 +403,8 @@ async def run(opts: Options) -> Result:
             await nemesis.heal()  # bring back whatever was down at the end
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
+            if postgres is not None and not postgres.running:
+                await asyncio.to_thread(postgres.restart)
             for proc in (c.wallet, c.orders, *c.shops):
                 if not proc.running:
                     await asyncio.to_thread(proc.restart)
@@ -452,6 +477,12 @@ def main() -> None:
     p.add_argument("--wallet-module", default=Options.wallet_module, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="")
     p.add_argument("--insecure", action="store_true", help="plaintext instead of mutual TLS between the services")
+    p.add_argument(
+        "--db",
+        choices=["sqlite", "postgres"],
+        default=Options.db,
+        help="wallet and orders on SQLite files, or on a private PostgreSQL server (adds the kill_postgres fault)",
+    )
     p.add_argument("--json", type=Path, default=None, help="where to write the report as JSON")
     a = p.parse_args()
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -469,6 +500,7 @@ def main() -> None:
         ha=a.ha,
         lease_s=a.lease_s,
         pg_url=a.pg_url,
+        db=a.db,
     )
     result = asyncio.run(run(opts))
     print(render(result))
