@@ -46,7 +46,7 @@ from bench import chart, durable, shop
 from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, SqliteStore, logs
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, SqliteStore, logs, pgserver
 from twopc.observe import Event, EventKind, Observer, Observers
 
 INSECURE = Credentials.insecure()
@@ -139,6 +139,7 @@ class Settings:
     phase2: list[str]
     log_level: str
     pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
+    postgres: bool = True  # the wallet+order rows on a private PostgreSQL server
     coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
 
 
@@ -225,7 +226,10 @@ async def twopc_phase(
     s: Settings,
     log_path: Path | str,
     observers: Sequence[Observer] = (),
+    server_syncs: Callable[[], int] | None = None,
 ) -> Row:
+    """`server_syncs`: the participants' forced writes, counted at their shared
+    database server (PostgreSQL) rather than in each process."""
     config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
     async with Coordinator(
         log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=observers
@@ -237,11 +241,14 @@ async def twopc_phase(
         await drive(txn, concurrency=concurrency, duration_s=s.warmup_s, drain=drained(coordinator))
         syncs, messages = coordinator.log_syncs, coordinator.messages_sent
         before = [await p.syncs() for p in participants]
+        server_before = server_syncs() if server_syncs else 0
         cpu = _cpu(participants)
         run = await drive(txn, concurrency=concurrency, duration_s=s.duration_s, drain=drained(coordinator))
         row = Row.of(run, concurrency=concurrency, system=system, branches=len(participants), phase2=phase2)
         row.cpu(cpu, _cpu(participants))
         after = [await p.syncs() for p in participants]
+        if server_syncs:
+            after, before = [server_syncs()], [server_before]
         txns = run.committed + run.aborted  # the abort path's rows count aborted transactions
         if txns:
             row.coordinator_fsyncs_per_txn = round((coordinator.log_syncs - syncs) / txns, 3)
@@ -301,6 +308,12 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
         progress(f"wallet+order: skipped ({why_no_shop})")
     else:
         shop_services, the_shop = await fleet.shop(max(s.concurrency))
+    on_postgres: dict[str, tuple[list[Service], shop.Shop]] = {}
+    why_no_postgres = why_no_shop or pgserver.missing() or ("" if s.postgres else "--no-postgres")
+    if why_no_postgres:
+        progress(f"wallet+order on PostgreSQL: skipped ({why_no_postgres})")
+    else:
+        on_postgres = await fleet.on_postgres(max(s.concurrency))
     progress(f"started {len(fleet.services)} processes in {fleet.workdir}")
 
     why_no_pg = _pg_missing(s.pg_log)
@@ -309,7 +322,9 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
     pg_schemas: list[str] = []
     sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
     per_size = {
-        n: len(s.phase2) * ((n in s.branches) + (n == 2 and the_shop is not None) + (n == 2 and not why_no_pg)) + 1
+        n: len(s.phase2)
+        * ((n in s.branches) + (n == 2) * ((the_shop is not None) + (not why_no_pg) + len(on_postgres)))
+        + 1
         for n in sizes
     }
     total = sum(sum(per_size.values()) if c <= WIDE_MAX_CONCURRENCY else per_size[2] for c in s.concurrency)
@@ -341,6 +356,8 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
             cases: list[tuple[str, Sequence[Service], Callable[[int], list[Branch]]]] = []
             if n == 2 and the_shop is not None:
                 cases.append(("wallet+order", shop_services, the_shop.purchase))
+            if n == 2:
+                cases += [(name, svcs, sh.purchase) for name, (svcs, sh) in on_postgres.items()]
             if n in s.branches:
                 cases.append(("durable", durables[:n], fixed_branches(durables[:n], op)))
             if n == 2 and not why_no_pg:
@@ -351,7 +368,8 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                     if system == "durable+pglog":
                         pg_schemas.append(f"bench_{os.getpid()}_{len(rows)}")
                         log = f"{s.pg_log}?schema={pg_schemas[-1]}"
-                    row = await twopc_phase(system, participants, branches, c, phase2, s, log)
+                    wal = fleet.wal_syncs if system in on_postgres else None
+                    row = await twopc_phase(system, participants, branches, c, phase2, s, log, server_syncs=wal)
                     row.compare(floor)
                     if c == 1 and n == 2 and disk is not None:
                         row.limit_ratio = round(row.p50_ms / limit_ms(floor, disk), 3)
@@ -372,7 +390,7 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
         log = fleet.workdir / f"{system}-{i}.db"
         done(await twopc_phase(system, durables[:2], fixed_branches(durables[:2], op), 1, "ack", s, log, observers))
     _drop_schemas(s.pg_log, pg_schemas)
-    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg}
+    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg, "wallet+order on PostgreSQL": why_no_postgres}
     return {
         "rows": [asdict(r) for r in rows],
         "observer": observer_cost(rows[-3], rows[-2], rows[-1], counter),
@@ -634,6 +652,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--branches", type=_ints, default=[2, 4, 8], help="durable participants, e.g. 2,4,8 (default)")
     p.add_argument(
+        "--no-postgres", action="store_true", help="skip wallet+order on PostgreSQL (reservations and the adapter)"
+    )
+    p.add_argument(
         "--phase2",
         default="ack,commit-point",
         help="twopc modes: ack (default phase2_wait_s) and/or commit-point (phase2_wait_s=0); default both",
@@ -676,7 +697,14 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
         )
     else:
         settings = Settings(
-            args.duration_s, args.warmup_s, args.concurrency, args.branches, args.phase2, args.log_level, args.pg_log
+            args.duration_s,
+            args.warmup_s,
+            args.concurrency,
+            args.branches,
+            args.phase2,
+            args.log_level,
+            args.pg_log,
+            postgres=not args.no_postgres,
         )
         result["settings"] = asdict(settings)
         result |= await benchmark(fleet, settings)

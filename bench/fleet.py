@@ -20,7 +20,10 @@ from google.protobuf.message import Message
 from bench import shop
 from bench.probe import ENV as PROBE_ENV
 from bench.probe import read_stats
+from bench.shop import Shop
+from services.cluster import postgres_stores
 from twopc import Branch
+from twopc.pgserver import PostgresServer
 from twopc.testing import ServiceProcess
 
 
@@ -69,6 +72,8 @@ class Fleet:
         self.log_level = log_level
         self.probe = probe
         self.services: list[Service] = []
+        self.postgres: PostgresServer | None = None
+        self._closing = contextlib.ExitStack()
 
     def start(self, specs: Sequence[tuple[str, str, list[str], bool]]) -> list[Service]:
         """Starts (name, module, args, probed) processes in parallel; waits until all serve."""
@@ -114,6 +119,31 @@ class Fleet:
         await the_shop.seed(customers)
         return services, the_shop
 
+    async def on_postgres(self, customers: int) -> dict[str, tuple[list[Service], Shop]]:
+        """wallet and order on a private PostgreSQL server (a schema each), twice over
+        the same tables: the services themselves (reservations, `--db postgresql://`)
+        and their business as prepared transactions (`bench.prepared`)."""
+        self.postgres, urls = self._closing.enter_context(postgres_stores(self.workdir))
+        schemas = (("wallet", "wallet"), ("order", "orders"))
+        level = ["--log-level", self.log_level]
+        reserve = self.start([(f"{n}-pg", f"services.{n}", ["--db", urls[d], *level], False) for n, d in schemas])
+        reserve_shop = Shop(reserve[0].address, reserve[1].address)
+        await reserve_shop.seed(customers)
+        adapter = self.start(
+            [(f"{n}-pg2pc", "bench.prepared", ["--service", n, "--db", urls[d], *level], False) for n, d in schemas]
+        )
+        adapter_shop = Shop(adapter[0].address, adapter[1].address)  # the same customers, already seeded
+        return {"wo-postgres": (reserve, reserve_shop), "wo-pg-adapter": (adapter, adapter_shop)}
+
+    def wal_syncs(self) -> int:
+        """The PostgreSQL server's WAL fsyncs so far (pg_stat_wal): its forced writes."""
+        import psycopg
+
+        assert self.postgres is not None
+        with psycopg.connect(self.postgres.url, autocommit=True) as conn:
+            row = conn.execute("SELECT wal_sync FROM pg_stat_wal").fetchone()
+        return int(row[0]) if row else 0
+
     def _db(self, name: str) -> list[str]:
         return ["--db", str(self.workdir / f"{name}.db")]
 
@@ -141,6 +171,7 @@ class Fleet:
             s.proc.signal(signal.SIGTERM)
         for s in self.services:
             s.proc.stop()
+        self._closing.close()
 
 
 def fixed_branches(participants: Sequence[Service], operation: Message) -> Callable[[int], list[Branch]]:
