@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +117,7 @@ S = TypeVar("S", bound=Served)
 async def serve(participant: Participant, url: str, kind: type[S]) -> AsyncIterator[S]:
     """Opens `participant`, serves it on a gRPC server on port 0, and yields `kind`."""
     async with participant:
-        server = grpc.aio.server()
+        server = rpc.server()
         participant.add_to_server(server)
         port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
         await server.start()
@@ -126,15 +128,19 @@ async def serve(participant: Participant, url: str, kind: type[S]) -> AsyncItera
             await server.stop(None)
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    """A private PostgreSQL server for the whole run (max_prepared_transactions set),
-    for tests that do not kill it; they each get a schema of their own."""
+def _private_postgres() -> Iterator[PostgresServer]:
     reason = pgserver.missing()
     if reason:
         pytest.skip(reason)
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL server for the whole run (max_prepared_transactions set),
+    for tests that do not kill it; they each get a schema of their own."""
+    yield from _private_postgres()
 
 
 @pytest.fixture
@@ -147,11 +153,35 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
 @pytest.fixture
 def pg_killable() -> Iterator[PostgresServer]:
     """A private PostgreSQL server of this test's own, which it may SIGKILL."""
-    reason = pgserver.missing()
-    if reason:
-        pytest.skip(reason)
-    with PostgresServer() as server:
-        yield server
+    yield from _private_postgres()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kv_store(request: pytest.FixtureRequest) -> Iterator[Callable[[], str | None]]:
+    """Where kv participants keep their data, as `start_kv(db=...)`: a fresh SQLite file
+    (None), or a fresh schema on the private PostgreSQL server, one per call."""
+    if request.param == "sqlite":
+        yield lambda: None
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    with contextlib.ExitStack() as schemas:
+        yield lambda: schemas.enter_context(pgserver.schema(server.url))
+
+
+async def prepare_after_its_deadline(store: Any, stub: participant_pb2_grpc.ParticipantAsyncStub) -> None:
+    """Holds a store with one worker busy while a Prepare with a 0.2 s deadline waits
+    for it: the caller sees DEADLINE_EXCEEDED; returns once the store ran that Prepare."""
+    release = threading.Event()
+    # The service's own business API shares the store: one slow write holds its worker.
+    slow = asyncio.create_task(store.write(lambda db: release.wait(10)))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Prepare(prepare_request("t-late"), timeout=0.2)
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+        await slow
+    await store.read(lambda db: None)  # one worker, in order: the late Prepare has run
 
 
 @pytest.fixture

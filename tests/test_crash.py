@@ -1,4 +1,5 @@
-"""Crashes at the protocol's exact points: real processes, SIGKILL, restart."""
+"""Crashes at the protocol's exact points: real processes, SIGKILL, restart (the
+participant crashes on both stores: SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -109,13 +110,13 @@ async def test_participant_in_doubt_learns_aborted_after_coordinator_restart(
 
 
 async def test_participant_killed_before_answering_resolves_to_abort(
-    tmp_path: Path, start_kv: Callable[..., Kv]
+    tmp_path: Path, start_kv: Callable[..., Kv], kv_store: Callable[[], str | None]
 ) -> None:
     """Participant SIGKILLed with its prepare durable but its vote unsent: the
     coordinator aborts and soon stops sending Abort; the restarted participant still
     holds the reservation until GetOutcome tells it ABORTED."""
-    a = start_kv("a")
-    b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.after_prepare_durable"})
+    a = start_kv("a", db=kv_store())
+    b = start_kv("b", env={"TWOPC_CRASH_AT": "participant.after_prepare_durable"}, db=kv_store())
     brief_abort = replace(FAST, abort_retry_s=0.3)  # Abort must not outlive b's restart
     async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=brief_abort) as c:
         result = await c.run([a.branch(), b.branch()])
@@ -130,11 +131,11 @@ async def test_participant_killed_before_answering_resolves_to_abort(
 
 
 async def test_participant_killed_after_voting_yes_commits_after_restart(
-    start_kv: Callable[..., Kv], coordinator: Coordinator
+    start_kv: Callable[..., Kv], coordinator: Coordinator, kv_store: Callable[[], str | None]
 ) -> None:
     """Participant SIGKILLed after its COMMIT vote reached the coordinator: restarted, it
     still holds the reservation, and commits when the coordinator's Commit arrives."""
-    a, b = start_kv("a"), start_kv("b")
+    a, b = start_kv("a", db=kv_store()), start_kv("b", db=kv_store())
     assert (await coordinator.run([a.branch(), b.branch()])).committed  # connections are up
     b.proc.pause()  # keeps phase 1 open while a is killed and restarted
     with capture_logs() as events:

@@ -7,11 +7,8 @@ make its store fail as a disk would.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,19 +16,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, prepare_request
-from twopc import Participant, ParticipantConfig, rpc
+from tests.conftest import INSECURE, Served, prepare_after_its_deadline, prepare_request, serve
+from twopc import Participant, ParticipantConfig
 from twopc.testing import query
-from twopc.v1 import participant_pb2, participant_pb2_grpc
+from twopc.v1 import participant_pb2
 
 
-@dataclass
-class Local:
+class Local(Served):
     """A kv participant served in this process, a stub to call it, and its file."""
 
-    participant: Participant
-    stub: participant_pb2_grpc.ParticipantAsyncStub
-    db: Path
+    @property
+    def db(self) -> Path:
+        return Path(self.url)
 
     async def syncs_of(self, call: Awaitable[object]) -> int:
         """How many synced store commits `call` cost before it answered."""
@@ -51,16 +47,8 @@ async def local(tmp_path: Path) -> AsyncIterator[Local]:
     """A kv participant served in this process on port 0, with a stub connected to it."""
     db = tmp_path / "kv.db"
     config = ParticipantConfig(allow_no_coordinator=True)  # the tests drive Prepare by hand
-    async with Participant(KV(), str(db), credentials=INSECURE, config=config) as participant:
-        server = rpc.server()
-        participant.add_to_server(server)
-        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                yield Local(participant, participant_pb2_grpc.ParticipantStub(ch), db)
-        finally:
-            await server.stop(None)
+    async with serve(Participant(KV(), str(db), credentials=INSECURE, config=config), str(db), Local) as served:
+        yield served
 
 
 def eio_once(local: Local, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,19 +79,7 @@ async def test_prepare_and_commit_are_synced_abort_and_read_only_are_not(local: 
 async def test_prepare_whose_deadline_passes_in_the_store_queue_reserves_nothing(local: Local) -> None:
     """A Prepare still inside its deadline when it arrives, but queued behind slow work
     until the deadline passed, reserves nothing and records nothing."""
-    store = local.participant.store
-    release = threading.Event()
-    # The service's own business API shares the store: one slow write holds its thread.
-    slow = asyncio.create_task(store.write(lambda db: release.wait(10)))
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await local.stub.Prepare(prepare_request("t-late"), timeout=0.2)
-        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        release.set()
-        await slow
-    # The store runs its work in order: once this read returns, the late Prepare has run.
-    await store.read(lambda db: None)
+    await prepare_after_its_deadline(local.participant.store, local.stub)
     assert local.reserved() == [] and local.txns() == []
 
 

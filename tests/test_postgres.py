@@ -8,7 +8,6 @@ database through another connection, as an auditor would.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, Kv, Served, eventually, prepare_request, serve
+from tests.conftest import INSECURE, Kv, Served, eventually, prepare_after_its_deadline, prepare_request, serve
 from twopc import Coordinator, Outcome, Participant, ParticipantConfig
 from twopc.stores import ConflictError, execute, open_store
 from twopc.stores.postgres import PostgresStore
@@ -76,9 +75,10 @@ async def test_url_picks_postgres_and_prepare_is_committed_before_the_vote(local
 
 
 async def test_repeated_prepare_tombstones_and_idempotent_decisions(local: Local) -> None:
-    """Repeated Prepare reserves once; Abort of an unknown txn leaves a tombstone that
-    refuses a late Prepare; Commit and Abort twice apply once; Commit after Abort or
-    of a never prepared txn is FAILED_PRECONDITION (rules 2, 7)."""
+    """Repeated Prepare reserves once (the same id with another operation votes ABORT);
+    Abort of an unknown txn leaves a tombstone that refuses a late Prepare; Commit and
+    Abort twice apply once; Commit after Abort or of a never prepared txn is
+    FAILED_PRECONDITION (rules 2, 7)."""
     p = local.stub
     for _ in range(2):
         assert (await p.Prepare(prepare_request("t1", amount=7), timeout=5)).vote == participant_pb2.VOTE_COMMIT
@@ -90,6 +90,8 @@ async def test_repeated_prepare_tombstones_and_idempotent_decisions(local: Local
     await p.Abort(abort("late"), timeout=5)
     late = await p.Prepare(prepare_request("late"), timeout=5)
     assert late.vote == participant_pb2.VOTE_ABORT and "aborted" in late.reason
+    other = await p.Prepare(prepare_request("t1", amount=8), timeout=5)  # the same id, another operation
+    assert other.vote == participant_pb2.VOTE_ABORT and "another operation" in other.reason
     for txn in ("t2", "never"):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await p.Commit(commit(txn), timeout=5)
@@ -120,16 +122,7 @@ async def test_prepare_whose_deadline_passes_waiting_for_a_connection_reserves_n
     deadline reserves nothing and records nothing."""
     store = open_store(pg_url, pool_size=1)
     async with serve(Participant(KV(), store, credentials=INSECURE), pg_url, Local) as local:
-        release = threading.Event()
-        slow = asyncio.create_task(store.write(lambda db: release.wait(10)))
-        try:
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await local.stub.Prepare(prepare_request("t-late"), timeout=0.2)
-            assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-        finally:
-            release.set()
-            await slow
-        await store.read(lambda db: None)  # one connection: the late Prepare ran before this
+        await prepare_after_its_deadline(store, local.stub)
         assert local.reserved() == [] and local.txns() == []
 
 

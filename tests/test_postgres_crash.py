@@ -1,20 +1,18 @@
-"""Crashes on PostgreSQL: participant processes and the PostgreSQL server itself,
-SIGKILLed at the protocol's exact points, then restarted."""
+"""Crashes on PostgreSQL: the server itself SIGKILLed under a burst of prepares, and
+the prepared-transaction adapter SIGKILLed at the protocol's exact points. (The helper's
+participant crashes run on both stores in test_crash.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
-import pytest
 from google.protobuf import wrappers_pb2
-from structlog.testing import capture_logs
 
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
 from twopc import Branch, Coordinator, Outcome
@@ -23,62 +21,6 @@ from twopc.testing import ServiceProcess, query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 COMMIT = participant_pb2.VOTE_COMMIT
-
-
-@pytest.fixture
-def kv_schema(pg_server: PostgresServer) -> Iterator[Callable[[], str]]:
-    """Fresh schemas on the shared private server, one per call, dropped afterwards."""
-    with contextlib.ExitStack() as stack:
-        yield lambda: stack.enter_context(schema(pg_server.url))
-
-
-async def test_participant_killed_after_voting_yes_commits_after_restart(
-    start_kv: Callable[..., Kv], coordinator: Coordinator, kv_schema: Callable[[], str]
-) -> None:
-    """A kv participant on PostgreSQL SIGKILLed after its COMMIT vote reached the
-    coordinator: restarted, it still holds the reservation, and commits when the
-    coordinator's Commit arrives."""
-    a, b = start_kv("a", db=kv_schema()), start_kv("b", db=kv_schema())
-    assert (await coordinator.run([a.branch(), b.branch()])).committed  # connections are up
-    b.proc.pause()  # keeps phase 1 open while a is killed and restarted
-    with capture_logs() as events:
-        run = asyncio.create_task(coordinator.run([a.branch(amount=5), b.branch()], timeout_s=20.0))
-        try:
-            await eventually(
-                lambda: any(e["event"] == "voted" and e.get("branch") == a.name for e in events),
-                what="a's vote at the coordinator",
-            )
-            a.proc.kill()
-            a.proc.restart()
-            txn = next(e["txn_id"] for e in events if e["event"] == "voted")
-            assert a.state(txn) == "PREPARED" and (txn, "k", 5) in a.reserved()
-        finally:
-            b.proc.resume()
-        result = await run
-    assert result.outcome is Outcome.COMMITTED
-    await eventually(lambda: a.state(txn) == "COMMITTED", what="Commit at the restarted participant")
-    assert (txn, "k", 5) in a.applied() and a.reserved() == []
-
-
-async def test_participant_killed_before_answering_resolves_to_abort(
-    tmp_path: Path, start_kv: Callable[..., Kv], kv_schema: Callable[[], str]
-) -> None:
-    """A kv participant on PostgreSQL SIGKILLed with its prepare committed but its
-    vote unsent: the coordinator aborts; restarted, the participant holds the
-    reservation until GetOutcome tells it ABORTED."""
-    a = start_kv("a", db=kv_schema())
-    b = start_kv("b", db=kv_schema(), env={"TWOPC_CRASH_AT": "participant.after_prepare_durable"})
-    brief_abort = replace(FAST, abort_retry_s=0.3)
-    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, listen="127.0.0.1:0", config=brief_abort) as c:
-        result = await c.run([a.branch(), b.branch()])
-        assert result.outcome is Outcome.ABORTED and result.branches[1].vote is None
-        assert b.proc.wait(10) == -9
-        assert await c.wait_idle(10), "the coordinator kept retrying Abort"
-        assert b.state(result.txn_id) == "PREPARED"
-        b.proc.env.pop("TWOPC_CRASH_AT")
-        b.proc.restart()
-        await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="in-doubt resolution at b")
-    assert b.reserved() == [] and b.applied() == []
 
 
 async def test_postgres_killed_during_a_burst_of_prepares(

@@ -10,14 +10,13 @@ Run: python -m tests.apps.debits --db postgresql://... --port 0
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from typing import Any
 
 from google.protobuf import wrappers_pb2
 
-from twopc import Credentials, ParticipantConfig, Vote, VoteAbort
-from twopc.logs import configure as configure_logs
+from tests.apps.kv import arguments
+from twopc import Credentials, Vote, VoteAbort
 from twopc.prepared import PreparedParticipant
 from twopc.stores import execute
 
@@ -40,15 +39,7 @@ class Debits:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--in-doubt-after-s", type=float, default=1.0)
-    parser.add_argument("--resolve-interval-s", type=float, default=0.3)
-    args = parser.parse_args()
-    configure_logs("json", level="debug")
-    config = ParticipantConfig(in_doubt_after_s=args.in_doubt_after_s, resolve_interval_s=args.resolve_interval_s)
+    args, config = arguments(__doc__)
     async with PreparedParticipant(Debits(), args.db, credentials=Credentials.insecure(), config=config) as p:
         await p.serve(f"{args.host}:{args.port}")
 

@@ -66,8 +66,10 @@ class KV:
         execute(db, "DELETE FROM reserved WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> tuple[argparse.Namespace, ParticipantConfig]:
+    """The command line of a test participant process (logs configured), and its
+    in-doubt timing: short, so tests see resolution quickly."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -76,11 +78,15 @@ async def main() -> None:
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
     args = parser.parse_args()
     configure_logs(args.log_format, level="debug")
-    config = ParticipantConfig(
+    return args, ParticipantConfig(
         in_doubt_after_s=args.in_doubt_after_s,
         resolve_interval_s=args.resolve_interval_s,
         allow_no_coordinator=True,  # tests drive Prepare by hand, with no coordinator to ask
     )
+
+
+async def main() -> None:
+    args, config = arguments(__doc__)
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
         await participant.serve(f"{args.host}:{args.port}")
