@@ -78,7 +78,7 @@ class PostgresServer:
     def __init__(
         self,
         *,
-        max_prepared_transactions: int = 64,
+        max_prepared_transactions: int = 256,
         settings: Mapping[str, str] | None = None,
         port: int = 0,
         listen: Sequence[str] = ("127.0.0.1",),
