@@ -230,7 +230,7 @@ class Console:
                 self.note("restarted", service, "same port, same files: recovery runs")
 
 
-def _prepared(db: Path) -> list[tuple[str, float]]:
+def _prepared(db: Path | str) -> list[tuple[str, float]]:
     return [(t, at) for t, at in query(db, "SELECT txn_id, prepared_at FROM twopc_txn WHERE state = 'PREPARED'")]
 
 

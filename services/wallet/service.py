@@ -161,8 +161,8 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
             balance(db, request.account)  # NotFound for an unknown account
             rows = execute(
                 db,
-                "SELECT seq, kind, amount, coalesce(txn_id, ''), at FROM ledger WHERE account = :account AND seq > :after"
-                " ORDER BY seq LIMIT :limit",
+                "SELECT seq, kind, amount, coalesce(txn_id, ''), at FROM ledger"
+                " WHERE account = :account AND seq > :after ORDER BY seq LIMIT :limit",
                 {"account": request.account, "after": after[1] if after else 0, "limit": size + 1},
             ).fetchall()
             more = len(rows) > size
