@@ -506,7 +506,8 @@ def main() -> None:
     print(render(result))
     json_path = a.json or Path(result.options["workdir"]) / "report.json"
     json_path.write_text(json.dumps(asdict(result), indent=2))
-    print(f"report: {json_path}   reproduce: make chaos SEED={seed} DURATION={a.duration_s:g}")
+    db = " DB=postgres" if a.db == "postgres" else ""
+    print(f"report: {json_path}   reproduce: make chaos SEED={seed} DURATION={a.duration_s:g}{db}")
     sys.exit(1 if result.violations or result.recovery_s is None else 0)
 
 

@@ -17,6 +17,7 @@ from google.protobuf import any_pb2, wrappers_pb2
 from tests.apps.debits import Debits
 from tests.conftest import INSECURE, Served, eventually, serve
 from twopc import Coordinator, ParticipantConfig
+from twopc.observe import EventKind, Recorder
 from twopc.pgserver import PostgresServer, schema
 from twopc.prepared import PreparedParticipant, PreparedTransactionsDisabledError
 from twopc.v1 import participant_pb2
@@ -125,13 +126,17 @@ async def test_a_row_held_by_a_prepared_transaction_makes_others_vote_abort(loca
 
 
 async def test_in_doubt_prepared_transactions_are_resolved_by_asking(pg_url: str, coordinator: Coordinator) -> None:
-    """A prepared transaction left undecided is found in pg_prepared_xacts, the
-    coordinator is asked (unknown there: ABORTED) and it is rolled back."""
+    """A prepared transaction left undecided is found in pg_prepared_xacts (and
+    reported to observers), the coordinator is asked (unknown there: ABORTED) and it is rolled back."""
     seed(pg_url)
     config = ParticipantConfig(in_doubt_after_s=0.2, resolve_interval_s=0.1)
-    async with serve(adapter(pg_url, config=config), pg_url, Local) as local:
+    recorder = Recorder()
+    async with serve(adapter(pg_url, config=config, observers=[recorder]), pg_url, Local) as local:
         await local.stub.Prepare(debit("t-doubt", 30, coordinator.address), timeout=5)
         assert await local.adapter.in_doubt() == [("t-doubt", coordinator.address)]
+        await local.adapter.report_in_doubt()
+        scanned = [e for e in recorder.events if e.kind is EventKind.IN_DOUBT_SCANNED]
+        assert scanned and scanned[-1].count == 1
         await eventually(lambda: local.prepared() == [], what="the resolver to roll back")
         assert local.txns() == [("t-doubt", "ABORTED")] and local.balance() == 100
 

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import sqlalchemy
@@ -64,6 +64,7 @@ from sqlalchemy import exc
 
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import TwoPCError
+from twopc.observe import EventKind, Observer
 from twopc.participant import ABORTED, COMMITTED, Participant, _RefusedError
 from twopc.stores.base import execute
 from twopc.stores.postgres import PostgresStore
@@ -140,6 +141,7 @@ class PreparedParticipant(Participant):
         pool_size: connections running prepares and decisions at once.
         lock_timeout_s: the longest a Prepare waits for a row lock (for example one
             held by a prepared transaction) before voting ABORT.
+        observers: told of each vote, decision and in-doubt question (`twopc.observe`).
     """
 
     def __init__(
@@ -152,11 +154,12 @@ class PreparedParticipant(Participant):
         isolation: str = "READ COMMITTED",
         pool_size: int = 16,
         lock_timeout_s: float = 1.0,
+        observers: Iterable[Observer] = (),
     ) -> None:
         if isolation not in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"):
             raise ValueError(f"unknown isolation level {isolation!r}")
         store = PostgresStore(url, pool_size=pool_size, lock_timeout_s=lock_timeout_s, autocommit=True)
-        super().__init__(_Adapted(handler), store, credentials=credentials, config=config)
+        super().__init__(_Adapted(handler), store, credentials=credentials, config=config, observers=observers)
         self.pg: PostgresStore = store
         self.isolation = isolation
         self._namespace = ""
@@ -289,6 +292,18 @@ class PreparedParticipant(Participant):
             ).fetchall()
         )
         return [(t, c) for t, c in rows]
+
+    async def report_in_doubt(self) -> None:
+        """Tells the observers how many of this service's transactions PostgreSQL holds
+        prepared, and the age of the oldest (IN_DOUBT_SCANNED)."""
+        count, oldest = await self.pg.read(
+            lambda db: execute(
+                db,
+                "SELECT count(*), extract(epoch FROM now() - min(p.prepared)) FROM pg_prepared_xacts p"
+                " JOIN twopc_prepared t USING (gid) WHERE p.database = current_database()",
+            ).fetchone()
+        )
+        self.observers.emit(EventKind.IN_DOUBT_SCANNED, "", count=count, duration_s=float(oldest or 0.0))
 
     async def _purge(self) -> None:
         cutoff = time.time() - self.config.retention_s
