@@ -274,7 +274,7 @@ def settle(c: Cluster, response: Any) -> None:
     if not txn_id:
         return
 
-    def decided(db: Path) -> bool:
+    def decided(db: Path | str) -> bool:
         rows = query(db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn_id)
         return bool(rows) and rows[0][0] != "PREPARED"
 

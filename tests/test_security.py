@@ -42,7 +42,7 @@ async def code_of(call: Awaitable[Any]) -> grpc.StatusCode:
     return OK
 
 
-def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
+def dump(db: Path | str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table of a store, read as another process would."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
