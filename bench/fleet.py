@@ -125,7 +125,7 @@ class Fleet:
         and their business as prepared transactions (`bench.prepared`)."""
         self.postgres, urls = self._closing.enter_context(postgres_stores(self.workdir))
         schemas = (("wallet", "wallet"), ("order", "orders"))
-        level = ["--log-level", self.log_level]
+        level = ["--log-level", self.log_level, "--insecure"]
         reserve = self.start([(f"{n}-pg", f"services.{n}", ["--db", urls[d], *level], False) for n, d in schemas])
         reserve_shop = Shop(reserve[0].address, reserve[1].address)
         await reserve_shop.seed(customers)

@@ -81,6 +81,7 @@ async def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--insecure", action="store_true", help="plaintext (the benchmark's loopback)")
     args = p.parse_args()
     configure_logs("json", level=args.log_level)
     handler = Debits() if args.service == "wallet" else Orders()

@@ -24,6 +24,8 @@ from twopc.stores.postgres import PostgresStore
 from twopc.testing import query
 from twopc.v1 import participant_pb2
 
+BY_HAND = ParticipantConfig(allow_no_coordinator=True)  # tests drive Prepare with no coordinator
+
 
 class Local(Served):
     """A kv participant on PostgreSQL served in this process."""
@@ -46,7 +48,7 @@ class Local(Served):
 @pytest.fixture
 async def local(pg_url: str) -> AsyncIterator[Local]:
     """A kv participant whose store is a fresh PostgreSQL schema, chosen by URL."""
-    async with serve(Participant(KV(), pg_url, credentials=INSECURE), pg_url, Local) as served:
+    async with serve(Participant(KV(), pg_url, credentials=INSECURE, config=BY_HAND), pg_url, Local) as served:
         yield served
 
 
@@ -121,7 +123,7 @@ async def test_prepare_whose_deadline_passes_waiting_for_a_connection_reserves_n
     """With every pooled connection busy, a Prepare that gets one only after its
     deadline reserves nothing and records nothing."""
     store = open_store(pg_url, pool_size=1)
-    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url, Local) as local:
+    async with serve(Participant(KV(), store, credentials=INSECURE, config=BY_HAND), pg_url, Local) as local:
         await prepare_after_its_deadline(store, local.stub)
         assert local.reserved() == [] and local.txns() == []
 
@@ -130,7 +132,7 @@ async def test_lock_wait_past_the_timeout_votes_abort_with_a_reason(pg_url: str)
     """A Prepare blocked on a row another transaction holds votes ABORT with a reason
     after `lock_timeout_s`, reserves nothing, and answers no error status."""
     store = open_store(pg_url, lock_timeout_s=0.2)
-    async with serve(Participant(KV(), store, credentials=INSECURE), pg_url, Local) as local:
+    async with serve(Participant(KV(), store, credentials=INSECURE, config=BY_HAND), pg_url, Local) as local:
         with psycopg.connect(pg_url) as holder:  # an uncommitted row with the same key
             holder.execute("INSERT INTO reserved VALUES ('t1', 'other', 1)")
             reply = await local.stub.Prepare(prepare_request("t1"), timeout=5)

@@ -54,6 +54,8 @@ def seed(url: str) -> None:
 
 
 def adapter(url: str, **options: Any) -> PreparedParticipant:
+    """The adapter, accepting Prepares with no coordinator (the tests drive it by hand)."""
+    options.setdefault("config", ParticipantConfig(allow_no_coordinator=True))
     return PreparedParticipant(Debits(), url, credentials=INSECURE, lock_timeout_s=0.3, **options)
 
 
