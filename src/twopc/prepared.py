@@ -9,7 +9,7 @@ crash of the service and of PostgreSQL); Commit is `COMMIT PREPARED`, Abort
 locked until phase 2, across the network round trips; other transactions touching
 those rows wait (up to `lock_timeout_s`, then vote ABORT).
 
-How the protocol's rules are kept (DESIGN.md rules 1, 6, 7):
+How the protocol's rules are kept (rules 1, 6 and 7 of docs/design.md):
 
 * The global id (gid) is derived from the twopc txn id and the database and schema,
   so two services on one PostgreSQL server (gids are server-wide) never collide, and
