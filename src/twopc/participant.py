@@ -567,7 +567,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
 
     def _prepare_tx(self, item: _Item, db: Connection) -> tuple[Vote, str, bool]:
         """Returns (vote, reason, repeat): `repeat` when the row existed already."""
-        row = execute(db, "SELECT state, digest FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": item.txn_id}).fetchone()
+        row = execute(
+            db, "SELECT state, digest FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": item.txn_id}
+        ).fetchone()
         if row is not None:  # a repeated Prepare: the same answer, no work
             if row[0] == ABORTED:
                 return Vote.ABORT, "transaction already aborted", True
@@ -612,7 +614,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             execute(db, "SAVEPOINT item")
             try:
                 outcomes.append(self._prepare_tx(item, db))
-            except Exception as e:  # noqa: BLE001 - this item's refusal or failure, not the batch's
+            except Exception as e:
                 if is_retried(e):  # PostgreSQL: the whole batch runs again on a fresh snapshot
                     raise
                 execute(db, "ROLLBACK TO item")

@@ -65,8 +65,8 @@ from sqlalchemy import exc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import TwoPCError
 from twopc.observe import EventKind, Observer
-from twopc.participant import ABORTED, COMMITTED, Participant, _RefusedError
-from twopc.stores.base import execute
+from twopc.participant import ABORTED, COMMITTED, Participant, _Item, _ItemError, _refusal, _RefusedError
+from twopc.stores.base import execute, is_retried
 from twopc.stores.postgres import PostgresStore
 from twopc.types import Vote
 
@@ -186,16 +186,8 @@ class PreparedParticipant(Participant):
 
     # --- the store jobs (autocommit connections: each runs its own transactions) ----
 
-    def _prepare_tx(
-        self,
-        txn_id: str,
-        coordinator: str,
-        operation: Message,
-        digest: str,
-        deadline: float | None,
-        one_phase: bool,
-        db: Any,
-    ) -> tuple[Vote, str, bool]:
+    def _prepare_tx(self, item: _Item, db: Any) -> tuple[Vote, str, bool]:
+        txn_id, digest = item.txn_id, item.digest
         gid = self.gid(txn_id)
         known = _row(db, txn_id)
         if known is not None:  # decided: committed (its row) or aborted (a tombstone)
@@ -214,11 +206,12 @@ class PreparedParticipant(Participant):
             if pending[0] != digest:
                 return Vote.ABORT, "transaction id already used for another operation", True
             return Vote.COMMIT, "", True
-        if deadline is not None and time.monotonic() >= deadline:
+        if item.deadline is not None and time.monotonic() >= item.deadline:
             return Vote.ABORT, "deadline passed before prepare", False
         now = time.time()
-        # Whom to ask, should the service restart with this transaction prepared. Its
-        # commit need not be forced: PREPARE TRANSACTION flushes the WAL up to itself.
+        # Whom to ask (every instance), should the service restart with this transaction
+        # prepared. Unforced: PREPARE TRANSACTION flushes the WAL up to itself.
+        ask = f"{item.coordinator} {item.alternates}".strip()
         db.exec_driver_sql("BEGIN")
         db.exec_driver_sql("SET LOCAL synchronous_commit = off")
         execute(
@@ -226,11 +219,11 @@ class PreparedParticipant(Participant):
             "INSERT INTO twopc_prepared VALUES (:gid, :txn_id, :coordinator, :digest, :now)"
             " ON CONFLICT (gid) DO UPDATE SET coordinator = excluded.coordinator, digest = excluded.digest,"
             " prepared_at = excluded.prepared_at",
-            {"gid": gid, "txn_id": txn_id, "coordinator": coordinator, "digest": digest, "now": now},
+            {"gid": gid, "txn_id": txn_id, "coordinator": ask, "digest": digest, "now": now},
         )
         db.exec_driver_sql("COMMIT")
         db.exec_driver_sql(f"BEGIN ISOLATION LEVEL {self.isolation}")
-        vote = self.handler.prepare(db, txn_id, operation)
+        vote = self.handler.prepare(db, txn_id, item.operation)
         if vote is Vote.READ_ONLY:
             db.exec_driver_sql("ROLLBACK")
             return vote, "", False
@@ -241,13 +234,28 @@ class PreparedParticipant(Participant):
             db,
             "INSERT INTO twopc_txn (txn_id, state, coordinator, prepared_at, decided_at, digest)"
             " VALUES (:txn_id, :state, :coordinator, :now, :now, :digest)",
-            {"txn_id": txn_id, "state": COMMITTED, "coordinator": coordinator, "now": now, "digest": digest},
+            {"txn_id": txn_id, "state": COMMITTED, "coordinator": item.coordinator, "now": now, "digest": digest},
         )
-        if one_phase:
+        if item.one_phase:
             db.exec_driver_sql("COMMIT")
         else:
             db.exec_driver_sql(f"PREPARE TRANSACTION '{gid}'")
         return vote, "", False
+
+    def _prepare_many_tx(self, items: list[_Item], db: Any) -> list[tuple[Vote, str, bool] | _ItemError]:
+        """Each item its own prepared transaction, one after the other (a prepared
+        transaction cannot be a savepoint of another); a refused one is rolled back."""
+        outcomes: list[tuple[Vote, str, bool] | _ItemError] = []
+        for item in items:
+            try:
+                outcomes.append(self._prepare_tx(item, db))
+            except Exception as e:
+                if is_retried(e):
+                    raise
+                db.exec_driver_sql("ROLLBACK")  # outside a transaction only a warning
+                failure = _refusal(e)
+                outcomes.append((Vote.ABORT, failure, False) if isinstance(failure, str) else failure)
+        return outcomes
 
     def _commit_tx(self, txn_id: str, db: Any) -> bool:
         gid = self.gid(txn_id)

@@ -214,9 +214,9 @@ class PostgresStore:
         """Runs `fn(conn)` in a SERIALIZABLE transaction and returns its result once
         committed (with `durable`, once the commit's WAL is flushed).
 
-        `inline_if_idle` is SQLite's shortcut and means nothing here. `fn` may run more than once (after a serialization failure or a broken
-        connection, each earlier run rolled back): it must depend on the database
-        only.
+        `inline_if_idle` is SQLite's shortcut and means nothing here. `fn` may run
+        more than once (after a serialization failure or a broken connection, each
+        earlier run rolled back): it must depend on the database only.
 
         Raises:
             ConflictError: it kept losing to concurrent transactions; nothing changed.
