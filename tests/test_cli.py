@@ -7,14 +7,16 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from services.cluster import Cluster, Settings
+from tests.conftest import Kv, prepare_request
 from twopc.testing import query, wait_until
+from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 TWOPC = str(Path(sys.executable).parent / "twopc")
 WALLET_HANDLER = "services.wallet.service:WalletHandler"
@@ -108,3 +110,39 @@ async def test_heuristic_abort_is_recorded_and_reported_as_heuristic(cluster: Cl
 
 async def _confirmed(cluster: Cluster, order_id: str) -> bool:
     return await cluster.order_state(order_id) == "confirmed"
+
+
+async def test_log_and_in_doubt_read_postgresql_too(tmp_path: Path, pg_url: str, start_kv: Callable[..., Kv]) -> None:
+    """`twopc log list|show` reads a shared decision log in PostgreSQL (a URL with its
+    schema) and `twopc participant in-doubt` a participant's PostgreSQL store, with the
+    same output as for SQLite files."""
+    from twopc.postgres_decision_log import PostgresDecisionLog
+
+    log_url = f"{pg_url}&schema=clilog" if "?" in pg_url else f"{pg_url}?schema=clilog"
+    log = PostgresDecisionLog(log_url, lease_s=60)
+    await log.open()
+    try:
+        pending, ended = f"{log.id}:pending", f"{log.id}:ended"
+        assert await log.log_commit(pending, ["wallet:1", "orders:2"])
+        assert await log.log_commit(ended, ["wallet:1"])
+        await log.log_end(ended)
+    finally:
+        await log.close()
+    (record,) = json.loads(twopc("log", "list", log_url, "--json").stdout)
+    assert record["txn_id"] == pending and record["state"] == "pending"
+    assert record["branches"] == ["wallet:1", "orders:2"] and record["age_s"] >= 0
+    assert {r["txn_id"] for r in json.loads(twopc("log", "list", log_url, "--all", "--json").stdout)} == {
+        pending,
+        ended,
+    }
+    (shown,) = json.loads(twopc("log", "show", log_url, ended, "--json").stdout)
+    assert shown["state"] == "ended" and shown["acknowledged"] == "all"
+
+    kv = start_kv("pg", db=pg_url, args=["--in-doubt-after-s", "600"])
+    async with grpc.aio.insecure_channel(kv.target) as ch:
+        vote = await participant_pb2_grpc.ParticipantStub(ch).Prepare(prepare_request("t-pg"), timeout=5)
+    assert vote.vote == participant_pb2.VOTE_COMMIT
+    (held,) = json.loads(twopc("participant", "in-doubt", pg_url, "--json").stdout)
+    assert held["txn_id"] == "t-pg" and held["age_s"] >= 0
+    down = twopc("participant", "in-doubt", "postgresql://postgres@127.0.0.1:1/nowhere")
+    assert down.returncode == 1 and down.stderr.count("\n") == 1

@@ -3,6 +3,10 @@
     twopc log list shop.db                  commits not yet acknowledged by everyone
     twopc log show shop.db TXN              one logged decision
     twopc participant in-doubt wallet.db    transactions prepared here, not decided
+
+A decision log or a participant's store is a SQLite file or a PostgreSQL URL
+(`postgresql://host/db?schema=shop_log` for a shared log; a participant's URL as it
+was given to `--db`), read in one read-only snapshot.
     twopc outcome TXN --coordinator ADDR    what the coordinator's GetOutcome says
     twopc resolve TXN --db wallet.db --handler services.wallet.service:WalletHandler --abort
 
@@ -36,9 +40,11 @@ import click
 import grpc
 import structlog
 
+from twopc import stores
 from twopc.config import Credentials
 from twopc.logs import configure as configure_logs
 from twopc.participant import ABORTED, COMMITTED, PREPARED
+from twopc.stores.base import POSTGRES_SCHEMES
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 _log = structlog.get_logger("twopc.cli")
@@ -113,6 +119,20 @@ def _open(path: str, *, write: bool = False) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def _read(where: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """One read-only query (`:name` parameters) against a SQLite file or a PostgreSQL
+    URL, errors as one line."""
+    if not where.startswith(POSTGRES_SCHEMES):
+        with _open(where) as db:
+            return [tuple(row) for row in db.execute(sql, params)]
+    try:
+        return stores.query(where, sql, **params)
+    except ImportError:
+        fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+    except Exception as e:  # noqa: BLE001 - a driver's error, said in one line
+        fail(f"{where.split('@')[-1]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """Look into and settle twopc transactions: decision logs, participants' stores,
@@ -124,24 +144,41 @@ def cli() -> None:
 
 @cli.group("log")
 def log_group() -> None:
-    """A coordinator's decision log (its SQLite file)."""
+    """A coordinator's decision log (its SQLite file, or a shared log's PostgreSQL URL)."""
 
 
-def _decisions(path: str, where: str, *params: object) -> list[dict[str, Any]]:
+def _decisions(log: str, where: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """COMMIT records of a SQLite log or a shared PostgreSQL one (`where` is a SQL
+    condition over txn_id and ended, the same for both)."""
+    if log.startswith(POSTGRES_SCHEMES):
+        from twopc.postgres_decision_log import connection_info  # the postgres extra
+
+        url, schema = connection_info(log)
+        sql = (
+            "SELECT txn_id, targets::text, extract(epoch FROM logged_at), extract(epoch FROM ended_at), driver"
+            f" FROM (SELECT *, ended_at IS NOT NULL AS ended FROM {schema}.decisions WHERE decision = 'commit') d"
+            f" WHERE {where} ORDER BY logged_at"
+        )
+        rows = _read(url, sql, params)
+    else:
+        sql = (
+            "SELECT txn_id, targets, logged_at, ended_at, '' FROM"
+            f" (SELECT *, ended_at IS NOT NULL AS ended FROM decisions) WHERE {where} ORDER BY logged_at"
+        )
+        rows = _read(log, sql, params)
     now = time.time()
-    with _open(path) as db:
-        rows = db.execute(f"SELECT txn_id, targets, logged_at, ended_at FROM decisions {where}", params).fetchall()
     return [
         {
             "txn_id": t,
             "state": "ended" if ended is not None else "pending",
-            "age_s": round(now - logged, 3),
+            "age_s": round(now - float(logged), 3),
             "branches": json.loads(targets),
             "acknowledged": "all" if ended is not None else "not all",
-            "logged_at": logged,
-            "ended_at": ended,
+            "logged_at": float(logged),
+            "ended_at": None if ended is None else float(ended),
+            **({"driver": driver} if driver else {}),
         }
-        for t, targets, logged, ended in rows
+        for t, targets, logged, ended, driver in rows
     ]
 
 
@@ -151,8 +188,7 @@ def _decisions(path: str, where: str, *params: object) -> list[dict[str, Any]]:
 @_json_option
 def log_list(log: str, everything: bool, as_json: bool) -> None:
     """Logged COMMIT decisions not yet acknowledged by every participant (pending)."""
-    where = "ORDER BY logged_at" if everything else "WHERE ended_at IS NULL ORDER BY logged_at"
-    rows = _decisions(log, where)
+    rows = _decisions(log, "TRUE" if everything else "NOT ended", {})
     emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="no pending commits")
 
 
@@ -162,7 +198,7 @@ def log_list(log: str, everything: bool, as_json: bool) -> None:
 @_json_option
 def log_show(log: str, txn_id: str, as_json: bool) -> None:
     """One transaction's record; a transaction with none was aborted (presumed abort)."""
-    rows = _decisions(log, "WHERE txn_id = ?", txn_id)
+    rows = _decisions(log, "txn_id = :txn_id", {"txn_id": txn_id})
     if not rows:
         fail(f"{txn_id} is not in the log: aborted (presumed abort), or purged after its retention")
     emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="")
@@ -173,7 +209,7 @@ def log_show(log: str, txn_id: str, as_json: bool) -> None:
 
 @cli.group("participant")
 def participant_group() -> None:
-    """A participant's store (its SQLite file)."""
+    """A participant's store (its SQLite file or PostgreSQL URL)."""
 
 
 @participant_group.command("in-doubt")
@@ -183,12 +219,12 @@ def participant_group() -> None:
 def in_doubt(store: str, older_than_s: float, as_json: bool) -> None:
     """Transactions prepared here and not yet decided, oldest first."""
     now = time.time()
-    with _open(store) as db:
-        found = db.execute(
-            "SELECT txn_id, coordinator, prepared_at FROM twopc_txn WHERE state = ? AND prepared_at <= ?"
-            " ORDER BY prepared_at",
-            (PREPARED, now - older_than_s),
-        ).fetchall()
+    found = _read(
+        store,
+        "SELECT txn_id, coordinator, prepared_at FROM twopc_txn WHERE state = :state AND prepared_at <= :cutoff"
+        " ORDER BY prepared_at",
+        {"state": PREPARED, "cutoff": now - older_than_s},
+    )
     rows = [{"txn_id": t, "age_s": round(now - at, 3), "coordinator": c} for t, c, at in found]
     emit(rows, ("txn_id", "age_s", "coordinator"), as_json, empty="nothing in doubt")
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import os
 import random
 import select
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +36,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-from twopc.stores.base import POSTGRES_SCHEMES, execute
+# Re-exported: tests, the demo and chaos read stores through twopc.testing.
+from twopc.stores.base import query as query
+from twopc.stores.base import snapshot as snapshot
 
 
 class ServiceProcess:
@@ -281,43 +281,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def snapshot(where: str | os.PathLike[str]) -> Iterator[Any]:
-    """A read-only, consistent view of a store, opened as another process would open
-    it: a SQLite file (WAL lets it read while the service writes), or a PostgreSQL
-    URL (one REPEATABLE READ snapshot). Run SQL on it with `twopc.stores.execute`."""
-    if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
-        with _engine(where).connect() as pg:
-            pg.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield pg
-        return
-    conn = sqlite3.connect(f"file:{os.fspath(where)}?mode=ro", uri=True)
-    try:
-        conn.execute("BEGIN")  # one snapshot for every query in the block
-        yield conn
-    finally:
-        conn.close()
-
-
-@functools.cache
-def _engine(url: str) -> Any:
-    import sqlalchemy
-
-    from twopc.stores.postgres import engine_url
-
-    # Autocommit at the driver so the snapshot's own BEGIN opens the transaction.
-    return sqlalchemy.create_engine(engine_url(url), poolclass=sqlalchemy.NullPool, isolation_level="AUTOCOMMIT")
-
-
-def query(where: str | os.PathLike[str], sql: str, *params: Any, **named: Any) -> list[tuple[Any, ...]]:
-    """The rows of one query against a store (file or URL), read-only. Parameters are
-    `?` positional (SQLite only) or `:name` keywords (either store)."""
-    with snapshot(where) as db:
-        if params:
-            return db.execute(sql, params).fetchall()  # type: ignore[no-any-return]
-        return [tuple(row) for row in execute(db, sql, named)]
 
 
 async def wait_until(

@@ -3,10 +3,20 @@
 `sqlite` is the embedded default (one file, one writer thread, group commit);
 `postgres` keeps a participant's data in PostgreSQL (extra `[postgres]`, imported only
 when used). `open_store` picks one from a path or a URL, and `execute` runs one
-statement on either's connection, so business SQL is written once (see `base`).
+statement on either's connection, so business SQL is written once (see `base`);
+`snapshot` and `query` read a store from outside, as an auditor or operator would.
 """
 
-from twopc.stores.base import ConflictError, Connection, Store, StoreUnavailableError, execute, open_store
+from twopc.stores.base import (
+    ConflictError,
+    Connection,
+    Store,
+    StoreUnavailableError,
+    execute,
+    open_store,
+    query,
+    snapshot,
+)
 from twopc.stores.sqlite import SqliteStore, StoreStats
 
 __all__ = [
@@ -18,4 +28,6 @@ __all__ = [
     "StoreUnavailableError",
     "execute",
     "open_store",
+    "query",
+    "snapshot",
 ]

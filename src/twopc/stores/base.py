@@ -17,11 +17,12 @@ dialects' common subset (standard DML is; DDL often is not, which is why a handl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 from twopc.errors import TwoPCError
@@ -135,3 +136,40 @@ def schema_for(schema: str | Mapping[str, str], dialect: str) -> str:
     if dialect not in schema:
         raise ValueError(f"the handler's schema has no {dialect!r} version (it has {sorted(schema)})")
     return schema[dialect]
+
+
+@contextlib.contextmanager
+def snapshot(where: str | os.PathLike[str]) -> Iterator[Any]:
+    """A read-only, consistent view of a store, opened as another process would open
+    it: a SQLite file (WAL lets it read while the service writes), or a PostgreSQL
+    URL (one REPEATABLE READ snapshot). Run SQL on it with `twopc.stores.execute`."""
+    if isinstance(where, str) and where.startswith(POSTGRES_SCHEMES):
+        with _engine(where).connect() as pg:
+            pg.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield pg
+        return
+    conn = sqlite3.connect(f"file:{os.fspath(where)}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")  # one snapshot for every query in the block
+        yield conn
+    finally:
+        conn.close()
+
+
+@functools.cache
+def _engine(url: str) -> Any:
+    import sqlalchemy
+
+    from twopc.stores.postgres import engine_url
+
+    # Autocommit at the driver so the snapshot's own BEGIN opens the transaction.
+    return sqlalchemy.create_engine(engine_url(url), poolclass=sqlalchemy.NullPool, isolation_level="AUTOCOMMIT")
+
+
+def query(where: str | os.PathLike[str], sql: str, *params: Any, **named: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query against a store (file or URL), read-only. Parameters are
+    `?` positional (SQLite only) or `:name` keywords (either store)."""
+    with snapshot(where) as db:
+        if params:
+            return db.execute(sql, params).fetchall()  # type: ignore[no-any-return]
+        return [tuple(row) for row in execute(db, sql, named)]
