@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +24,9 @@ WALLET_HANDLER = "services.wallet.service:WalletHandler"
 
 
 def twopc(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TWOPC, *args], capture_output=True, text=True, input=stdin, timeout=60, check=False)
+    # The repository's root on the path, so that --handler can name a test app's class.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([TWOPC, *args], capture_output=True, text=True, input=stdin, timeout=60, check=False, env=env)
 
 
 @pytest.fixture
@@ -112,10 +115,12 @@ async def _confirmed(cluster: Cluster, order_id: str) -> bool:
     return await cluster.order_state(order_id) == "confirmed"
 
 
-async def test_log_and_in_doubt_read_postgresql_too(tmp_path: Path, pg_url: str, start_kv: Callable[..., Kv]) -> None:
+async def test_log_in_doubt_and_resolve_work_on_postgresql_too(
+    tmp_path: Path, pg_url: str, start_kv: Callable[..., Kv]
+) -> None:
     """`twopc log list|show` reads a shared decision log in PostgreSQL (a URL with its
-    schema) and `twopc participant in-doubt` a participant's PostgreSQL store, with the
-    same output as for SQLite files."""
+    schema), `twopc participant in-doubt` a participant's PostgreSQL store, with the
+    same output as for SQLite files, and `twopc resolve` settles and records there."""
     from twopc.postgres_decision_log import PostgresDecisionLog
 
     log_url = f"{pg_url}&schema=clilog" if "?" in pg_url else f"{pg_url}?schema=clilog"
@@ -144,5 +149,9 @@ async def test_log_and_in_doubt_read_postgresql_too(tmp_path: Path, pg_url: str,
     assert vote.vote == participant_pb2.VOTE_COMMIT
     (held,) = json.loads(twopc("participant", "in-doubt", pg_url, "--json").stdout)
     assert held["txn_id"] == "t-pg" and held["age_s"] >= 0
+    settled = twopc("resolve", "t-pg", "--db", pg_url, "--handler", "tests.apps.kv:KV", "--abort", "--yes")
+    assert settled.returncode == 0, settled.stderr
+    assert kv.state("t-pg") == "ABORTED" and kv.reserved() == []
+    assert query(pg_url, "SELECT txn_id, decision FROM twopc_heuristic") == [("t-pg", "ABORTED")]
     down = twopc("participant", "in-doubt", "postgresql://postgres@127.0.0.1:1/nowhere")
     assert down.returncode == 1 and down.stderr.count("\n") == 1

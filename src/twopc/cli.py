@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS twopc_heuristic (
     coordinator  TEXT NOT NULL,   -- what the coordinator answered, or why it could not
     forced       INTEGER NOT NULL,
     operator     TEXT NOT NULL,
-    at           REAL NOT NULL
+    at           DOUBLE PRECISION NOT NULL
 );
 """
 
@@ -316,23 +316,57 @@ def apply_heuristic(
     store: str, handler: Any, txn_id: str, decision: str, coordinator_said: str, *, forced: bool
 ) -> None:
     """Applies `decision` to a prepared transaction in one local transaction: the
-    handler's commit or abort, the state change, and the heuristic record."""
+    handler's commit or abort, the state change, and the heuristic record. The same
+    SQL on a SQLite file (written beside a running participant: SQLite's lock
+    serializes the two) and on a PostgreSQL store (through `PostgresStore`)."""
+    operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+
+    def decide(db: Any) -> None:
+        row = stores.execute(db, "SELECT state FROM twopc_txn WHERE txn_id = :t", {"t": txn_id}).fetchone()
+        if row is None or row[0] != PREPARED:
+            fail(f"{txn_id} is {'unknown' if row is None else row[0]} here, not PREPARED: nothing to resolve")
+        (handler.commit if decision == COMMITTED else handler.abort)(db, txn_id)
+        now = time.time()
+        stores.execute(
+            db,
+            "UPDATE twopc_txn SET state = :state, decided_at = :now WHERE txn_id = :t",
+            {"state": decision, "now": now, "t": txn_id},
+        )
+        stores.execute(
+            db,
+            "INSERT INTO twopc_heuristic VALUES (:t, :decision, :said, :forced, :operator, :now)",
+            {
+                "t": txn_id,
+                "decision": decision,
+                "said": coordinator_said,
+                "forced": int(forced),
+                "operator": operator,
+                "now": now,
+            },
+        )
+
+    if store.startswith(POSTGRES_SCHEMES):
+
+        async def on_postgres() -> None:
+            pg = stores.open_store(store)
+            pg.schema = HEURISTIC_SCHEMA
+            await pg.open()
+            try:
+                await pg.write(decide)
+            finally:
+                await pg.close()
+
+        try:
+            asyncio.run(on_postgres())
+        except ImportError:
+            fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+        return
     with _open(store, write=True) as db:
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(HEURISTIC_SCHEMA)
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT state FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
-            if row is None or row[0] != PREPARED:
-                fail(f"{txn_id} is {'unknown' if row is None else row[0]} here, not PREPARED: nothing to resolve")
-            (handler.commit if decision == COMMITTED else handler.abort)(db, txn_id)
-            now = time.time()
-            db.execute("UPDATE twopc_txn SET state = ?, decided_at = ? WHERE txn_id = ?", (decision, now, txn_id))
-            operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
-            db.execute(
-                "INSERT INTO twopc_heuristic VALUES (?, ?, ?, ?, ?, ?)",
-                (txn_id, decision, coordinator_said, int(forced), operator, now),
-            )
+            decide(db)
         except BaseException:
             db.execute("ROLLBACK")
             raise
@@ -341,7 +375,7 @@ def apply_heuristic(
 
 @cli.command()
 @click.argument("txn_id", metavar="TXN")
-@click.option("--db", "store", required=True, metavar="STORE", help="the participant's SQLite file")
+@click.option("--db", "store", required=True, metavar="STORE", help="the participant's SQLite file or PostgreSQL URL")
 @click.option(
     "--handler", required=True, metavar="MODULE:CLASS", help="the participant's handler, whose commit/abort runs"
 )
@@ -376,8 +410,8 @@ def resolve(
 
     if decision is None:
         fail("say --commit or --abort")
-    with _open(store) as db:
-        row = db.execute("SELECT state, coordinator FROM twopc_txn WHERE txn_id = ?", (txn_id,)).fetchone()
+    found = _read(store, "SELECT state, coordinator FROM twopc_txn WHERE txn_id = :t", {"t": txn_id})
+    row = found[0] if found else None
     if row is None or row[0] != PREPARED:
         fail(f"{txn_id} is {'unknown' if row is None else row[0]} at {store}, not PREPARED: nothing to resolve")
     address = coordinator or row[1]
