@@ -11,7 +11,7 @@ import grpc
 from services.common import MAX_AMOUNT, MAX_QUANTITY, ApiAccess, api, check_amount, page_after, page_size, page_token
 from services.order.v1 import order_pb2, order_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
-from twopc.stores import Connection, execute
+from twopc.stores import Connection, execute, lock_rows
 
 # One text for both stores: every type here means the same in SQLite and PostgreSQL.
 SCHEMA = """
@@ -99,6 +99,7 @@ class OrderHandler:
 
     operations = (order_pb2.PlaceOrder,)
     schema = SCHEMA
+    isolation = "READ COMMITTED"  # PostgreSQL: prepare locks the products it checks
 
     def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         place: order_pb2.PlaceOrder = operation
@@ -113,6 +114,9 @@ class OrderHandler:
             if state != "CANCELLED":
                 raise VoteAbort(f"order {place.order_id!r} is already {state.lower()}")
             execute(db, "DELETE FROM orders WHERE order_id = :order_id", order)  # a retry after a cancel
+        # Orders sharing a product queue here (in sku order); stock is read after the
+        # lock, so two buyers of the last item cannot both see it available.
+        lock_rows(db, "products", "sku", [sku for sku, _ in items])
         short = []
         for sku, quantity in items:
             available = stock(db, sku).available

@@ -20,7 +20,7 @@ from services.common import (
 )
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
-from twopc.stores import Connection, execute
+from twopc.stores import Connection, execute, lock_rows
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -69,11 +69,15 @@ class WalletHandler:
 
     operations = (wallet_pb2.Debit,)
     schema = SCHEMA
+    isolation = "READ COMMITTED"  # PostgreSQL: prepare locks the account it checks
 
     def prepare(self, db: Connection, txn_id: str, operation: Any) -> Vote:
         debit: wallet_pb2.Debit = operation
         limits.check_id("account", debit.account)
         check_amount("amount", debit.amount, MAX_AMOUNT)
+        # Holds on one account queue here; the balance is read after the lock, so it
+        # counts every hold committed before (a statement's snapshot starts with it).
+        lock_rows(db, "accounts", "account", [debit.account])
         available = balance(db, debit.account).available
         if available < debit.amount:
             raise VoteAbort(f"insufficient funds: available {available}, needed {debit.amount}")

@@ -56,6 +56,7 @@ from twopc.stores.base import (
     StoreUnavailableError,
     execute,
     is_retried,
+    lock_rows,
     open_store,
     schema_for,
 )
@@ -108,6 +109,11 @@ class ParticipantHandler(Protocol):
         operations: the operation message types this participant accepts.
         schema: SQL run when the store opens (`CREATE TABLE IF NOT EXISTS ...`),
             or one per dialect: {"sqlite": ..., "postgresql": ...}.
+        isolation: optional; on PostgreSQL, the level the store runs jobs at when
+            given a URL. Absent: "SERIALIZABLE" (correct for code written for
+            SQLite's one writer, but under load it fails jobs that share no row).
+            "READ COMMITTED" is for handlers whose `prepare` locks the rows its
+            rules read (`twopc.stores.lock_rows`) before reading them.
     """
 
     @property
@@ -261,7 +267,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         observers: Iterable[Observer] = (),
     ) -> None:
         self.handler = handler
-        self.store = open_store(store)
+        # On PostgreSQL, a handler that locks what its rules read may say READ COMMITTED.
+        self.store = open_store(store, isolation=getattr(handler, "isolation", "SERIALIZABLE"))
         # All applied when it opens.
         self.store.schema = _SCHEMA + schema_for(handler.schema, self.store.dialect) + self.store.schema
         self.config = config or ParticipantConfig()
@@ -809,6 +816,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _state(db: Connection, txn_id: str) -> tuple[str] | None:
+    """The transaction's state, its row locked (a concurrent Commit or Abort waits)."""
+    lock_rows(db, "twopc_txn", "txn_id", [txn_id])
     row = execute(db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
     return None if row is None else (row[0],)
 

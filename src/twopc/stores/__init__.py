@@ -4,7 +4,9 @@
 `postgres` keeps a participant's data in PostgreSQL (extra `[postgres]`, imported only
 when used). `open_store` picks one from a path or a URL, and `execute` runs one
 statement on either's connection, so business SQL is written once (see `base`);
-`snapshot` and `query` read a store from outside, as an auditor or operator would.
+`lock_rows` locks the rows a job's rule reads on PostgreSQL (SQLite's one writer
+needs none); `snapshot` and `query` read a store from outside, as an auditor or
+operator would.
 """
 
 from twopc.stores.base import (
@@ -13,6 +15,7 @@ from twopc.stores.base import (
     Store,
     StoreUnavailableError,
     execute,
+    lock_rows,
     open_store,
     query,
     snapshot,
@@ -27,6 +30,7 @@ __all__ = [
     "StoreStats",
     "StoreUnavailableError",
     "execute",
+    "lock_rows",
     "open_store",
     "query",
     "snapshot",

@@ -22,7 +22,7 @@ import functools
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
 from twopc.errors import TwoPCError
@@ -119,6 +119,24 @@ def _text(sql: str) -> Any:
     import sqlalchemy
 
     return sqlalchemy.text(sql)
+
+
+def lock_rows(db: Connection, table: str, column: str, keys: Iterable[Any]) -> None:
+    """Locks the rows of `table` whose `column` is one of `keys`, until the job ends.
+
+    On PostgreSQL, `SELECT ... FOR UPDATE` one key at a time in sorted order (two jobs
+    locking overlapping rows queue instead of deadlocking); a job that reads a row to
+    decide, then writes, locks it first, so its later statements see every commit
+    before it and none after. On SQLite it does nothing: its one writer runs jobs one
+    at a time. `table` and `column` are the caller's identifiers, never user input.
+    """
+    if isinstance(db, sqlite3.Connection):
+        return
+    if not (table.isidentifier() and column.isidentifier()):
+        raise ValueError(f"not an identifier: {table!r}.{column!r}")
+    sql = f"SELECT 1 FROM {table} WHERE {column} = :key FOR UPDATE"  # identifiers checked above
+    for key in sorted(set(keys)):
+        execute(db, sql, {"key": key})
 
 
 def is_retried(error: BaseException) -> bool:
