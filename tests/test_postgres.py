@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+import sqlalchemy
 from google.protobuf import any_pb2
 
 from services.order.service import OrderHandler
@@ -164,6 +165,26 @@ async def test_serialization_failures_are_retried_then_reported(pg_url: str) -> 
     lost = [r for r in results if isinstance(r, BaseException)]
     assert lost and all(isinstance(e, ConflictError) and "serialization failure" in str(e) for e in lost)
     assert query(pg_url, "SELECT v FROM n") == [(8 + len(results) - len(lost),)]
+
+
+async def test_a_jobs_own_unique_violation_at_read_committed_is_raised_after_a_few_reruns(pg_url: str) -> None:
+    """At READ COMMITTED a unique violation reruns the job (a concurrent insert of the
+    same key would be seen then), but a duplicate of the job's own comes back each
+    run and is raised as it is after three reruns; an unknown level is refused."""
+    with pytest.raises(ValueError, match="isolation"):
+        PostgresStore(pg_url, isolation="READ UNCOMMITTED")
+    schema = "CREATE TABLE u (id INT PRIMARY KEY); INSERT INTO u VALUES (1)"
+    async with PostgresStore(pg_url, schema, isolation="READ COMMITTED") as s:
+        runs: list[int] = []
+
+        def duplicate(db: Any) -> None:
+            runs.append(1)
+            execute(db, "INSERT INTO u VALUES (1)")
+
+        with pytest.raises(sqlalchemy.exc.IntegrityError):
+            await s.write(duplicate)
+        assert len(runs) == 4
+    assert query(pg_url, "SELECT id FROM u") == [(1,)]
 
 
 async def test_broken_connection_before_commit_is_retried_on_a_new_one(local: Local, pg_url: str) -> None:

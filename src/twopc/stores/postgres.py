@@ -17,12 +17,13 @@ prepares racing for the last item cannot both reserve it. The loser gets a
 serialization failure; the store runs the job again on a fresh snapshot (the job
 must be a function of the database only), a few times with jittered backoff.
 SERIALIZABLE also fails jobs that share no row (its predicate locks cover a page or
-a whole small table), so under load most of the work is retries. Code that locks
+a whole small table), so under load many jobs run more than once. Code that locks
 the rows its rules read (`twopc.stores.lock_rows`) can run at READ COMMITTED
 (`isolation=`): jobs then queue only on the rows they share. There a unique
 violation is what a concurrent insert of the same key looks like (SERIALIZABLE
-reports it as a serialization failure), so the job runs once more on a fresh
-snapshot, where it sees that row. A job that keeps losing, a
+reports it as a serialization failure), so the job runs again on a fresh
+snapshot, where it sees that row (a few times at most: one that keeps coming back
+is the job's own duplicate and is raised). A job that keeps losing, a
 deadlock or a lock wait past `lock_timeout_s` raise `ConflictError`: a Prepare then
 votes ABORT with that reason. A broken connection before COMMIT is retried (the
 server rolled the transaction back); a broken connection *during* COMMIT leaves the
@@ -60,6 +61,7 @@ _log = structlog.get_logger("twopc.stores.postgres")
 _RETRY = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 _OPEN = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 _UNIQUE = "23505"  # unique_violation
+_UNIQUE_RERUNS = 3
 _ISOLATIONS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 _CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # lock_not_available, query_canceled
 
@@ -300,11 +302,14 @@ class PostgresStore:
                     raw.execute("ROLLBACK")
 
     def _raced(self, e: exc.DBAPIError, lost: list[str]) -> bool:
-        """True for a unique violation below SERIALIZABLE, the first time: it may be a
-        concurrent insert of the same key, which a fresh snapshot sees. A second one
+        """True for a unique violation below SERIALIZABLE, up to `_UNIQUE_RERUNS` times
+        a job: it may be a concurrent insert of the same key, which a fresh snapshot
+        sees (a batch of prepares may meet one per item). One that keeps coming back
         is the job's own duplicate, raised as it is."""
         sqlstate = getattr(e.orig, "sqlstate", None)
-        return self.isolation != "SERIALIZABLE" and sqlstate == _UNIQUE and "unique violation" not in lost
+        return (
+            self.isolation != "SERIALIZABLE" and sqlstate == _UNIQUE and lost.count("unique violation") < _UNIQUE_RERUNS
+        )
 
     def _classify(self, e: exc.DBAPIError, committing: bool) -> str:
         """The reason to retry `e`, or raises what it means for the caller."""
