@@ -322,6 +322,7 @@ def apply_heuristic(
     operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
     def decide(db: Any) -> None:
+        stores.lock_rows(db, "twopc_txn", "txn_id", [txn_id])  # a running participant's Commit/Abort waits
         row = stores.execute(db, "SELECT state FROM twopc_txn WHERE txn_id = :t", {"t": txn_id}).fetchone()
         if row is None or row[0] != PREPARED:
             fail(f"{txn_id} is {'unknown' if row is None else row[0]} here, not PREPARED: nothing to resolve")
