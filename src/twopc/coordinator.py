@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import os
 import re
 import uuid
@@ -369,9 +368,9 @@ class Coordinator:
             raise ValueError("two branches name the same target; give each participant one branch")
         limits.check_count("branches", len(branches), limits.MAX_BRANCHES)
         timeout = self.config.prepare_timeout_s if timeout_s is None else timeout_s
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout_s must be a finite number > 0, got {timeout!r}")
-        limits.check_timeout("timeout_s", timeout)
+        limits.check_timeout("timeout_s", timeout)  # NaN, infinite, negative, past the bound
+        if timeout == 0:  # check_timeout lets 0 through (a request's "use the default")
+            raise ValueError("timeout_s must be > 0")
         if txn_id is None:
             gid = f"{self.id}:{uuid.uuid4().hex}"
         else:
