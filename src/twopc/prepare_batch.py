@@ -78,7 +78,6 @@ class PrepareBatcher:
         self._limit = limit
         self._spawn = spawn
         self._sent = sent
-        self._max_in_flight = _IN_FLIGHT
         self._queue: collections.deque[_Queued] = collections.deque()
         self._in_flight = 0  # messages to this participant now in flight
         self.supported = True  # False once the participant answered UNIMPLEMENTED
@@ -95,7 +94,7 @@ class PrepareBatcher:
         """
         if not self.supported:
             return await self._unary(request, deadline)
-        if self._in_flight < self._max_in_flight and not self._queue:
+        if self._in_flight < _IN_FLIGHT and not self._queue:
             self._in_flight += 1
             try:
                 return await self._unary(request, deadline)
@@ -130,7 +129,7 @@ class PrepareBatcher:
 
     def _next(self) -> None:
         """A message slot is free: what queued goes out now, the oldest first."""
-        while self._queue and self._in_flight < self._max_in_flight:
+        while self._queue and self._in_flight < _IN_FLIGHT:
             now = asyncio.get_running_loop().time()
             batch: list[_Queued] = []
             while self._queue and len(batch) < self._limit:
