@@ -98,11 +98,6 @@ Cursor = psycopg.AsyncCursor[Any]
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
-def is_postgres_url(target: object) -> bool:
-    """Whether a coordinator's `log` argument names a PostgreSQL database."""
-    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
-
-
 def _split(url: str) -> tuple[SplitResult, dict[str, str], str]:
     """The URL's parts, its query without `schema`, and the schema."""
     parts = urlsplit(url)
