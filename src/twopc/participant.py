@@ -227,6 +227,18 @@ def _refusal(error: Exception) -> str | _ItemError:
     return _ItemError(grpc.StatusCode.INTERNAL, f"prepare failed: {limits.clip(repr(error))}")
 
 
+def _repeated(state: str, digest: str, item: _Item) -> tuple[Vote, str, bool]:
+    """The answer to a Prepare of a transaction already known here (in `state`, its
+    operation's `digest` kept): the first answer again, with no work."""
+    if state == ABORTED:
+        return Vote.ABORT, "transaction already aborted", True
+    if digest != item.digest:
+        # Not a repeat but another transaction under a used id: refuse it and leave
+        # the first one as it is.
+        return Vote.ABORT, "transaction id already used for another operation", True
+    return Vote.COMMIT, "", True
+
+
 def _report(item: _Item, failure: _ItemError, error: Exception) -> None:
     """Logs a Prepare answered with a status: a bug loudly, a capped coordinator as a warning."""
     if failure.code is grpc.StatusCode.INTERNAL:
@@ -577,14 +589,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         row = execute(
             db, "SELECT state, digest FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": item.txn_id}
         ).fetchone()
-        if row is not None:  # a repeated Prepare: the same answer, no work
-            if row[0] == ABORTED:
-                return Vote.ABORT, "transaction already aborted", True
-            if row[1] != item.digest:
-                # Not a repeat but another transaction under a used id: refuse it and
-                # leave the first one as it is.
-                return Vote.ABORT, "transaction id already used for another operation", True
-            return Vote.COMMIT, "", True
+        if row is not None:
+            return _repeated(row[0], row[1], item)
         if item.deadline is not None and time.monotonic() >= item.deadline:
             return Vote.ABORT, "deadline passed before prepare", False
         if not item.one_phase:

@@ -65,7 +65,17 @@ from sqlalchemy import exc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import TwoPCError
 from twopc.observe import EventKind, Observer
-from twopc.participant import ABORTED, COMMITTED, Participant, _Item, _ItemError, _refusal, _RefusedError
+from twopc.participant import (
+    ABORTED,
+    COMMITTED,
+    PREPARED,
+    Participant,
+    _Item,
+    _ItemError,
+    _refusal,
+    _RefusedError,
+    _repeated,
+)
 from twopc.stores.base import execute, is_retried
 from twopc.stores.postgres import PostgresStore
 from twopc.types import Vote
@@ -191,21 +201,14 @@ class PreparedParticipant(Participant):
         gid = self.gid(txn_id)
         known = _row(db, txn_id)
         if known is not None:  # decided: committed (its row) or aborted (a tombstone)
-            state, known_digest = known
-            if state == ABORTED:
-                return Vote.ABORT, "transaction already aborted", True
-            if known_digest != digest:
-                return Vote.ABORT, "transaction id already used for another operation", True
-            return Vote.COMMIT, "", True
+            return _repeated(*known, item)
         pending = execute(
             db,
             "SELECT t.digest FROM pg_prepared_xacts p JOIN twopc_prepared t USING (gid) WHERE p.gid = :gid",
             {"gid": gid},
         ).fetchone()
         if pending is not None:  # prepared already: a repeat
-            if pending[0] != digest:
-                return Vote.ABORT, "transaction id already used for another operation", True
-            return Vote.COMMIT, "", True
+            return _repeated(PREPARED, pending[0], item)
         if item.deadline is not None and time.monotonic() >= item.deadline:
             return Vote.ABORT, "deadline passed before prepare", False
         now = time.time()
