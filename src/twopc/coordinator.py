@@ -574,16 +574,16 @@ class Coordinator:
         }
         votes: list[BranchResult | None] = [None] * len(branches)
         pending = set(tasks)
+        refused = False  # a branch voted ABORT or gave no vote: the rest are not awaited
         try:
-            while pending:
+            while pending and not refused:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     votes[tasks[t]] = v = t.result()
+                    refused = refused or v.vote not in _YES
                     self.observers.emit(
                         EventKind.VOTED, gid, branch=v.name, target=v.target, vote=v.vote, reason=v.reason
                     )
-                if any(v is not None and v.vote not in _YES for v in votes):
-                    break
         finally:
             for t in pending:
                 t.cancel()
