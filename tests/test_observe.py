@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
@@ -93,11 +94,14 @@ async def test_a_failing_observer_changes_nothing(tmp_path: Path, start_kv: Call
 
     recorder = Recorder()
     a, b = start_kv("a"), start_kv("b")
-    async with Coordinator(
-        tmp_path / "d.db", credentials=INSECURE, config=FAST, observers=[Broken(), recorder]
-    ) as coordinator:
-        result = await coordinator.run([a.branch(), b.branch()])
+    with capture_logs() as events:
+        async with Coordinator(
+            tmp_path / "d.db", credentials=INSECURE, config=FAST, observers=[Broken(), recorder]
+        ) as coordinator:
+            result = await coordinator.run([a.branch(), b.branch()])
     assert result.committed and K.DECISION_LOGGED in recorder.kinds(result.txn_id)
+    failed = [e for e in events if e["event"] == "observer_failed"]
+    assert failed and all(e["observer"] == "Broken" and e["log_level"] == "error" for e in failed)
 
 
 async def test_participant_reports_votes_decisions_and_in_doubt_questions(tmp_path: Path) -> None:
