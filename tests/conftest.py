@@ -114,18 +114,28 @@ S = TypeVar("S", bound=Served)
 
 
 @contextlib.asynccontextmanager
+async def listening(add: Callable[[grpc.aio.Server], object], interceptors: Sequence[Any] = ()) -> AsyncIterator[str]:
+    """A gRPC server in this process on a free loopback port, its services registered by
+    `add` (a servicer's `add_to_server`, say); yields its address, stops it afterwards."""
+    server = rpc.server(interceptors)
+    add(server)
+    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+@contextlib.asynccontextmanager
 async def serve(participant: Participant, url: str, kind: type[S]) -> AsyncIterator[S]:
     """Opens `participant`, serves it on a gRPC server on port 0, and yields `kind`."""
-    async with participant:
-        server = rpc.server()
-        participant.add_to_server(server)
-        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                yield kind(participant, participant_pb2_grpc.ParticipantStub(ch), url)
-        finally:
-            await server.stop(None)
+    async with (
+        participant,
+        listening(participant.add_to_server) as address,
+        grpc.aio.insecure_channel(address) as ch,
+    ):
+        yield kind(participant, participant_pb2_grpc.ParticipantStub(ch), url)
 
 
 def _private_postgres() -> Iterator[PostgresServer]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +14,8 @@ from google.protobuf import any_pb2
 from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
-from tests.conftest import FAST, INSECURE, Kv, eventually, op, txn_state
-from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog, rpc
+from tests.conftest import FAST, INSECURE, Kv, eventually, listening, op, txn_state
+from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog
 from twopc.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -82,12 +81,8 @@ class _NoBatching(participant_pb2_grpc.ParticipantServicer):
 @pytest.fixture
 async def old_participant() -> AsyncIterator[tuple[str, _NoBatching]]:
     servicer = _NoBatching()
-    server = rpc.server()
-    participant_pb2_grpc.add_ParticipantServicer_to_server(servicer, server)
-    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-    await server.start()
-    yield f"127.0.0.1:{port}", servicer
-    await server.stop(None)
+    async with listening(lambda server: participant_pb2_grpc.add_ParticipantServicer_to_server(servicer, server)) as at:
+        yield at, servicer
 
 
 async def test_participant_without_commit_many_gets_single_commits(
@@ -123,26 +118,13 @@ class _Recording(Participant):
         return await super().CommitMany(request, context)
 
 
-@contextlib.asynccontextmanager
-async def served(participant: Participant) -> AsyncIterator[str]:
-    """Serves an entered participant in this process on port 0; yields its address."""
-    server = rpc.server()
-    participant.add_to_server(server)
-    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
-
-
 @pytest.fixture
 async def recording(tmp_path: Path) -> AsyncIterator[tuple[str, _Recording]]:
     """A kv participant served in this process that records its CommitMany sizes."""
     config = ParticipantConfig(allow_no_coordinator=True)  # its coordinators serve no GetOutcome
     async with _Recording(KV(), tmp_path / "kv.db", credentials=INSECURE, config=config) as participant:
         participant.sizes = []
-        async with served(participant) as address:
+        async with listening(participant.add_to_server) as address:
             yield address, participant
 
 
@@ -245,7 +227,7 @@ async def gated(tmp_path: Path) -> AsyncIterator[tuple[str, _Gated]]:
     async with _Gated(KV(), tmp_path / "gated.db", credentials=INSECURE, config=config) as participant:
         participant.messages, participant.timeouts = [], []
         participant.gates = {"hold": asyncio.Event(), "hold2": asyncio.Event()}
-        async with served(participant) as address:
+        async with listening(participant.add_to_server) as address:
             yield address, participant
 
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
+from tests.conftest import FAST, INSECURE, Kv, eventually, listening, prepare_request
 from twopc import (
     ClosedError,
     Coordinator,
@@ -113,17 +113,11 @@ async def test_get_outcome_is_unavailable_until_the_log_is_read(tmp_path: Path) 
     assert await log.log_commit(gid, ["127.0.0.1:1"])
     await log.close()
     coordinator = Coordinator(path, credentials=INSECURE, config=FAST)
-    server = rpc.server()
-    coordinator.add_to_server(server)
-    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-    await server.start()
-    try:
-        assert await ask(f"127.0.0.1:{port}", gid) == "UNAVAILABLE"
+    async with listening(coordinator.add_to_server) as address:
+        assert await ask(address, gid) == "UNAVAILABLE"
         async with coordinator:
-            assert await ask(f"127.0.0.1:{port}", gid) == "OUTCOME_COMMITTED"
-        assert await ask(f"127.0.0.1:{port}", gid) == "UNAVAILABLE"
-    finally:
-        await server.stop(None)
+            assert await ask(address, gid) == "OUTCOME_COMMITTED"
+        assert await ask(address, gid) == "UNAVAILABLE"
 
 
 async def test_one_log_one_coordinator_and_one_port_one_server(tmp_path: Path) -> None:

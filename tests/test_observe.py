@@ -10,8 +10,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
-from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
-from twopc import Coordinator, Outcome, Participant, ParticipantConfig, Vote, rpc
+from tests.conftest import FAST, INSECURE, Kv, eventually, listening, prepare_request
+from twopc import Coordinator, Outcome, Participant, ParticipantConfig, Vote
 from twopc.observe import Event, EventKind, Recorder
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -109,28 +109,22 @@ async def test_participant_reports_votes_decisions_and_in_doubt_questions(tmp_pa
     recorder = Recorder()
     # The test drives Prepare by hand; t1 names no coordinator.
     config = ParticipantConfig(in_doubt_after_s=0.05, resolve_interval_s=0.05, allow_no_coordinator=True)
-    async with Participant(
-        KV(), str(tmp_path / "kv.db"), credentials=INSECURE, config=config, observers=[recorder]
-    ) as p:
-        server = grpc.aio.server()
-        p.add_to_server(server)
-        port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = participant_pb2_grpc.ParticipantStub(ch)
-                await stub.Prepare(prepare_request("t1"), timeout=5)
-                await stub.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5)
-                doubtful = prepare_request("t2")
-                doubtful.coordinator = "127.0.0.1:1"  # nobody answers there
-                await stub.Prepare(doubtful, timeout=5)
-                await eventually(lambda: K.IN_DOUBT_ASKED in recorder.kinds("t2"), what="an in-doubt question")
-                await eventually(
-                    lambda: any(e.kind is K.IN_DOUBT_SCANNED and e.count == 1 for e in recorder.events),
-                    what="an in-doubt scan",
-                )
-        finally:
-            await server.stop(None)
+    async with (
+        Participant(KV(), str(tmp_path / "kv.db"), credentials=INSECURE, config=config, observers=[recorder]) as p,
+        listening(p.add_to_server) as address,
+        grpc.aio.insecure_channel(address) as ch,
+    ):
+        stub = participant_pb2_grpc.ParticipantStub(ch)
+        await stub.Prepare(prepare_request("t1"), timeout=5)
+        await stub.Commit(participant_pb2.CommitRequest(txn_id="t1"), timeout=5)
+        doubtful = prepare_request("t2")
+        doubtful.coordinator = "127.0.0.1:1"  # nobody answers there
+        await stub.Prepare(doubtful, timeout=5)
+        await eventually(lambda: K.IN_DOUBT_ASKED in recorder.kinds("t2"), what="an in-doubt question")
+        await eventually(
+            lambda: any(e.kind is K.IN_DOUBT_SCANNED and e.count == 1 for e in recorder.events),
+            what="an in-doubt scan",
+        )
     assert recorder.kinds("t1") == [K.PREPARED, K.APPLIED]
     prepared, applied = recorder.of("t1")
     assert prepared.vote is Vote.COMMIT and applied.outcome is Outcome.COMMITTED

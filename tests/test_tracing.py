@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.cluster import Cluster
 from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
-from tests.conftest import FAST, INSECURE, eventually, op
-from twopc import Branch, Coordinator, Participant, rpc
+from tests.conftest import FAST, INSECURE, eventually, listening, op
+from twopc import Branch, Coordinator, Participant
 from twopc.tracing import Tracing
 
 
@@ -35,12 +35,7 @@ async def traced(tmp_path: Path) -> AsyncIterator[tuple[Coordinator, list[str], 
         targets = []
         for name in ("a", "b"):
             p = await stack.enter_async_context(Participant(KV(), tmp_path / f"{name}.db", credentials=INSECURE))
-            server = rpc.server(interceptors=[tracing.server_interceptor()])
-            p.add_to_server(server)
-            port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-            await server.start()
-            stack.push_async_callback(server.stop, None)
-            targets.append(f"127.0.0.1:{port}")
+            targets.append(await stack.enter_async_context(listening(p.add_to_server, [tracing.server_interceptor()])))
         coordinator = await stack.enter_async_context(
             Coordinator(
                 tmp_path / "decisions.db",

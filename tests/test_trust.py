@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, eventually, prepare_request, txn_state
+from tests.conftest import INSECURE, Served, eventually, listening, prepare_request, serve, txn_state
 from twopc import Credentials, Participant, ParticipantConfig, pki, rpc, trust
 from twopc.testing import ServiceProcess, query
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
@@ -42,12 +42,8 @@ class FakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeCoordinator, str]]:
     servicer = FakeCoordinator()
-    server = grpc.aio.server()
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-    await server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    await server.stop(None)
+    async with listening(lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)) as at:
+        yield servicer, at
 
 
 TRUSTED = "127.0.0.1:1"  # the only coordinator the wallet below trusts (nobody listens there)
@@ -163,25 +159,18 @@ async def test_blackhole_coordinators_do_not_delay_a_legitimate_resolution(
     config = ParticipantConfig(in_doubt_after_s=0.05, resolve_interval_s=0.1, rpc_timeout_s=2.0)
     db = tmp_path / "kv.db"
     try:
-        async with Participant(KV(), str(db), credentials=INSECURE, config=config) as participant:
-            server = grpc.aio.server()
-            participant.add_to_server(server)
-            port = rpc.add_port(server, "127.0.0.1:0", INSECURE)
-            await server.start()
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = participant_pb2_grpc.ParticipantStub(ch)
-                for i, hole in enumerate(holes):
-                    request = prepare_request(f"hole{i}")
-                    request.coordinator = f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"
-                    await stub.Prepare(request, timeout=5)
-                request = prepare_request("legit")
-                request.coordinator = legit
-                await stub.Prepare(request, timeout=5)
-                started = time.monotonic()
-                await eventually(lambda: txn_state(db, "legit") == "COMMITTED", 10.0, "the legitimate resolution")
-                assert time.monotonic() - started < 10.0
-                assert all(txn_state(db, f"hole{i}") == "PREPARED" for i in range(20))
-            await server.stop(None)
+        async with serve(Participant(KV(), str(db), credentials=INSECURE, config=config), str(db), Served) as local:
+            for i, hole in enumerate(holes):
+                request = prepare_request(f"hole{i}")
+                request.coordinator = f"127.0.0.1:{hole.sockets[0].getsockname()[1]}"
+                await local.stub.Prepare(request, timeout=5)
+            request = prepare_request("legit")
+            request.coordinator = legit
+            await local.stub.Prepare(request, timeout=5)
+            started = time.monotonic()
+            await eventually(lambda: txn_state(db, "legit") == "COMMITTED", 10.0, "the legitimate resolution")
+            assert time.monotonic() - started < 10.0
+            assert all(txn_state(db, f"hole{i}") == "PREPARED" for i in range(20))
     finally:
         for hole in holes:
             hole.close()
