@@ -29,6 +29,7 @@ from twopc import (
     StoreInUseError,
     rpc,
 )
+from twopc.observe import EventKind, Recorder
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2_grpc
 
 
@@ -67,13 +68,16 @@ async def test_shutdown_during_the_decision_write_finishes_the_decision(
     config = replace(FAST, shutdown_grace_s=0.1)
     log = tmp_path / "d.db"
     answers: list[str] = []
-    async with Coordinator(log, credentials=INSECURE, listen="127.0.0.1:0", config=config) as c:
+    recorder = Recorder()
+    async with Coordinator(log, credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=[recorder]) as c:
         address = c.address
         slow_log_commits(monkeypatch, 2.0)  # kv asks GetOutcome after 1 s in doubt
         run = asyncio.create_task(c.run([a.branch(), b.branch()], txn_id="t-close"))
         t = c.global_id("t-close")
         await eventually(lambda: a.state(t) == b.state(t) == "PREPARED", what="both prepared")
-        await asyncio.sleep(0.2)  # the votes are in: the COMMIT record is being written
+        # Decided, and its COMMIT record now being written (2 s), not yet logged.
+        await eventually(lambda: EventKind.DECIDED in recorder.kinds(t), what="the decision")
+        assert EventKind.DECISION_LOGGED not in recorder.kinds(t)
         closing = asyncio.create_task(c.close())
         while not closing.done():
             answers.append(await ask(address, t))
