@@ -17,6 +17,7 @@ from tenacity import stop_never
 
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
 from twopc import Coordinator, CoordinatorFailedError, Outcome, Vote
+from twopc.observe import EventKind, Recorder
 from twopc.stores import SqliteStore
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -325,7 +326,12 @@ async def test_caller_cancelled_during_the_decision_write_still_commits(
     """A caller that goes away while the COMMIT record is being written (its RPC was
     cancelled) must not orphan the decision: it reaches disk, so the coordinator still
     delivers it, and GetOutcome never answers ABORTED for it."""
-    a, b = start_kv("a"), start_kv("b")
+    # The participants would not ask GetOutcome for 10 minutes: only the coordinator
+    # delivering the decision itself can commit them.
+    patient = ["--in-doubt-after-s", "600"]
+    a, b = start_kv("a", args=patient), start_kv("b", args=patient)
+    recorder = Recorder()
+    coordinator.observers.add(recorder)
     slow_commit = SqliteStore._commit
 
     def slow(self: SqliteStore, conn: sqlite3.Connection) -> None:
@@ -336,7 +342,9 @@ async def test_caller_cancelled_during_the_decision_write_still_commits(
     t = coordinator.global_id("t-cancel")
     run = asyncio.create_task(coordinator.run([a.branch(), b.branch()], txn_id="t-cancel"))
     await eventually(lambda: a.state(t) == b.state(t) == "PREPARED", what="both prepared")
-    await asyncio.sleep(0.1)  # the votes are in: the decision is being written
+    # Decided, and its COMMIT record now being written (0.5 s), not yet logged.
+    await eventually(lambda: EventKind.DECIDED in recorder.kinds(t), what="the decision")
+    assert EventKind.DECISION_LOGGED not in recorder.kinds(t)
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
         await run
