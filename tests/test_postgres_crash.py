@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg
 from google.protobuf import wrappers_pb2
 
-from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request
+from tests.apps import debits
+from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request, txn_state
 from twopc import Branch, Coordinator, Outcome
 from twopc.pgserver import PostgresServer, schema
 from twopc.testing import ServiceProcess, query
@@ -79,9 +79,7 @@ class Debits:
     """A tests/apps/debits.py process on a schema of its own, account ann at 100."""
 
     def __init__(self, tmp_path: Path, url: str, env: dict[str, str] | None = None) -> None:
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("CREATE TABLE accounts (account TEXT PRIMARY KEY, balance BIGINT NOT NULL)")
-            conn.execute("INSERT INTO accounts VALUES ('ann', 100)")
+        debits.seed(url)
         self.url = url
         self.proc = ServiceProcess(
             "tests.apps.debits", ["--db", url], log_path=tmp_path / "debits.log", env=env
@@ -97,8 +95,7 @@ class Debits:
         return len(query(self.url, "SELECT 1 FROM pg_prepared_xacts p JOIN twopc_prepared t USING (gid)"))
 
     def state(self, txn_id: str) -> str | None:
-        found = query(self.url, "SELECT state FROM twopc_txn WHERE txn_id = :t", t=txn_id)
-        return found[0][0] if found else None
+        return txn_state(self.url, txn_id)
 
 
 async def test_adapter_killed_before_answering_rolls_back_after_asking(

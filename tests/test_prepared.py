@@ -14,7 +14,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
 
-from tests.apps.debits import Debits
+from tests.apps.debits import Debits, seed
 from tests.conftest import INSECURE, Served, eventually, serve
 from twopc import Coordinator, ParticipantConfig
 from twopc.observe import EventKind, Recorder
@@ -43,14 +43,6 @@ def debit(txn_id: str, amount: int, coordinator: str = "") -> participant_pb2.Pr
     operation = any_pb2.Any()
     operation.Pack(wrappers_pb2.Int64Value(value=amount))
     return participant_pb2.PrepareRequest(txn_id=txn_id, operation=operation, coordinator=coordinator)
-
-
-def seed(url: str) -> None:
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(Debits.schema.encode())
-        conn.execute("INSERT INTO accounts VALUES ('ann', 100)")
 
 
 def adapter(url: str, **options: Any) -> PreparedParticipant:

@@ -38,6 +38,15 @@ class Debits:
         return Vote.COMMIT
 
 
+def seed(url: str) -> None:
+    """Creates the service's table in the schema of `url`, with ann at 100."""
+    import psycopg  # the PostgreSQL extra: imported by the tests that have it
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(Debits.schema.encode())
+        conn.execute("INSERT INTO accounts VALUES ('ann', 100)")
+
+
 async def main() -> None:
     args, config = arguments(__doc__)
     async with PreparedParticipant(Debits(), args.db, credentials=Credentials.insecure(), config=config) as p:
