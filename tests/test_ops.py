@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.cluster import Cluster, Settings
 from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
-from tests.conftest import INSECURE, eventually, prepare_request
+from tests.conftest import INSECURE, eventually, listening, prepare_request
 from twopc import Participant, ParticipantConfig
 from twopc.health import PARTICIPANT_SERVICE, Health
 from twopc.testing import query
@@ -86,32 +86,31 @@ async def test_health_turns_not_serving_after_a_failed_fsync(tmp_path: Path, mon
     """A participant whose store commit fails as on EIO is NOT_SERVING from then on."""
     config = ParticipantConfig(allow_no_coordinator=True)  # the test drives Prepare by hand
     async with Participant(KV(), str(tmp_path / "kv.db"), credentials=INSECURE, config=config) as participant:
-        server = grpc.aio.server()
-        participant.add_to_server(server)
         health = Health([PARTICIPANT_SERVICE])
-        health.add_to_server(server)
         health.watch(participant.store.wait_failed)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        await health.serving()
-        address = f"127.0.0.1:{port}"
-        try:
-            assert await health_of(address, PARTICIPANT_SERVICE) == "SERVING"
 
-            def eio(conn: sqlite3.Connection) -> None:
-                raise sqlite3.OperationalError("disk I/O error")
+        def add(server: grpc.aio.Server) -> None:
+            participant.add_to_server(server)
+            health.add_to_server(server)
 
-            monkeypatch.setattr(participant.store, "_commit", eio)
-            async with grpc.aio.insecure_channel(address) as ch:
-                with pytest.raises(grpc.aio.AioRpcError):
-                    await participant_pb2_grpc.ParticipantStub(ch).Prepare(prepare_request("t1"), timeout=5)
-            assert participant.store.failed
-            await eventually(lambda: health.status == "NOT_SERVING", what="NOT_SERVING")
-            assert await health_of(address) == "NOT_SERVING"
-            assert await health_of(address, PARTICIPANT_SERVICE) == "NOT_SERVING"
-        finally:
-            await health.close()
-            await server.stop(None)
+        async with listening(add) as address:
+            await health.serving()
+            try:
+                assert await health_of(address, PARTICIPANT_SERVICE) == "SERVING"
+
+                def eio(conn: sqlite3.Connection) -> None:
+                    raise sqlite3.OperationalError("disk I/O error")
+
+                monkeypatch.setattr(participant.store, "_commit", eio)
+                async with grpc.aio.insecure_channel(address) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await participant_pb2_grpc.ParticipantStub(ch).Prepare(prepare_request("t1"), timeout=5)
+                assert participant.store.failed
+                await eventually(lambda: health.status == "NOT_SERVING", what="NOT_SERVING")
+                assert await health_of(address) == "NOT_SERVING"
+                assert await health_of(address, PARTICIPANT_SERVICE) == "NOT_SERVING"
+            finally:
+                await health.close()
 
 
 def scrape(address: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
