@@ -4,9 +4,11 @@ participant crashes on both stores: SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -45,6 +47,13 @@ def recover(proc: ServiceProcess) -> None:
 def logged(tmp_path: Path) -> list[str]:
     """The COMMIT records without END in the coordinator's decision log."""
     return [t for (t,) in query(tmp_path / "decisions.db", "SELECT txn_id FROM decisions WHERE ended_at IS NULL")]
+
+
+def events_of(kv: Kv, event: str) -> list[dict[str, Any]]:
+    """The participant process's log events named `event` (its JSON log, all runs),
+    each with only its txn_id and outcome."""
+    found = (json.loads(line) for line in kv.proc.log_path.read_text().splitlines() if line.startswith("{"))
+    return [{k: e.get(k) for k in ("txn_id", "outcome")} for e in found if e.get("event") == event]
 
 
 def txn_of(kv: Kv) -> str:
@@ -128,6 +137,8 @@ async def test_participant_killed_before_answering_resolves_to_abort(
         b.proc.restart()  # no Abort will come now: only asking GetOutcome resolves it
         await eventually(lambda: b.state(result.txn_id) == "ABORTED", what="in-doubt resolution at b")
     assert b.reserved() == [] and b.applied() == []
+    # ABORTED because GetOutcome said so, not presumed by b on its own.
+    assert {"txn_id": result.txn_id, "outcome": "OUTCOME_ABORTED"} in events_of(b, "in_doubt_asked")
 
 
 async def test_participant_killed_after_voting_yes_commits_after_restart(
