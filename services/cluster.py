@@ -281,7 +281,7 @@ def postgres_stores(
     participant; yields the server and each participant's URL. `address` is where
     the services reach it (a bridge's address when they run in network namespaces);
     the server also listens on loopback."""
-    listen = sorted({"127.0.0.1", address})
+    listen = ["127.0.0.1"] + ([address] if address != "127.0.0.1" else [])  # loopback first: its URLs
     trust = [f"{address.rsplit('.', 1)[0]}.0/24"] if address != "127.0.0.1" else []
     workdir.mkdir(parents=True, exist_ok=True)
     with PostgresServer(listen=listen, trust=trust, log_path=workdir / "postgres.log") as server:

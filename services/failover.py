@@ -22,14 +22,10 @@ import asyncio
 import contextlib
 import json
 import random
-import shutil
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -37,6 +33,8 @@ import psycopg
 from services.chaos import Purchase, Result, check_client_view
 from services.cluster import Cluster
 from services.scenarios import outcome
+from twopc import pgserver
+from twopc.pgserver import PostgresServer
 from twopc.postgres_decision_log import connection_info, read_commits
 from twopc.testing import query, wait_until
 
@@ -207,12 +205,12 @@ def _takeover_facts(c: Cluster, instance: str) -> tuple[int, list[str]]:
     return int(adopted[0] if adopted else 0), [str(t) for (t,) in late]
 
 
-class PrivatePostgres:
+class PrivatePostgres(PostgresServer):
     """A PostgreSQL server of the run's own, on a host of its own (a network
     namespace) so coordinators on other hosts reach it over the network and a
-    partition can cut them off. The minimum for this run: initdb, trust for the
-    run's private network, start, stop, remove. PostgreSQL refuses root, so it runs
-    as the `postgres` user.
+    partition can cut them off: `PostgresServer` on port 5432 of `address`, with
+    trust for the run's private network (10.0.0.0/8) and PostgreSQL's own defaults
+    otherwise.
 
     Args:
         address: the host address to listen on.
@@ -222,88 +220,33 @@ class PrivatePostgres:
     PORT = 5432
 
     def __init__(self, address: str, wrapper: Sequence[str] = ()) -> None:
-        self.address, self.wrapper = address, list(wrapper)
-        self.root = Path(tempfile.mkdtemp(prefix="twopc-ha-pg-"))
-        self.data = self.root / "data"
-        self.log_path = self.root / "server.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        # PostgreSQL's defaults, where PostgresServer's own differ.
+        defaults = {"shared_buffers": "128MB"}
+        super().__init__(
+            max_prepared_transactions=0,
+            settings=defaults,
+            port=self.PORT,
+            listen=(address,),
+            trust=("10.0.0.0/8",),
+            wrapper=wrapper,
+        )
+        self.address = address
 
     @staticmethod
     def missing() -> str | None:
         """Why a private server cannot run here (a reason starting "needs "), or None."""
-        bindir = _bindir()
-        if bindir is None or not (bindir / "initdb").exists():
-            return "needs PostgreSQL server binaries (initdb and postgres in `pg_config --bindir`)"
-        if shutil.which("runuser") is None:
-            return "needs runuser to start PostgreSQL as the postgres user"
-        return None
+        return pgserver.missing()
 
-    def url(self, schema: str, **options: str) -> str:
+    def url(self, schema: str, **options: str) -> str:  # type: ignore[override]
+        """The URL of a decision log in `schema` of its `postgres` database, with
+        the log's options (e.g. lease_s)."""
         query = "&".join(f"{k}={v}" for k, v in {"schema": schema, **options}.items())
-        return f"postgresql://postgres@{self.address}:{self.PORT}/postgres?{query}"
+        return f"{self.url_of('postgres')}?{query}"
 
     def start(self, timeout_s: float = 60.0) -> PrivatePostgres:
-        bindir = _bindir()
-        assert bindir is not None
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(self.root, "postgres", "postgres")
-        self.root.chmod(0o755)
-        subprocess.run(
-            [*as_postgres, str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust"],
-            check=True,
-            capture_output=True,
-        )
-        with (self.data / "pg_hba.conf").open("a") as hba:
-            hba.write("host all all 10.0.0.0/8 trust\n")  # the run's private network only
-        settings = {"listen_addresses": self.address, "unix_socket_directories": "", "max_connections": "200"}
-        with self.log_path.open("ab") as log:
-            self._proc = subprocess.Popen(
-                [
-                    *self.wrapper,
-                    *as_postgres,
-                    str(bindir / "postgres"),
-                    "-D",
-                    str(self.data),
-                    "-p",
-                    str(self.PORT),
-                    *(a for k, v in settings.items() for a in ("-c", f"{k}={v}")),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                psycopg.connect(self.dsn(), connect_timeout=2).close()
-                return self
-            except psycopg.OperationalError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError(f"private PostgreSQL did not start; see {self.log_path}") from None
-                time.sleep(0.1)
-
-    def dsn(self) -> str:
-        return f"postgresql://postgres@{self.address}:{self.PORT}/postgres"
-
-    def close(self) -> None:
-        """Stops the server at once and removes its files."""
-        bindir = _bindir()
-        if self._proc is not None and self._proc.poll() is None and bindir is not None:
-            subprocess.run(
-                ["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "-D", str(self.data), "stop", "-m", "i"],
-                capture_output=True,
-            )
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _bindir() -> Path | None:
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return Path(out)
+        try:
+            super().start(timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        return self

@@ -61,7 +61,7 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """One PostgreSQL instance on 127.0.0.1, owned by this object.
+    """One PostgreSQL instance (on 127.0.0.1 unless told), owned by this object.
 
     Args:
         max_prepared_transactions: the server setting (0 disables PREPARE TRANSACTION).
@@ -73,6 +73,8 @@ class PostgresServer:
             loopback.
         log_path: where the server's log goes (default: beside its data, removed
             by `close`).
+        wrapper: a command prefix that runs the server on another host, e.g.
+            `ip netns exec NS`; clients then reach it at the first `listen` address.
     """
 
     def __init__(
@@ -84,12 +86,15 @@ class PostgresServer:
         listen: Sequence[str] = ("127.0.0.1",),
         trust: Sequence[str] = (),
         log_path: str | os.PathLike[str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         found = bindir()
         if found is None:
             raise RuntimeError(missing())
         self._bin = found
         self.port = port or _free_port()
+        self.host = listen[0]
+        self.wrapper = list(wrapper)
         self.settings = {
             "listen_addresses": ",".join(listen),
             "unix_socket_directories": "",
@@ -116,7 +121,7 @@ class PostgresServer:
 
     def url_of(self, database: str, *, search_path: str | None = None) -> str:
         """The URL of one of its databases, optionally with a schema as search_path."""
-        url = f"postgresql://{_USER}@127.0.0.1:{self.port}/{database}"
+        url = f"postgresql://{_USER}@{self.host}:{self.port}/{database}"
         if search_path:
             url += "?options=" + quote(f"-csearch_path={search_path}")
         return url
@@ -141,7 +146,16 @@ class PostgresServer:
         opts = [a for k, v in self.settings.items() for a in ("-c", f"{k}={v}")]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [*self._prefix, str(self._bin / "postgres"), "-D", str(self.data), "-p", str(self.port), *opts],
+                [
+                    *self.wrapper,
+                    *self._prefix,
+                    str(self._bin / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-p",
+                    str(self.port),
+                    *opts,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -157,7 +171,7 @@ class PostgresServer:
         return self
 
     def _accepts(self) -> bool:
-        done = self._run(str(self._bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), check=False)
+        done = self._run(str(self._bin / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port), check=False)
         return done.returncode == 0
 
     def _init(self) -> None:
