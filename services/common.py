@@ -288,7 +288,7 @@ async def api(context: grpc.aio.ServicerContext[Any, Any], work: Awaitable[T]) -
     """Awaits a business API job, turning business errors into gRPC statuses."""
     try:
         return await work
-    except (InvalidOperation, NotFound, AlreadyExists, StoreUnavailableError) as e:
+    except tuple(_STATUS) as e:  # the first match: ConflictError before StoreUnavailableError, its base
         await context.abort(next(code for kind, code in _STATUS.items() if isinstance(e, kind)), str(e))
         raise  # unreachable: abort raises
 
