@@ -139,15 +139,13 @@ async def run(
     history: list[Purchase] = []
     died = asyncio.create_task(asyncio.to_thread(c.shop.wait, 60)) if fault == "kill" else None
     load = asyncio.create_task(buyers(c, accounts, skus, stop, history, concurrency=concurrency, seed=seed))
-    loop_time = time.monotonic
     if died is not None:
         await died  # at its first delivered Commit, with other purchases in phase 1
-        faulted = loop_time()
-        settle = asyncio.create_task(_settled(c, report.instance, settle_timeout_s))
     else:
         await wait_until(lambda: sum(p.seen == "committed" for p in history) >= 10, 30.0)
-        faulted = loop_time()
-        settle = asyncio.create_task(_settled(c, report.instance, settle_timeout_s))
+    faulted = time.monotonic()
+    settle = asyncio.create_task(_settled(c, report.instance, settle_timeout_s))
+    if died is None:
         if fault == "pause":
             c.shop.pause()
         else:
@@ -169,8 +167,7 @@ async def run(
     check_client_view(c, history, result)
     report.violations += result.violations
     report.purchases = dict(Counter(p.seen for p in history))
-    schema_rows = _takeover_facts(c, report.instance)
-    report.taken_over_commits, report.logged_after_takeover = schema_rows
+    report.taken_over_commits, report.logged_after_takeover = _takeover_facts(c, report.instance)
     report.fenced = "instance_fenced" in c.shop.log_path.read_text(errors="replace")
     return report
 
