@@ -19,7 +19,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
+
+from twopc.testing import free_port
 
 _USER = "postgres"
 
@@ -52,12 +53,6 @@ def missing() -> str | None:
 
         return None
     return "needs psycopg (pip install 'twopc[postgres]')"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PostgresServer:
@@ -92,7 +87,7 @@ class PostgresServer:
         if found is None:
             raise RuntimeError(missing())
         self._bin = found
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.host = listen[0]
         self.wrapper = list(wrapper)
         self.settings = {
@@ -270,11 +265,6 @@ class PostgresServer:
 
         with psycopg.connect(self.url_of(database), autocommit=True) as conn:
             conn.execute(sql.encode())
-
-    def create_database(self, name: str) -> str:
-        """Creates a database and returns its URL."""
-        self.execute(f'CREATE DATABASE "{name}"')
-        return self.url_of(name)
 
 
 @contextlib.contextmanager
