@@ -199,13 +199,14 @@ class Console:
             self.note("paused", service, "SIGSTOP: it answers nothing until resumed")
             self._spawn(self._resume_later(service, proc, self.cluster.settings.prepare_timeout_s + 1.0))
             return f"{service} paused for {self.cluster.settings.prepare_timeout_s + 1.0:.0f} s"
-        point = {"kill-after-vote": "participant.before_commit", "crash-after-commit-logged": ""}[kind]
         if kind == "crash-after-commit-logged":
             if service != "shop":
                 raise web.HTTPBadRequest(text="only the shop (the coordinator) logs COMMIT")
             point = "coordinator.after_commit_logged"
-        elif service == "shop":
-            raise web.HTTPBadRequest(text="the shop does not vote; pick wallet or orders")
+        else:  # kill-after-vote
+            if service == "shop":
+                raise web.HTTPBadRequest(text="the shop does not vote; pick wallet or orders")
+            point = "participant.before_commit"
         await asyncio.to_thread(proc.restart, env={"TWOPC_CRASH_AT": point})
         self._supervised[service] = proc
         self.note("armed", service, f"{point}: the next transaction kills it there")
