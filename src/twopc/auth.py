@@ -28,14 +28,15 @@ import grpc
 import structlog
 
 from twopc import limits
+from twopc.v1 import coordinator_pb2, participant_pb2
 
 _log = structlog.get_logger("twopc.auth")
 
 ANYONE = "*"
 """In an allowlist: any authenticated identity (a certificate the CA signed)."""
 
-PARTICIPANT_SERVICE = "twopc.v1.Participant"
-COORDINATOR_SERVICE = "twopc.v1.Coordinator"
+PARTICIPANT_SERVICE = participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name
+COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
 def grant(identities: Iterable[str], service: str, *methods: str) -> dict[str, frozenset[str]]:

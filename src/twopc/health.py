@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # the stubs predate aio
 from grpc_reflection.v1alpha import reflection
 
-from twopc.v1 import coordinator_pb2, participant_pb2
+# Re-exported: the names a service gives `Health`, one definition with the policy's.
+from twopc.auth import COORDINATOR_SERVICE as COORDINATOR_SERVICE
+from twopc.auth import PARTICIPANT_SERVICE as PARTICIPANT_SERVICE
 
-PARTICIPANT_SERVICE = participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name
-COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
