@@ -46,8 +46,9 @@ from bench import chart, durable, shop
 from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, SqliteStore, logs, pgserver
-from twopc.observe import Event, EventKind, Observer, Observers
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, SqliteStore
+from twopc.dev import pgserver
+from twopc.observe import Event, EventKind, Observer, Observers, logconfig
 
 INSECURE = Credentials.insecure()
 PHASE2_WAIT_S = {"ack": CoordinatorConfig().phase2_wait_s, "commit-point": 0.0}
@@ -729,7 +730,7 @@ def memory_report(m: dict[str, Any]) -> str:
 def run(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     with workdir(args.workdir) as wd, open(wd / "coordinator.log", "w") as coordinator_log:
-        logs.configure("json", level=args.log_level, stream=coordinator_log)
+        logconfig.configure("json", level=args.log_level, stream=coordinator_log)
         fleet = Fleet(wd, args.log_level, probe=not args.memory)
         fleet.stop_on_signals(remove_workdir=args.workdir is None)
         try:

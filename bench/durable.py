@@ -17,7 +17,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from twopc import Credentials, Participant, ParticipantConfig, Vote, VoteAbort, logs
+from twopc import Credentials, Participant, ParticipantConfig, Vote, VoteAbort
+from twopc.observe import logconfig
 
 
 class Reserve:
@@ -61,7 +62,7 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args()
-    logs.configure("json", level=args.log_level)
+    logconfig.configure("json", level=args.log_level)
     credentials = Credentials.insecure()
     config = ParticipantConfig(allow_no_coordinator=True)  # the bench drives Prepare by hand
     async with Participant(Reserve(), args.db, credentials=credentials, config=config) as participant:

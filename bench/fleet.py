@@ -23,8 +23,8 @@ from bench.probe import read_stats
 from bench.shop import Shop
 from services.cluster import postgres_stores
 from twopc import Branch
-from twopc.pgserver import PostgresServer
-from twopc.testing import ServiceProcess
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import ServiceProcess
 
 
 def progress(message: str) -> None:

@@ -1,7 +1,7 @@
 """The wallet and order services' business as PostgreSQL prepared transactions.
 
 `python -m bench.prepared --service wallet|order --db postgresql://...` serves a
-`twopc.prepared.PreparedParticipant` over the wallet's or the order service's own
+`twopc.participant.prepared.PreparedParticipant` over the wallet's or the order service's own
 tables (created and seeded by those services): a Debit is one conditional UPDATE and
 a ledger row, a PlaceOrder a conditional UPDATE per item and a confirmed order, run
 as they are and ended by PREPARE TRANSACTION. For the benchmark's adapter rows.
@@ -18,8 +18,8 @@ from typing import Any
 from services.order.v1 import order_pb2
 from services.wallet.v1 import wallet_pb2
 from twopc import Credentials, Vote, VoteAbort
-from twopc.logs import configure as configure_logs
-from twopc.prepared import PreparedParticipant
+from twopc.observe.logconfig import configure as configure_logs
+from twopc.participant.prepared import PreparedParticipant
 from twopc.stores import execute
 
 

@@ -28,7 +28,8 @@ from bench import durable
 from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Txn, cpu_s, drained, drive
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, logs
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials
+from twopc.observe import logconfig
 
 AREAS = (  # first match wins: the path fragment py-spy shows, and the area it belongs to
     ("twopc/store", "twopc store"),
@@ -160,7 +161,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with workdir(None) as wd, open(wd / "coordinator.log", "w") as log:
-        logs.configure("json", level=args.log_level, stream=log)
+        logconfig.configure("json", level=args.log_level, stream=log)
         fleet = Fleet(wd, args.log_level, probe=False)
         fleet.stop_on_signals(remove_workdir=True)
         try:

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 from bench.fleet import Fleet, progress, workdir
 from bench.load import drained, drive
-from twopc import Coordinator, Credentials, TransactionResult, logs
+from twopc import Coordinator, Credentials, TransactionResult
+from twopc.observe import logconfig
 
 T = TypeVar("T")
 STAGES = ("phase 1", "decision", "phase 2", "run")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     concurrency = sorted({int(x) for x in args.concurrency.split(",")})
     with workdir(args.workdir) as wd, open(wd / "coordinator.log", "w") as log:
-        logs.configure("json", level="info", stream=log)
+        logconfig.configure("json", level="info", stream=log)
         fleet = Fleet(wd, "info", probe=False)
         fleet.stop_on_signals(remove_workdir=args.workdir is None)
         try:

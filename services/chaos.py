@@ -53,8 +53,8 @@ import grpc
 
 from services.cluster import Cluster, Host, Settings, postgres_stores
 from services.scenarios import outcome
-from twopc.pgserver import PostgresServer
-from twopc.testing import ServiceProcess, query
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import ServiceProcess, query
 
 KILLS = ("kill_wallet", "kill_orders", "kill_shop")
 KILL_POSTGRES = "kill_postgres"  # with --db postgres: the server under wallet and orders

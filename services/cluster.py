@@ -22,9 +22,10 @@ from services import invariants
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import Credentials, pki, rpc
-from twopc.pgserver import PostgresServer
-from twopc.testing import ServiceProcess, free_port, wait_until
+from twopc import Credentials, rpc
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import ServiceProcess, free_port, wait_until
+from twopc.security import pki
 
 RPC_TIMEOUT_S = 5.0
 SERVICES = ("wallet", "orders", "shop")

@@ -22,15 +22,15 @@ from twopc import (
     Participant,
     ParticipantConfig,
     ParticipantHandler,
-    limits,
-    metrics,
 )
-from twopc.auth import Policy, operations_rules, participant_rules
-from twopc.health import PARTICIPANT_SERVICE, Health
-from twopc.logs import configure as configure_logs
 from twopc.observe import JsonLines, Observers
+from twopc.observe.health import PARTICIPANT_SERVICE, Health
+from twopc.observe.logconfig import configure as configure_logs
+from twopc.observe.tracing import Tracing
+from twopc.ops import metrics
+from twopc.security import limits
+from twopc.security.auth import Policy, operations_rules, participant_rules
 from twopc.stores import ConflictError, StoreUnavailableError
-from twopc.tracing import Tracing
 
 _log = structlog.get_logger("services")
 

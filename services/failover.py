@@ -33,10 +33,10 @@ import psycopg
 from services.chaos import Purchase, Result, check_client_view
 from services.cluster import Cluster
 from services.scenarios import outcome
-from twopc import pgserver
-from twopc.pgserver import PostgresServer
-from twopc.postgres_decision_log import connection_info, read_commits
-from twopc.testing import query, wait_until
+from twopc.decisions.postgres import connection_info, read_commits
+from twopc.dev import pgserver
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import query, wait_until
 
 FAULTS = ("kill", "pause", "partition")
 

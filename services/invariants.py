@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twopc.dev.testing import snapshot
 from twopc.stores import execute
-from twopc.testing import snapshot
 
 
 @dataclass
@@ -44,7 +44,7 @@ def logged_commits(log: Path | str) -> dict[str, bool]:
     """The shop's COMMIT records, txn id -> ended: from its SQLite file, or from a
     PostgreSQL log that several shops share (a postgresql:// URL)."""
     if isinstance(log, str) and log.startswith(("postgresql://", "postgres://")):
-        from twopc.postgres_decision_log import read_commits  # the postgres extra
+        from twopc.decisions.postgres import read_commits  # the postgres extra
 
         return read_commits(log)
     with snapshot(log) as db:

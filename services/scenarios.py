@@ -18,7 +18,7 @@ import grpc
 
 from services.cluster import Cluster
 from services.shop.v1 import shop_pb2
-from twopc.testing import query, wait_until
+from twopc.dev.testing import query, wait_until
 
 ACCOUNTS = {"alice": 10_000, "bob": 300, "carol": 5_000}  # cents
 PRODUCTS = {"widget": (10, 1_500), "gadget": (5, 1_200), "gizmo": (2, 700), "lamp": (1, 2_000)}  # (stock, price)

@@ -16,13 +16,14 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 import twopc
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Participant, pgserver, rpc
-from twopc.pgserver import PostgresServer
-from twopc.testing import ServiceProcess, query, wait_until
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Participant, rpc
+from twopc.dev import pgserver
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import ServiceProcess, query, wait_until
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 # Every level, so that tests can capture the hot path's debug events (capture_logs).
-twopc.logs.configure("console", level="debug")
+twopc.configure_logging("console", level="debug")
 
 INSECURE = Credentials.insecure()
 FAST = CoordinatorConfig(prepare_timeout_s=3.0, rpc_timeout_s=1.0, retry_initial_s=0.05, retry_max_s=0.3)

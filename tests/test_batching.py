@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, eventually, listening, op, txn_state
 from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog
-from twopc.testing import query
+from twopc.dev.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 

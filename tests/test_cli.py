@@ -16,7 +16,7 @@ import pytest
 
 from services.cluster import Cluster, Settings
 from tests.conftest import Kv, prepare_request
-from twopc.testing import query, wait_until
+from twopc.dev.testing import query, wait_until
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 TWOPC = str(Path(sys.executable).parent / "twopc")
@@ -121,7 +121,7 @@ async def test_log_in_doubt_and_resolve_work_on_postgresql_too(
     """`twopc log list|show` reads a shared decision log in PostgreSQL (a URL with its
     schema), `twopc participant in-doubt` a participant's PostgreSQL store, with the
     same output as for SQLite files, and `twopc resolve` settles and records there."""
-    from twopc.postgres_decision_log import PostgresDecisionLog
+    from twopc.decisions.postgres import PostgresDecisionLog
 
     log_url = f"{pg_url}&schema=clilog" if "?" in pg_url else f"{pg_url}?schema=clilog"
     log = PostgresDecisionLog(log_url, lease_s=60)

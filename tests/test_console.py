@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc.testing import ServiceProcess
+from twopc.dev.testing import ServiceProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import FAST, INSECURE, Kv, eventually
 from twopc import Coordinator, Outcome
-from twopc.testing import ServiceProcess, query
+from twopc.dev.testing import ServiceProcess, query
 
 
 @pytest.fixture

@@ -74,3 +74,116 @@ def test_participant_proto_states_every_rule_it_cites() -> None:
     cited = {int(n) for n in re.findall(r"\bR(\d+)\b", proto)}
     assert defined == set(range(1, 11))
     assert cited <= defined
+
+
+SRC = ROOT / "src" / "twopc"
+# Each part of twopc, by floor: an import may only point to a lower floor (or within its
+# own part). The roles use what is below them; ops sits above the roles; dev (test
+# tooling) is imported by nothing in the library. docs/design.md ("Layout") draws this.
+FLOORS = {
+    "errors": 0,
+    "types": 0,
+    "faults": 0,
+    "v1": 0,
+    "security": 1,
+    "config": 2,
+    "rpc": 3,
+    "observe": 3,
+    "stores": 3,
+    "decisions": 4,
+    "participant": 5,
+    "coordinator": 5,
+    "ops": 6,
+    "dev": 6,
+}
+
+
+def library_modules() -> list[Path]:
+    return sorted(p for p in SRC.rglob("*.py") if "v1" not in p.relative_to(SRC).parts)
+
+
+def part(module: str) -> str:
+    """`twopc.participant.helper` -> "participant"; `twopc.errors` -> "errors"."""
+    return module.split(".")[1]
+
+
+def test_design_names_every_module() -> None:
+    """docs/design.md's layout names every module of src/twopc (a new one must be placed)."""
+    design = DESIGN.read_text()
+    missing = [
+        str(p.relative_to(ROOT))
+        for p in library_modules()
+        if p.name != "__init__.py" or p.parent == SRC
+        if str(p.relative_to(ROOT)) not in design
+    ]
+    assert missing == []
+
+
+def test_imports_point_down() -> None:
+    """No module imports a part of twopc on its own floor or above it (no circle, and dev
+    and ops stay out of the protocol's imports)."""
+    import ast
+
+    upward = []
+    for path in library_modules():
+        rel = path.relative_to(SRC)
+        here = rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.name != "__init__.py" else "__init__"
+        if here == "__init__":
+            continue  # the public names re-export from every part
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                if not name.startswith("twopc.") or part(name) == here:
+                    continue
+                if FLOORS[part(name)] >= FLOORS[here]:
+                    upward.append(f"{rel}: {name}")
+    assert upward == []
+
+
+def test_every_doc_link_resolves() -> None:
+    """Every relative link and #anchor in the README and in docs/*.md reaches a file or a
+    heading that exists."""
+
+    def anchors(text: str) -> set[str]:
+        found = re.findall(r"^#+ (.+)$", text, re.MULTILINE)
+        return {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in found}
+
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text())):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+
+
+def test_readme_is_a_front_page() -> None:
+    """The README fits a front page (about 500 lines) and carries no measurement table:
+    those live in docs/performance.md."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("\n") <= 500
+    assert "txn/s" not in readme
+
+
+def test_the_wheel_holds_only_twopc(tmp_path: Path) -> None:
+    """`pip install .` installs the library alone: no top-level `services`, `tests` or
+    `bench` package that would clash with an application's own."""
+    import sys
+    import zipfile
+
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("twopc-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"twopc"}
+    assert "twopc/py.typed" in names and "twopc/dev/pgserver.py" in names

@@ -24,7 +24,7 @@ from google.protobuf import any_pb2
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.conftest import FAST, INSECURE, Kv
 from twopc import Branch, Coordinator, Outcome, Vote
-from twopc.testing import ServiceProcess, wait_until
+from twopc.dev.testing import ServiceProcess, wait_until
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,8 +32,9 @@ from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.test_security import dump
-from twopc import Credentials, limits
-from twopc.testing import query, wait_until
+from twopc import Credentials
+from twopc.dev.testing import query, wait_until
+from twopc.security import limits
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")

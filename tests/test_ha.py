@@ -20,14 +20,14 @@ from tests.conftest import FAST, INSECURE, Kv, eventually, txn_state
 from tests.test_crash import txn_of
 from tests.test_trust import FakeCoordinator, debit, seeded, status
 from twopc import ClosedError, Coordinator, Outcome, rpc
+from twopc.dev.testing import ServiceProcess, TcpProxy
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
-from twopc.testing import ServiceProcess, TcpProxy
 from twopc.v1 import coordinator_pb2_grpc, participant_pb2
 
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'twopc[postgres]')")
 
 from services import failover  # noqa: E402 - after the skip
-from twopc.postgres_decision_log import PostgresDecisionLog  # noqa: E402
+from twopc.decisions.postgres import PostgresDecisionLog  # noqa: E402
 
 SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 

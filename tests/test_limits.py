@@ -1,4 +1,4 @@
-"""Every input has a bound (twopc.limits), and input past it is INVALID_ARGUMENT.
+"""Every input has a bound (twopc.security.limits), and input past it is INVALID_ARGUMENT.
 
 The services run as real processes; each oversized or malformed request must be
 refused with INVALID_ARGUMENT and a short message, change nothing in any store, and
@@ -22,7 +22,8 @@ from services.shop.v1 import shop_pb2
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.conftest import FAST, INSECURE
 from tests.test_security import dump
-from twopc import Branch, Coordinator, CoordinatorConfig, ParticipantConfig, limits, rpc
+from twopc import Branch, Coordinator, CoordinatorConfig, ParticipantConfig, rpc
+from twopc.security import limits
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -26,8 +26,8 @@ from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, eventually, listening, prepare_request
 from twopc import Participant, ParticipantConfig
-from twopc.health import PARTICIPANT_SERVICE, Health
-from twopc.testing import query
+from twopc.dev.testing import query
+from twopc.observe.health import PARTICIPANT_SERVICE, Health
 from twopc.v1 import participant_pb2_grpc
 
 SERVICES = {

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, Served, prepare_after_its_deadline, prepare_request, serve
 from twopc import Participant, ParticipantConfig
-from twopc.testing import query
+from twopc.dev.testing import query
 from twopc.v1 import participant_pb2
 
 

@@ -25,9 +25,9 @@ from services.wallet.v1 import wallet_pb2
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, Kv, Served, eventually, prepare_after_its_deadline, prepare_request, serve
 from twopc import Coordinator, Outcome, Participant, ParticipantConfig
+from twopc.dev.testing import query
 from twopc.stores import ConflictError, execute, open_store
 from twopc.stores.postgres import PostgresStore
-from twopc.testing import query
 from twopc.v1 import participant_pb2
 
 BY_HAND = ParticipantConfig(allow_no_coordinator=True)  # tests drive Prepare with no coordinator
@@ -221,7 +221,7 @@ async def test_kv_processes_on_postgres_commit_and_abort_through_a_coordinator(
 ) -> None:
     """Two kv processes started with `--db postgresql://...` (a schema each): a
     transaction commits at both; one ABORT vote aborts both."""
-    from twopc.pgserver import schema
+    from twopc.dev.pgserver import schema
 
     with schema(pg_server.url) as url_a, schema(pg_server.url) as url_b:
         a, b = start_kv("a", db=url_a), start_kv("b", db=url_b)

@@ -16,8 +16,8 @@ from google.protobuf import wrappers_pb2
 from tests.apps import debits
 from tests.conftest import FAST, INSECURE, Kv, eventually, prepare_request, txn_state
 from twopc import Branch, Coordinator, Outcome
-from twopc.pgserver import PostgresServer, schema
-from twopc.testing import ServiceProcess, query
+from twopc.dev.pgserver import PostgresServer, schema
+from twopc.dev.testing import ServiceProcess, query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 COMMIT = participant_pb2.VOTE_COMMIT

@@ -17,9 +17,9 @@ from google.protobuf import any_pb2, wrappers_pb2
 from tests.apps.debits import Debits, seed
 from tests.conftest import INSECURE, Served, eventually, serve
 from twopc import Coordinator, ParticipantConfig
+from twopc.dev.pgserver import PostgresServer, schema
 from twopc.observe import EventKind, Recorder
-from twopc.pgserver import PostgresServer, schema
-from twopc.prepared import PreparedParticipant, PreparedTransactionsDisabledError
+from twopc.participant.prepared import PreparedParticipant, PreparedTransactionsDisabledError
 from twopc.v1 import participant_pb2
 
 
@@ -153,7 +153,7 @@ async def test_prepared_transaction_survives_a_postgres_crash(pg_killable: Postg
 async def test_server_without_prepared_transactions_is_refused_at_start() -> None:
     """On a server with max_prepared_transactions = 0 the adapter does not start, and
     says which setting to change."""
-    from twopc import pgserver
+    from twopc.dev import pgserver
 
     reason = pgserver.missing()
     if reason:

@@ -14,7 +14,7 @@ import pytest
 
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc.testing import ServiceProcess
+from twopc.dev.testing import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,11 +69,11 @@ async def test_readme_example_runs_as_written(tmp_path: Path, services: tuple[Se
 
 
 def test_import_twopc_alone_reaches_the_modules_and_hides_debug_events() -> None:
-    """`import twopc` gives `twopc.logs` and `twopc.rpc` without importing them, and a
+    """`import twopc` gives `twopc.observe.logconfig` and `twopc.rpc` without importing them, and a
     process that configures no logging prints no debug event, on stdout or stderr."""
     script = (
         "import twopc, structlog\n"
-        "assert callable(twopc.logs.configure) and callable(twopc.rpc.server)\n"
+        "assert callable(twopc.observe.logconfig.configure) and callable(twopc.rpc.server)\n"
         "structlog.get_logger('probe').debug('hidden_event')\n"
         "structlog.get_logger('probe').info('shown_event')\n"
     )
@@ -81,3 +81,40 @@ def test_import_twopc_alone_reaches_the_modules_and_hides_debug_events() -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert "shown_event" in done.stderr and "hidden_event" not in done.stderr
+
+
+def test_every_twopc_name_the_docs_use_exists() -> None:
+    """Every `from twopc... import ...` in the README's and docs' code, and every dotted
+    `twopc.x.y` they name in backticks, imports or resolves (moved paths break here)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text() for p in pages)
+    imports = sorted(set(re.findall(r"^\s*(from twopc[\w.]* import [\w, ]+)$", text, re.MULTILINE)))
+    spans = {"twopc.transaction", "twopc.phase1", "twopc.phase2", "twopc.prepare", "twopc.commit", "twopc.abort"}
+    spans |= {"twopc.decision_write"}  # OpenTelemetry span names (docs/operations.md), not modules
+    dotted = sorted(set(re.findall(r"`(twopc(?:\.[A-Za-z_]\w*)+)", text)) - spans)
+    script = "\n".join(
+        [
+            "import importlib",
+            *imports,
+            "missing = []",
+            f"for name in {[d for d in dotted if not d.startswith('twopc.v1.')]!r}:",
+            "    parts = name.split('.')",
+            "    for i in range(len(parts), 0, -1):",
+            "        try:",
+            "            obj = importlib.import_module('.'.join(parts[:i]))",
+            "        except ImportError:",
+            "            continue",
+            "        try:",
+            "            for attr in parts[i:]:",
+            "                obj = getattr(obj, attr)",
+            "        except AttributeError:",
+            "            missing.append(name)",
+            "        break",
+            "    else:",
+            "        missing.append(name)",
+            "assert not missing, missing",
+        ]
+    )
+    assert imports and dotted
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ from services import scenarios
 from services.cluster import Cluster
 from services.scenarios import Step, outcome
 from services.shop.v1 import shop_pb2
-from twopc.testing import query
+from twopc.dev.testing import query
 
 
 @pytest.fixture

@@ -22,9 +22,10 @@ from services.cluster import Cluster
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import Coordinator, Credentials, pki, rpc
-from twopc.auth import Authorizer, Policy, coordinator_rules, grant
-from twopc.testing import ServiceProcess
+from twopc import Coordinator, Credentials, rpc
+from twopc.dev.testing import ServiceProcess
+from twopc.security import pki
+from twopc.security.auth import Authorizer, Policy, coordinator_rules, grant
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")

@@ -16,8 +16,8 @@ from google.protobuf.message import Message
 from services.common import MAX_AMOUNT
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc.pgserver import PostgresServer, schema
-from twopc.testing import ServiceProcess
+from twopc.dev.pgserver import PostgresServer, schema
+from twopc.dev.testing import ServiceProcess
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 

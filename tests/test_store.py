@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from twopc import ClosedError, DurabilityError, SqliteStore, StoreInUseError
-from twopc.testing import query
+from twopc.dev.testing import query
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (x INTEGER PRIMARY KEY)"
 

@@ -20,7 +20,7 @@ from services.shop.v1 import shop_pb2
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, eventually, listening, op
 from twopc import Branch, Coordinator, Participant
-from twopc.tracing import Tracing
+from twopc.observe.tracing import Tracing
 
 
 @pytest.fixture

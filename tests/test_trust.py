@@ -21,8 +21,10 @@ from google.protobuf import any_pb2
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, Served, eventually, listening, prepare_request, serve, txn_state
-from twopc import Credentials, Participant, ParticipantConfig, pki, rpc, trust
-from twopc.testing import ServiceProcess, query
+from twopc import Credentials, Participant, ParticipantConfig, rpc
+from twopc.dev.testing import ServiceProcess, query
+from twopc.participant import trust
+from twopc.security import pki
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 

@@ -19,7 +19,7 @@ import sys
 from loyalty.v1.loyalty_pb2 import RedeemPoints
 
 from services.wallet.v1.wallet_pb2 import Debit
-from twopc import Branch, Coordinator, Credentials, logs
+from twopc import Branch, Coordinator, Credentials, configure_logging
 
 LOG = "checkout.db"
 
@@ -47,7 +47,7 @@ async def outcome_of(txn_id: str) -> None:
 
 
 if __name__ == "__main__":
-    logs.configure("console")  # events to standard error, at info
+    configure_logging("console")  # events to standard error, at info
     if sys.argv[1:2] == ["outcome"]:
         asyncio.run(outcome_of(sys.argv[2]))
     else:

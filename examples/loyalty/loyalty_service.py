@@ -112,7 +112,7 @@ async def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 for any free port")
     args = parser.parse_args()
-    twopc.logs.configure("console")
+    twopc.configure_logging("console")
     credentials = twopc.Credentials.insecure()  # loopback; pass TLS credentials in production
     async with twopc.Participant(LoyaltyHandler(), args.db, credentials=credentials) as participant:
         api = LoyaltyApi(participant)

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from services.cluster import Cluster
 from services.shop.v1 import shop_pb2
-from twopc.testing import ServiceProcess, query
+from twopc.dev.testing import ServiceProcess, query
 
 STATIC = Path(__file__).parent / "static"
 HISTORY = 2_000  # events replayed to a new page; the page keeps a bounded list too

@@ -10,7 +10,8 @@ import grpc
 
 from services.common import MAX_AMOUNT, MAX_QUANTITY, ApiAccess, api, check_amount, page_after, page_size, page_token
 from services.order.v1 import order_pb2, order_pb2_grpc
-from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
+from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
+from twopc.security import limits
 from twopc.stores import Connection, execute, lock_rows
 
 # One text for both stores: every type here means the same in SQLite and PostgreSQL.

@@ -29,14 +29,14 @@ from twopc import (
     Outcome,
     TransactionResult,
     TwoPCError,
-    limits,
-    metrics,
     rpc,
 )
-from twopc.auth import coordinator_rules, grant, operations_rules
-from twopc.health import COORDINATOR_SERVICE, Health
-from twopc.logs import configure as configure_logs
-from twopc.testing import FaultInjector, NetFaults
+from twopc.dev.testing import FaultInjector, NetFaults
+from twopc.observe.health import COORDINATOR_SERVICE, Health
+from twopc.observe.logconfig import configure as configure_logs
+from twopc.ops import metrics
+from twopc.security import limits
+from twopc.security.auth import coordinator_rules, grant, operations_rules
 
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
 

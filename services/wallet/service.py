@@ -19,7 +19,8 @@ from services.common import (
     page_token,
 )
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, limits
+from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
+from twopc.security import limits
 from twopc.stores import Connection, execute, lock_rows
 
 _TABLES = """

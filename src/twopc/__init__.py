@@ -1,13 +1,15 @@
 """twopc: atomic actions across gRPC services, by two-phase commit with presumed abort.
 
-The public names are here; everything else lives in modules named for their job,
-each reachable from `import twopc` alone (`twopc.logs.configure`, `twopc.testing`...).
+The public names are here; everything else lives in packages named for their role:
+`twopc.coordinator`, `twopc.participant`, `twopc.decisions` (decision logs),
+`twopc.stores` (participant stores), `twopc.observe`, `twopc.ops`, `twopc.security`,
+and `twopc.dev` (tooling for tests, never imported by the protocol).
 """
 
-from twopc import logs, rpc
+from twopc import rpc
 from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
 from twopc.coordinator import Coordinator
-from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
+from twopc.decisions import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
     ClosedError,
     CoordinatorFailedError,
@@ -23,11 +25,13 @@ from twopc.errors import (
     TwoPCError,
     VoteAbort,
 )
+from twopc.observe import logconfig
+from twopc.observe.logconfig import configure as configure_logging
 from twopc.participant import Participant, ParticipantHandler
 from twopc.stores import SqliteStore
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 
-logs.use_default()
+logconfig.use_default()
 
 __all__ = [
     "Branch",
@@ -58,6 +62,6 @@ __all__ = [
     "TwoPCError",
     "Vote",
     "VoteAbort",
-    "logs",
+    "configure_logging",
     "rpc",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from twopc.limits import MAX_COMMIT_MANY, MAX_PREPARE_MANY, MAX_UNDECIDED_PER_COORDINATOR
+from twopc.security.limits import MAX_COMMIT_MANY, MAX_PREPARE_MANY, MAX_UNDECIDED_PER_COORDINATOR
 
 
 def _positive(**values: float) -> None:
@@ -69,7 +69,7 @@ class Credentials:
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Credentials:
         """`mutual_tls` from a directory holding cert.pem, key.pem and ca.pem (the
-        layout `python -m twopc.pki` writes)."""
+        layout `python -m twopc.security.pki` writes)."""
         d = Path(path)
         return cls.mutual_tls(d / "cert.pem", d / "key.pem", d / "ca.pem")
 
@@ -111,7 +111,7 @@ class CoordinatorConfig:
             before it is cancelled (committed work resumes on the next start).
         max_commit_batch: the most transactions one CommitMany carries.
         max_prepare_batch: the most transactions one PrepareMany carries (at most
-            `twopc.limits.MAX_PREPARE_MANY`, what participants accept).
+            `twopc.security.limits.MAX_PREPARE_MANY`, what participants accept).
         recovery_concurrency: how many logged commits recovery re-drives at once.
     """
 

@@ -18,9 +18,9 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import structlog
 
-from twopc import limits
-from twopc.auth import Authorizer, Policy
 from twopc.config import Credentials
+from twopc.security import limits
+from twopc.security.auth import Authorizer, Policy
 
 _log = structlog.get_logger("twopc.rpc")
 T = TypeVar("T")
@@ -89,7 +89,7 @@ def is_loopback(address: str) -> bool:
 
 
 async def validate(context: grpc.aio.ServicerContext[Any, Any], check: Callable[[], T]) -> T:
-    """Runs `check` (the `twopc.limits` checks of a request); a `LimitError` aborts
+    """Runs `check` (the `twopc.security.limits` checks of a request); a `LimitError` aborts
     the call with INVALID_ARGUMENT and its message, which never echoes the input."""
     try:
         return check()
@@ -109,7 +109,7 @@ async def serve_until_signalled(
     """Binds, starts, announces and runs `server` until SIGTERM or SIGINT.
 
     Prints `READY host:port` on standard output once serving, which is how
-    `twopc.testing.ServiceProcess` (tests, demo, benchmarks) learns the port.
+    `twopc.dev.testing.ServiceProcess` (tests, demo, benchmarks) learns the port.
     """
     port = add_port(server, address, credentials)
     await server.start()
@@ -119,7 +119,7 @@ async def serve_until_signalled(
 
 
 class Health(Protocol):
-    """What `serve` tells the standard health service (`twopc.health.Health`)."""
+    """What `serve` tells the standard health service (`twopc.observe.health.Health`)."""
 
     def add_to_server(self, server: grpc.aio.Server) -> None: ...
 
@@ -159,7 +159,7 @@ async def serve(
     within `grace_s`, after which RPCs still in flight are cancelled.
 
     `interceptors` are server interceptors (tracing...). With a `policy`, every call
-    passes `twopc.auth.Authorizer` first (mutual TLS), before any other interceptor.
+    passes `twopc.security.auth.Authorizer` first (mutual TLS), before any other interceptor.
     """
     srv = server([*([Authorizer(policy)] if policy is not None else []), *interceptors])
     for add in services:
@@ -203,7 +203,7 @@ async def _drain(health: Health | None, drain: Drain | None, grace_s: float) -> 
 
 
 def announce_ready(address: str) -> None:
-    """Tells a supervising `twopc.testing.ServiceProcess` where this process serves."""
+    """Tells a supervising `twopc.dev.testing.ServiceProcess` where this process serves."""
     print(f"READY {address}", flush=True)
 
 

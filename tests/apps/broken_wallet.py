@@ -17,7 +17,7 @@ from services.common import participant_parser, run_participant
 from services.wallet.service import ACCESS, WalletApi, WalletHandler
 from services.wallet.v1 import wallet_pb2_grpc
 from twopc import Participant
-from twopc.participant import ABORTED
+from twopc.participant.helper import ABORTED
 from twopc.v1 import participant_pb2
 
 GIVE_UP_AFTER_S = 0.3

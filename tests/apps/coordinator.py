@@ -15,7 +15,7 @@ import json
 from google.protobuf import struct_pb2
 
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, rpc
-from twopc.logs import configure as configure_logs
+from twopc.observe.logconfig import configure as configure_logs
 
 
 async def main() -> None:

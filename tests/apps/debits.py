@@ -1,4 +1,4 @@
-"""A participant over PostgreSQL prepared transactions (`twopc.prepared`): a debit.
+"""A participant over PostgreSQL prepared transactions (`twopc.participant.prepared`): a debit.
 
 The operation is a `google.protobuf.Int64Value`, the amount to take from account
 "ann"; the business SQL is one conditional UPDATE, run as it is inside the
@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 
 from tests.apps.kv import arguments
 from twopc import Credentials, Vote, VoteAbort
-from twopc.prepared import PreparedParticipant
+from twopc.participant.prepared import PreparedParticipant
 from twopc.stores import execute
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort
-from twopc.logs import configure as configure_logs
+from twopc.observe.logconfig import configure as configure_logs
 from twopc.stores import Connection, execute
 
 

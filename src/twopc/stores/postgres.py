@@ -85,7 +85,7 @@ class PostgresStore:
         retries: runs of a job that lost to a concurrent one before `ConflictError`.
         connect_timeout_s: the longest to wait for a new connection.
         autocommit: jobs get a connection outside any transaction and run their own
-            (`BEGIN ... PREPARE TRANSACTION`: `twopc.prepared`); a job that fails is
+            (`BEGIN ... PREPARE TRANSACTION`: `twopc.participant.prepared`); a job that fails is
             retried as a whole, so it must tell a repeat from a first run.
         isolation: "SERIALIZABLE" (the default: correct for code written for SQLite's
             one writer) or "READ COMMITTED" for jobs that lock the rows their rules

@@ -21,8 +21,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
-from twopc import limits
 from twopc.config import ParticipantConfig
+from twopc.security import limits
 
 
 class Refused(Exception):  # noqa: N818 - a refusal with its gRPC status name, not an error

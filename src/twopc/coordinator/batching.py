@@ -34,7 +34,7 @@ from google.protobuf import duration_pb2
 from twopc import rpc
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
-_log = structlog.get_logger("twopc.coordinator")
+_log = structlog.get_logger("twopc.coordinator.core")
 _IN_FLIGHT = 1  # messages (Prepare or PrepareMany) in flight to one participant at a time
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

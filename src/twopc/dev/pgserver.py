@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from twopc.testing import free_port
+from twopc.dev.testing import free_port
 
 _USER = "postgres"
 

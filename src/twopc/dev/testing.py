@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 
-# Re-exported: tests, the demo and chaos read stores through twopc.testing.
+# Re-exported: tests, the demo and chaos read stores through twopc.dev.testing.
 from twopc.stores.base import query as query
 from twopc.stores.base import snapshot as snapshot
 
@@ -219,7 +219,7 @@ class FaultInjector(_Interceptor):
         self.faults = faults
         self.counts: Counter[str] = Counter()
         self._rng = random.Random(faults.seed)
-        self._log = structlog.get_logger("twopc.testing")
+        self._log = structlog.get_logger("twopc.dev.testing")
         self._copies: set[asyncio.Task[Any]] = set()
         self._armed: set[str] = set()
 

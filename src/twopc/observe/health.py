@@ -27,14 +27,14 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 
 # Re-exported: the names a service gives `Health`, one definition with the policy's.
-from twopc.auth import COORDINATOR_SERVICE as COORDINATOR_SERVICE
-from twopc.auth import PARTICIPANT_SERVICE as PARTICIPANT_SERVICE
+from twopc.security.auth import COORDINATOR_SERVICE as COORDINATOR_SERVICE
+from twopc.security.auth import PARTICIPANT_SERVICE as PARTICIPANT_SERVICE
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-_log = structlog.get_logger("twopc.health")
+_log = structlog.get_logger("twopc.observe.health")
 
 
 class Health:

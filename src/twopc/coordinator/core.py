@@ -32,10 +32,10 @@ import structlog
 from google.protobuf import any_pb2
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, stop_never, wait_random_exponential
 
-from twopc import limits, rpc
-from twopc.auth import Authorizer, Policy
+from twopc import rpc
 from twopc.config import CoordinatorConfig, Credentials
-from twopc.decision_log import CommitRecord, DecisionLog, SqliteDecisionLog
+from twopc.coordinator.batching import PrepareBatcher, PrepareFailedError
+from twopc.decisions import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
     ClosedError,
     CoordinatorFailedError,
@@ -48,11 +48,12 @@ from twopc.errors import (
 )
 from twopc.faults import crash_point
 from twopc.observe import EventKind, Observer, Observers
-from twopc.prepare_batch import PrepareBatcher, PrepareFailedError
+from twopc.security import limits
+from twopc.security.auth import Authorizer, Policy
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
-_log = structlog.get_logger("twopc.coordinator")
+_log = structlog.get_logger("twopc.coordinator.core")
 
 _VOTES = {
     participant_pb2.VOTE_COMMIT: Vote.COMMIT,
@@ -102,7 +103,7 @@ class Coordinator:
         log: the decision log; or the path of its SQLite file (one owner: a second
             coordinator on the same file fails to start, StoreInUseError); or a
             "postgresql://" URL, a log that several coordinator instances share
-            (`twopc.postgres_decision_log`, the `postgres` extra).
+            (`twopc.decisions.postgres`, the `postgres` extra).
         credentials: transport security for channels and the GetOutcome server.
         listen: address to serve GetOutcome on ("host:port", port 0 for any), on a
             server of the coordinator's own. Or serve it on yours (`serve`, or
@@ -118,7 +119,7 @@ class Coordinator:
             coordinator's log (or one service address in front of them all): sent
             in every Prepare, so a participant in doubt asks them when this
             instance is gone.
-        policy: who may ask GetOutcome on the `listen` server (`twopc.auth`,
+        policy: who may ask GetOutcome on the `listen` server (`twopc.security.auth`,
             e.g. `Policy(coordinator_rules(["wallet", "orders"]))`); `serve` takes
             its own. Without one, anyone who reaches the port may ask.
     """
@@ -139,7 +140,7 @@ class Coordinator:
         self._policy = policy
         self._log: DecisionLog
         if isinstance(log, str) and log.startswith(("postgresql://", "postgres://")):
-            from twopc.postgres_decision_log import PostgresDecisionLog  # the postgres extra
+            from twopc.decisions.postgres import PostgresDecisionLog  # the postgres extra
 
             self._log = PostgresDecisionLog(log, address=advertise or "")
         else:
@@ -255,11 +256,11 @@ class Coordinator:
             services: functions that add the process's own servicers to the server
                 (e.g. `lambda s: add_ShopServicer_to_server(shop, s)`).
             grace_s: on a signal, how long to drain and let in-flight RPCs finish.
-            health: the standard health and reflection services (`twopc.health`).
+            health: the standard health and reflection services (`twopc.observe.health`).
             drain: on a signal, stops the caller's services taking new work and
                 waits for what they started; by default, waits for phase 2
                 (`wait_idle`). What is left is on disk: recovery finishes it.
-            policy: who may call what (`twopc.auth`), enforced under mutual TLS.
+            policy: who may call what (`twopc.security.auth`), enforced under mutual TLS.
 
         Raises:
             CoordinatorFailedError: the decision log failed; restart the process.

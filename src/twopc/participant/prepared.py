@@ -65,7 +65,7 @@ from sqlalchemy import exc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import TwoPCError
 from twopc.observe import EventKind, Observer
-from twopc.participant import (
+from twopc.participant.helper import (
     ABORTED,
     COMMITTED,
     PREPARED,
@@ -80,7 +80,7 @@ from twopc.stores.base import execute, is_retried
 from twopc.stores.postgres import PostgresStore
 from twopc.types import Vote
 
-_log = structlog.get_logger("twopc.prepared")
+_log = structlog.get_logger("twopc.participant.prepared")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS twopc_prepared (

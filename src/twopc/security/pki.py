@@ -4,13 +4,13 @@ Mutual TLS needs a CA and one certificate per identity. `issue` makes both at ru
 time, in a directory of the caller's choosing, so no private key is ever committed
 to the repository. Each identity gets `<dir>/<name>/{cert,key,ca}.pem`, the layout
 `Credentials.from_dir` (and every service's `--tls-dir`) reads. Its certificate
-names the identity as a DNS subject alternative name (what `twopc.auth` checks),
+names the identity as a DNS subject alternative name (what `twopc.security.auth` checks),
 plus the hosts it serves on (so a client dialling 127.0.0.1 can verify it).
 
 Needs the `cryptography` package (`pip install twopc[tls]`); production deployments
 use their own CA and never this module.
 
-    python -m twopc.pki DIR wallet orders shop operator [--host 10.0.0.1 ...]
+    python -m twopc.security.pki DIR wallet orders shop operator [--host 10.0.0.1 ...]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def issue(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m twopc.pki", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m twopc.security.pki", description=__doc__.split("\n\n")[0])
     p.add_argument("directory", type=Path, help="where to write ca.pem and one folder per identity")
     p.add_argument("identities", nargs="+", help="identity names, e.g. wallet orders shop operator")
     p.add_argument(

@@ -27,10 +27,10 @@ from typing import Any, cast
 import grpc
 import structlog
 
-from twopc import limits
+from twopc.security import limits
 from twopc.v1 import coordinator_pb2, participant_pb2
 
-_log = structlog.get_logger("twopc.auth")
+_log = structlog.get_logger("twopc.security.auth")
 
 ANYONE = "*"
 """In an allowlist: any authenticated identity (a certificate the CA signed)."""
@@ -57,7 +57,7 @@ def coordinator_rules(participants: Iterable[str]) -> dict[str, frozenset[str]]:
 
 
 def operations_rules(identities: Iterable[str]) -> dict[str, frozenset[str]]:
-    """Health checking and server reflection (`twopc.health`): who may probe and list."""
+    """Health checking and server reflection (`twopc.observe.health`): who may probe and list."""
     return grant(identities, "grpc.health.v1.Health", "Check", "Watch") | grant(
         identities, "grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo"
     )

@@ -44,11 +44,13 @@ import grpc
 import structlog
 from google.protobuf.message import DecodeError, Message
 
-from twopc import auth, limits, rpc, trust
+from twopc import rpc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
 from twopc.observe import EventKind, Observer, Observers
+from twopc.participant import trust
+from twopc.security import auth, limits
 from twopc.stores.base import (
     ConflictError,
     Connection,
@@ -63,7 +65,7 @@ from twopc.stores.base import (
 from twopc.types import Outcome, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
-_log = structlog.get_logger("twopc.participant")
+_log = structlog.get_logger("twopc.participant.helper")
 
 PREPARED, COMMITTED, ABORTED = "PREPARED", "COMMITTED", "ABORTED"
 _OUTCOME = {COMMITTED: Outcome.COMMITTED, ABORTED: Outcome.ABORTED}
@@ -341,9 +343,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             services: functions that add the service's own servicers to the server.
             grace_s: on a signal, how long to drain (new Prepares refused, prepared
                 transactions decided) and let in-flight RPCs finish.
-            health: the standard health and reflection services (`twopc.health`).
+            health: the standard health and reflection services (`twopc.observe.health`).
             interceptors: server interceptors (e.g. `Tracing.server_interceptor()`).
-            policy: who may call what (`twopc.auth`), enforced under mutual TLS.
+            policy: who may call what (`twopc.security.auth`), enforced under mutual TLS.
 
         Raises:
             DurabilityError: the store failed; restart the process to recover.
@@ -567,7 +569,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             _log.debug("decided", txn_id=txn_id, state=state)
             self.observers.emit(EventKind.APPLIED, txn_id, outcome=_OUTCOME[state])
 
-    # --- admission: limits and trust (twopc.limits, twopc.trust) ------------------
+    # --- admission: limits and trust (twopc.security.limits, twopc.participant.trust) ------------------
 
     def _check_capacity(self, db: Connection, coordinator: str) -> None:
         """Raises _ExhaustedError if `coordinator` holds its cap of undecided

@@ -1,6 +1,6 @@
 """OpenTelemetry tracing: one trace per transaction, a span per phase and branch.
 
-    from twopc.tracing import Tracing
+    from twopc.observe.tracing import Tracing
     tracing = Tracing()                       # the global tracer provider, or pass one
     coordinator = Coordinator(..., observers=[tracing], interceptors=[tracing.client_interceptor()])
     server = rpc.server(interceptors=[tracing.server_interceptor()])   # at each participant

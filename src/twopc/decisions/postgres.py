@@ -52,11 +52,11 @@ import psycopg_pool
 import structlog
 from psycopg.types.json import Jsonb
 
-from twopc.decision_log import CommitRecord
+from twopc.decisions import CommitRecord
 from twopc.errors import DurabilityError, FencedError, LogUnavailableError, NotLoggedError
 from twopc.types import Outcome
 
-_log = structlog.get_logger("twopc.postgres_decision_log")
+_log = structlog.get_logger("twopc.decisions.postgres")
 
 SCHEMA_VERSION = 1
 """The version of the tables below; `open` refuses a database with a newer one."""

@@ -1,6 +1,6 @@
 """Prometheus metrics for coordinators and participants, fed by the observer events.
 
-    from twopc import metrics
+    from twopc.ops import metrics
     metrics.CoordinatorMetrics(coordinator)    # or ParticipantMetrics(participant)
     metrics.serve(9464)                         # GET http://127.0.0.1:9464/metrics
 
@@ -19,9 +19,9 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from twopc.coordinator import Coordinator
+from twopc.coordinator.core import Coordinator
 from twopc.observe import Event, EventKind
-from twopc.participant import Participant
+from twopc.participant.helper import Participant
 from twopc.types import Outcome, Vote
 
 # Latency buckets from a fsync on a fast disk to a phase-1 deadline of several seconds.

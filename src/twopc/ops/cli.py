@@ -42,12 +42,12 @@ import structlog
 
 from twopc import stores
 from twopc.config import Credentials
-from twopc.logs import configure as configure_logs
-from twopc.participant import ABORTED, COMMITTED, PREPARED
+from twopc.observe.logconfig import configure as configure_logs
+from twopc.participant.helper import ABORTED, COMMITTED, PREPARED
 from twopc.stores.base import POSTGRES_SCHEMES
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-_log = structlog.get_logger("twopc.cli")
+_log = structlog.get_logger("twopc.ops.cli")
 
 HEURISTIC_SCHEMA = """
 CREATE TABLE IF NOT EXISTS twopc_heuristic (
@@ -84,7 +84,7 @@ def emit(rows: Sequence[dict[str, Any]], columns: Sequence[str], as_json: bool, 
     if not rows:
         click.echo(empty)
         return
-    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
@@ -151,7 +151,7 @@ def _decisions(log: str, where: str, params: dict[str, Any]) -> list[dict[str, A
     """COMMIT records of a SQLite log or a shared PostgreSQL one (`where` is a SQL
     condition over txn_id and ended, the same for both)."""
     if log.startswith(POSTGRES_SCHEMES):
-        from twopc.postgres_decision_log import connection_info  # the postgres extra
+        from twopc.decisions.postgres import connection_info  # the postgres extra
 
         url, schema = connection_info(log)
         sql = (
@@ -189,7 +189,7 @@ def _decisions(log: str, where: str, params: dict[str, Any]) -> list[dict[str, A
 def log_list(log: str, everything: bool, as_json: bool) -> None:
     """Logged COMMIT decisions not yet acknowledged by every participant (pending)."""
     rows = _decisions(log, "TRUE" if everything else "NOT ended", {})
-    emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="no pending commits")
+    emit(rows, _log_columns(rows), as_json, empty="no pending commits")
 
 
 @log_group.command("show")
@@ -201,7 +201,13 @@ def log_show(log: str, txn_id: str, as_json: bool) -> None:
     rows = _decisions(log, "txn_id = :txn_id", {"txn_id": txn_id})
     if not rows:
         fail(f"{txn_id} is not in the log: aborted (presumed abort), or purged after its retention")
-    emit(rows, ("txn_id", "state", "age_s", "branches", "acknowledged"), as_json, empty="")
+    emit(rows, _log_columns(rows), as_json, empty="")
+
+
+def _log_columns(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """A shared log's rows say which instance delivers each commit (`driver`)."""
+    columns = ("txn_id", "state", "age_s", "branches", "acknowledged")
+    return (*columns, "driver") if any("driver" in r for r in rows) else columns
 
 
 # --- twopc participant -----------------------------------------------------------------
