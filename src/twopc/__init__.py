@@ -9,6 +9,7 @@ and `twopc.dev` (tooling for tests, never imported by the protocol).
 from twopc import rpc
 from twopc.config import CoordinatorConfig, Credentials, ParticipantConfig
 from twopc.coordinator import Coordinator
+from twopc.coordinator.client import TransactionsClient
 from twopc.decisions import CommitRecord, DecisionLog, SqliteDecisionLog
 from twopc.errors import (
     ClosedError,
@@ -21,6 +22,7 @@ from twopc.errors import (
     NotFound,
     NotLoggedError,
     OutcomeUnknownError,
+    ServiceError,
     StoreInUseError,
     TwoPCError,
     VoteAbort,
@@ -55,10 +57,12 @@ __all__ = [
     "Participant",
     "ParticipantConfig",
     "ParticipantHandler",
+    "ServiceError",
     "SqliteDecisionLog",
     "SqliteStore",
     "StoreInUseError",
     "TransactionResult",
+    "TransactionsClient",
     "TwoPCError",
     "Vote",
     "VoteAbort",

@@ -50,6 +50,17 @@ class LogUnavailableError(TwoPCError):
     participant asks another instance. Retry later; nothing was started."""
 
 
+class ServiceError(TwoPCError):
+    """The coordinator service (`twopc coordinator`) refused a request or could not
+    be reached in time: `status` names the gRPC status ("INVALID_ARGUMENT",
+    "UNAVAILABLE"...) as transactions.proto documents it. `TransactionsClient`
+    already retried what is safe to retry (by the same txn_id)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
 class NotLoggedError(TwoPCError):
     """The COMMIT decision was certainly not logged and never can be: the
     transaction aborts (its result says why). Not raised to `run`'s caller."""

@@ -25,7 +25,9 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig, Vote, VoteAbort
+from twopc.observe.health import PARTICIPANT_SERVICE, Health
 from twopc.observe.logconfig import configure as configure_logs
+from twopc.ops import metrics
 from twopc.stores import Connection, execute
 
 
@@ -76,6 +78,7 @@ def arguments(doc: str) -> tuple[argparse.Namespace, ParticipantConfig]:
     parser.add_argument("--in-doubt-after-s", type=float, default=1.0)
     parser.add_argument("--resolve-interval-s", type=float, default=0.3)
     parser.add_argument("--log-format", choices=["console", "json"], default="json")
+    parser.add_argument("--metrics-port", type=int, default=None, help="/metrics, /healthz and /readyz")
     args = parser.parse_args()
     configure_logs(args.log_format, level="debug")
     return args, ParticipantConfig(
@@ -89,7 +92,11 @@ async def main() -> None:
     args, config = arguments(__doc__)
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
-        await participant.serve(f"{args.host}:{args.port}")
+        health = None
+        if args.metrics_port is not None:  # the probes read the same health service as gRPC
+            health = Health([PARTICIPANT_SERVICE])
+            metrics.serve(args.metrics_port, health=health)
+        await participant.serve(f"{args.host}:{args.port}", health=health)
 
 
 if __name__ == "__main__":

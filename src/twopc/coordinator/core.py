@@ -47,9 +47,9 @@ from twopc.errors import (
     TwoPCError,
 )
 from twopc.faults import crash_point
-from twopc.observe import EventKind, Observer, Observers
+from twopc.observe import EventKind, Observer, Observers, health_for_serve
 from twopc.security import limits
-from twopc.security.auth import Authorizer, Policy
+from twopc.security.auth import COORDINATOR_SERVICE, Authorizer, Policy
 from twopc.types import Branch, BranchResult, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -256,7 +256,10 @@ class Coordinator:
             services: functions that add the process's own servicers to the server
                 (e.g. `lambda s: add_ShopServicer_to_server(shop, s)`).
             grace_s: on a signal, how long to drain and let in-flight RPCs finish.
-            health: the standard health and reflection services (`twopc.observe.health`).
+            health: the standard health and reflection services (`twopc.observe.health`);
+                by default one for the Coordinator service (with the `ops` extra).
+                Either way it is NOT_SERVING while the decision log cannot take a
+                COMMIT (a shared log out of reach, or its lease not held).
             drain: on a signal, stops the caller's services taking new work and
                 waits for what they started; by default, waits for phase 2
                 (`wait_idle`). What is left is on disk: recovery finishes it.
@@ -277,10 +280,14 @@ class Coordinator:
             failed=self.wait_failed,
             on_bound=bound,
             grace_s=grace_s,
-            health=health,
+            health=health_for_serve(health, [COORDINATOR_SERVICE], failed=self.wait_failed, probe=self._writable),
             drain=drain or self.wait_idle,
             policy=policy,
         )
+
+    async def _writable(self) -> None:
+        """Readiness: the log could take a COMMIT now (a shared log: reachable, lease held)."""
+        self._log.check_writable()
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -594,8 +601,11 @@ class Coordinator:
         return [v or BranchResult(b.label, b.target, None, _CANCELLED) for v, b in zip(votes, branches, strict=True)]
 
     async def _prepare(self, gid: str, branch: Branch, deadline: float, *, one_phase: bool) -> BranchResult:
-        operation = any_pb2.Any()
-        operation.Pack(branch.operation)
+        if isinstance(branch.operation, any_pb2.Any):
+            operation = branch.operation  # packed already (the Transactions service relays one)
+        else:
+            operation = any_pb2.Any()
+            operation.Pack(branch.operation)
         request = participant_pb2.PrepareRequest(
             txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase, coordinators=self._peers
         )

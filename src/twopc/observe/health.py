@@ -7,18 +7,23 @@ your own with `add_to_server`. Then `grpc_health_probe`, `grpcurl` and load
 balancers work against any twopc process, yours included. Needs the `ops` extra
 (`pip install twopc[ops]`).
 
+`Participant.serve` and `Coordinator.serve` make one by default when none is given
+(and the extra is installed), and check their store or decision log with it.
+
 Status follows what the process can promise: NOT_SERVING until `serving()` is called
 (`serve` does once the store or log is open and recovery has started), NOT_SERVING
-for good once `shutdown()` starts a graceful stop (`serve` does on SIGTERM), and
+for good once `shutdown()` starts a graceful stop (`serve` does on SIGTERM),
 NOT_SERVING as soon as a watched store reports a failed fsync (`watch`), since such
-a process must be restarted.
+a process must be restarted, and NOT_SERVING while a `check` fails (a PostgreSQL
+store or log out of reach), SERVING again once it passes. `status` is what
+`twopc.ops.metrics.serve` answers on `/readyz`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
 
 import grpc
 import structlog
@@ -51,8 +56,12 @@ class Health:
         self.services = ("", *services)
         self.reflection_on = reflection_on
         self._servicer = health_aio.HealthServicer()
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
         self._final = False
+        self._ready = False  # serving() was called
+        self._failed = False  # a watched failure: for good
+        self._failing: set[str] = set()  # the checks failing now
+        self._checks: list[Callable[[], Coroutine[Any, Any, None]]] = []  # started by serving()
         self.status = "NOT_SERVING"
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -63,12 +72,17 @@ class Health:
             reflection.enable_server_reflection(names, server)
 
     async def serving(self) -> None:
-        """SERVING for every service: the process can take work."""
-        await self._set(_SERVING)
+        """SERVING for every service: the process can take work (unless a watched
+        failure happened, or a check is failing)."""
+        self._ready = True
+        while self._checks:
+            self._start(self._checks.pop()())
+        await self._update()
 
     async def not_serving(self) -> None:
-        """NOT_SERVING for every service (e.g. its store failed)."""
-        await self._set(_NOT_SERVING)
+        """NOT_SERVING for every service, for good (e.g. its store failed)."""
+        self._failed = True
+        await self._update()
 
     async def shutdown(self) -> None:
         """NOT_SERVING for good: the process is draining before it stops."""
@@ -78,30 +92,64 @@ class Health:
         self._final = True
 
     def watch(self, failed: Callable[[], Awaitable[object]]) -> None:
-        """Turns NOT_SERVING once `failed()` returns (e.g. `store.wait_failed`,
-        `coordinator.wait_failed`)."""
+        """Turns NOT_SERVING for good once `failed()` returns (e.g.
+        `store.wait_failed`, `coordinator.wait_failed`)."""
 
         async def wait() -> None:
             error = await failed()
             _log.critical("health_not_serving", error=str(error))
             await self.not_serving()
 
-        self._watcher = asyncio.create_task(wait())
+        self._start(wait())
+
+    def check(
+        self, name: str, probe: Callable[[], Awaitable[object]], *, every_s: float = 1.0, timeout_s: float = 2.0
+    ) -> None:
+        """Runs `probe()` every `every_s` once `serving()` is called: NOT_SERVING while
+        it raises or takes longer than `timeout_s` (a PostgreSQL store down),
+        SERVING again once it passes."""
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await asyncio.wait_for(probe(), timeout_s)
+                except Exception as e:  # noqa: BLE001 - any failure of the probe means not ready
+                    if name not in self._failing:
+                        _log.warning("health_check_failing", check=name, error=str(e) or type(e).__name__)
+                        self._failing.add(name)
+                        await self._update()
+                else:
+                    if name in self._failing:
+                        _log.info("health_check_passing", check=name)
+                        self._failing.discard(name)
+                        await self._update()
+                await asyncio.sleep(every_s)
+
+        if self._ready:
+            self._start(loop())
+        else:
+            self._checks.append(loop)
 
     async def close(self) -> None:
-        """Stops watching."""
+        """Stops watching and checking."""
         await self._stop_watching()
 
-    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _update(self) -> None:
         if self._final:
             return
+        status = _SERVING if self._ready and not self._failed and not self._failing else _NOT_SERVING
         for service in self.services:
             await self._servicer.set(service, status)
         self.status = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
     async def _stop_watching(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        self._checks.clear()
+        watchers = set(self._watchers)
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)

@@ -42,6 +42,7 @@ import structlog
 
 from twopc import stores
 from twopc.config import Credentials
+from twopc.errors import TwoPCError
 from twopc.observe.logconfig import configure as configure_logs
 from twopc.participant.helper import ABORTED, COMMITTED, PREPARED
 from twopc.stores.base import POSTGRES_SCHEMES
@@ -302,6 +303,56 @@ def outcome(
         click.echo(json.dumps({"txn_id": txn_id, "outcome": answer}))
     else:
         click.echo(answer)
+
+
+# --- twopc coordinator -----------------------------------------------------------------
+
+
+@cli.command("coordinator")
+@click.option("--config", "config_path", required=True, type=click.Path(), help="the TOML configuration file")
+@click.option("--host", help="the address Execute, GetOutcome and health listen on (overrides `listen`'s)")
+@click.option(
+    "--port",
+    type=int,
+    help="their port (overrides `listen`'s; 0 for any free one). Keep a stable port outside the ephemeral"
+    " range (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 on Linux by default): participants in"
+    " doubt ask this address after a restart, and an ephemeral one may be taken by an outgoing connection.",
+)
+@click.option("--log", "log", metavar="PATH|URL", help="the decision log: SQLite path or postgresql://...?schema=")
+@click.option("--metrics-host", help="address of /metrics, /healthz and /readyz (default 127.0.0.1)")
+@click.option("--metrics-port", type=int, help="port of /metrics, /healthz and /readyz (default: none)")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
+def coordinator(
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    log: str | None,
+    metrics_host: str | None,
+    metrics_port: int | None,
+    log_format: str,
+) -> None:
+    """Run the coordinator as a service: twopc.v1.Transactions/Execute for clients in
+    any language, GetOutcome for participants in doubt, and gRPC health, on one port.
+
+    The file says which decision log, TLS files, who may execute, which participants
+    it may dial (with their identities) and the metrics port (docs/coordinator-service.md).
+    Runs until SIGTERM or SIGINT; prints READY HOST:PORT once serving.
+    """
+    from twopc.ops import coordinatord
+
+    try:
+        config = coordinatord.load(
+            config_path, host=host, port=port, log=log, metrics_host=metrics_host, metrics_port=metrics_port
+        )
+    except coordinatord.ConfigError as e:
+        fail(str(e))
+    configure_logs("json" if log_format == "json" else "console", level="info", stream=sys.stderr)
+    try:
+        asyncio.run(coordinatord.run(config))
+    except OSError as e:
+        fail(str(e))
+    except TwoPCError as e:
+        fail(f"{e}: stopping so that a restart recovers from the log")
 
 
 # --- twopc resolve ---------------------------------------------------------------------

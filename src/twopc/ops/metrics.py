@@ -2,7 +2,12 @@
 
     from twopc.ops import metrics
     metrics.CoordinatorMetrics(coordinator)    # or ParticipantMetrics(participant)
-    metrics.serve(9464)                         # GET http://127.0.0.1:9464/metrics
+    metrics.serve(9464, health=health)          # GET http://127.0.0.1:9464/metrics
+
+The same port answers probes that cannot present a client certificate (a
+Kubernetes kubelet under mutual TLS): `/healthz` is 200 while the process is alive,
+`/readyz` is 200 exactly while the gRPC health service says SERVING (503 otherwise),
+and every other path is 404.
 
 Each class is an `Observer` that attaches itself to the coordinator or participant
 given; the protocol code does not know it is there. Names follow Prometheus
@@ -13,10 +18,15 @@ what to alert on. Needs the `ops` extra (`pip install twopc[ops]`).
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from twopc.coordinator.core import Coordinator
@@ -55,11 +65,69 @@ def reason_class(vote: Vote | None, reason: str) -> str:
     return "error"
 
 
-def serve(port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None) -> int:
-    """Serves `/metrics` over HTTP on a background thread; returns the bound port
-    (pass 0 for any free one). Loopback by default: expose it deliberately."""
-    server, _ = prometheus_client.start_http_server(port, addr=host, registry=registry or prometheus_client.REGISTRY)
+class Readiness(Protocol):
+    """What `/readyz` reads: `twopc.observe.health.Health` (its gRPC status)."""
+
+    @property
+    def status(self) -> str: ...
+
+
+def serve(
+    port: int,
+    host: str = "127.0.0.1",
+    registry: CollectorRegistry | None = None,
+    *,
+    health: Readiness | None = None,
+) -> int:
+    """Serves `/metrics`, `/healthz` and `/readyz` over HTTP on a background thread;
+    returns the bound port (pass 0 for any free one). Loopback by default: expose
+    it deliberately (`host="0.0.0.0"`).
+
+    Args:
+        port: the port; keep a stable one outside the ephemeral range
+            (/proc/sys/net/ipv4/ip_local_port_range).
+        host: the address to bind.
+        registry: the Prometheus registry; the default one if None.
+        health: the process's health service: `/readyz` answers 200 while it says
+            SERVING and 503 otherwise. Without it, `/readyz` is 404.
+    """
+    handler = _handler(registry or prometheus_client.REGISTRY, health)
+    server_class = _V6Server if ":" in host else ThreadingHTTPServer
+    server = server_class((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="twopc-metrics", daemon=True).start()
     return int(server.server_port)
+
+
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _handler(registry: CollectorRegistry, health: Readiness | None) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encoder(registry), content_type)
+            elif path == "/healthz":
+                self._send(200, b"alive\n")
+            elif path == "/readyz" and health is not None:
+                status = health.status
+                self._send(200 if status == "SERVING" else 503, f"{status}\n".encode())
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet: a scrape every few seconds is not news."""
+
+    return Handler
 
 
 class _Syncs(Collector):

@@ -48,7 +48,7 @@ from twopc import rpc
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import DurabilityError, InvalidOperation, NotFound, VoteAbort
 from twopc.faults import crash_point
-from twopc.observe import EventKind, Observer, Observers
+from twopc.observe import EventKind, Observer, Observers, health_for_serve
 from twopc.participant import trust
 from twopc.security import auth, limits
 from twopc.stores.base import (
@@ -343,7 +343,9 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             services: functions that add the service's own servicers to the server.
             grace_s: on a signal, how long to drain (new Prepares refused, prepared
                 transactions decided) and let in-flight RPCs finish.
-            health: the standard health and reflection services (`twopc.observe.health`).
+            health: the standard health and reflection services (`twopc.observe.health`);
+                by default one for the Participant service (with the `ops` extra).
+                Either way it is NOT_SERVING while the store cannot be read.
             interceptors: server interceptors (e.g. `Tracing.server_interceptor()`).
             policy: who may call what (`twopc.security.auth`), enforced under mutual TLS.
 
@@ -356,11 +358,17 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             [self.add_to_server, *services],
             failed=self.store.wait_failed,
             grace_s=grace_s,
-            health=health,
+            health=health_for_serve(
+                health, [auth.PARTICIPANT_SERVICE], failed=self.store.wait_failed, probe=self._store_reachable
+            ),
             drain=self.drain,
             interceptors=interceptors,
             policy=policy,
         )
+
+    async def _store_reachable(self) -> None:
+        """Readiness: one read of the store (a PostgreSQL server may be down)."""
+        await self.store.read(lambda db: execute(db, "SELECT 1"))
 
     # --- the RPCs ------------------------------------------------------------------
 

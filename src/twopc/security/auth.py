@@ -63,16 +63,26 @@ def operations_rules(identities: Iterable[str]) -> dict[str, frozenset[str]]:
     )
 
 
+HEALTH_RULES = grant([ANYONE], "grpc.health.v1.Health", "Check", "Watch")
+"""What every Policy allows unless its rules name the method: health checks from any
+authenticated caller (a load balancer or probe with a certificate of the CA)."""
+
+
 @dataclass(frozen=True)
 class Policy:
     """Who may call what: full method name ("/pkg.v1.Service/Method") to the
     identities allowed (`ANYONE` = every authenticated caller). Methods not named
-    are refused."""
+    are refused, except health checks (`HEALTH_RULES`), which any authenticated
+    caller may make unless the rules name them. Build one from the rule helpers,
+    merged as dicts::
+
+        Policy({**participant_rules(["shop"]), **grant(["operator"], "wallet.v1.Wallet", "Deposit")})
+    """
 
     rules: Mapping[str, frozenset[str]]
 
     def allows(self, method: str, identities: Iterable[str]) -> bool:
-        allowed = self.rules.get(method)
+        allowed = self.rules.get(method, HEALTH_RULES.get(method))
         if allowed is None:
             return False
         return ANYONE in allowed or not allowed.isdisjoint(identities)

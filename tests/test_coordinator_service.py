@@ -1,0 +1,199 @@
+"""`twopc coordinator`: the coordinator as a service (twopc.v1.Transactions), run as a
+real process over real kv participants, reached through `twopc.TransactionsClient`;
+and the HTTP probes (`/healthz`, `/readyz`) that tell the truth."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Kv, eventually, op
+from twopc import Branch, Outcome, ServiceError, TransactionsClient, Vote, rpc
+from twopc.config import Credentials
+from twopc.dev.pgserver import PostgresServer
+from twopc.dev.testing import ServiceProcess, free_port
+
+INSECURE = Credentials.insecure()
+
+
+def http(url: str) -> tuple[int, str]:
+    """GET `url`: its status and body, 4xx and 5xx included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def write_config(path: Path, participants: dict[str, str], **settings: object) -> Path:
+    lines = [f"{k} = {v!r}".replace("'", '"') for k, v in {"listen": "127.0.0.1:0", **settings}.items()]
+    for name, address in participants.items():
+        lines += [f"[participants.{name}]", f'address = "{address}"', f'identity = "{name}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def service(tmp_path: Path, start_kv: Callable[..., Kv]) -> Iterator[tuple[ServiceProcess, Kv, Kv, int]]:
+    """A `twopc coordinator` process over two kv participants (a and b), with metrics."""
+    a, b = start_kv("a"), start_kv("b")
+    metrics_port = free_port()
+    config = write_config(
+        tmp_path / "coordinator.toml",
+        {"a": a.target, "b": b.target},
+        log="decisions.db",
+        metrics_port=metrics_port,
+        prepare_timeout_s=3.0,
+    )
+    proc = ServiceProcess(
+        "twopc coordinator",
+        ["--config", str(config)],
+        log_path=tmp_path / "coordinator.log",
+        command=[sys.executable, "-m", "twopc.ops.cli", "coordinator"],
+    ).start()
+    yield proc, a, b, metrics_port
+    proc.stop()
+
+
+async def test_execute_commits_aborts_and_answers_a_retry_from_the_log(
+    service: tuple[ServiceProcess, Kv, Kv, int],
+) -> None:
+    """Execute commits over two participants, answers a retry of that id COMMITTED
+    without running it again, and returns an abort's votes and reason as a result."""
+    proc, a, b, _ = service
+    async with TransactionsClient(proc.address, credentials=INSECURE) as client:
+        branches = [Branch("a", op(key="k", amount=5), name="wallet"), Branch(b.target, op(key="k", amount=7))]
+        result = await client.execute(branches, txn_id="order-1")
+        assert result.outcome is Outcome.COMMITTED
+        assert result.txn_id.endswith(":order-1")
+        assert [(r.name, r.target, r.vote) for r in result.branches] == [
+            ("wallet", a.target, Vote.COMMIT),
+            (b.target, b.target, Vote.COMMIT),
+        ]
+        await eventually(lambda: len(a.applied()) == 1 and len(b.applied()) == 1, what="phase 2 applied")
+
+        again = await client.execute(branches, txn_id="order-1")
+        assert (again.txn_id, again.outcome) == (result.txn_id, Outcome.COMMITTED)
+        assert a.applied() == [(result.txn_id, "k", 5)]  # once, not twice
+        assert await client.outcome(result.txn_id) is Outcome.COMMITTED
+
+        aborted = await client.execute([Branch("a", op(key="k")), Branch("b", op(behave="abort"))], txn_id="order-2")
+        assert aborted.outcome is Outcome.ABORTED
+        assert "told to abort" in aborted.reason
+        assert aborted.branches[1].vote is Vote.ABORT
+        assert await client.outcome(aborted.txn_id) is Outcome.ABORTED
+        await eventually(lambda: not a.reserved(), what="the abort released a's reservation")
+
+
+async def test_execute_refuses_bad_requests_with_their_documented_status(
+    service: tuple[ServiceProcess, Kv, Kv, int],
+) -> None:
+    """A target outside the configured participants is FAILED_PRECONDITION; a bad id, no
+    branches, a missing operation or one target twice is INVALID_ARGUMENT; none sends anything."""
+    proc, a, b, _ = service
+    async with TransactionsClient(proc.address, credentials=INSECURE) as client:
+        with pytest.raises(ServiceError) as refused:
+            await client.execute([Branch("127.0.0.1:1", op(key="k"))], txn_id="t1")
+        assert refused.value.status == "FAILED_PRECONDITION"
+        for branches, txn_id in (
+            ([Branch("a", op(key="k"))], "bad id!"),
+            ([], "t2"),
+            ([Branch("a", op(key="k")), Branch(a.target, op(key="k"))], "t3"),
+        ):
+            with pytest.raises(ServiceError) as bad:
+                await client.execute(branches, txn_id=txn_id)
+            assert bad.value.status == "INVALID_ARGUMENT", branches
+    assert a.reserved() == a.applied() == b.reserved() == []
+
+
+async def test_metrics_port_answers_probes_and_404_elsewhere(service: tuple[ServiceProcess, Kv, Kv, int]) -> None:
+    """The coordinator's metrics port answers /healthz and /readyz (SERVING once its log
+    is read), /metrics, and 404 for every other path."""
+    _, _, _, port = service
+    base = f"http://127.0.0.1:{port}"
+    assert http(f"{base}/healthz")[0] == 200
+    assert http(f"{base}/readyz") == (200, "SERVING\n")
+    status, body = http(f"{base}/metrics")
+    assert status == 200 and "twopc_" in body
+    assert http(f"{base}/")[0] == 404
+    assert http(f"{base}/other")[0] == 404
+
+
+def test_coordinator_help_and_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    """`twopc coordinator --help` describes the service; a config that names no
+    participant is one line of error and exit status 1, not a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "twopc.ops.cli", "coordinator", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "Transactions/Execute" in done.stdout and "ephemeral" in done.stdout
+    (tmp_path / "c.toml").write_text('listen = "127.0.0.1:0"\nlog = "d.db"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "twopc.ops.cli", "coordinator", "--config", str(tmp_path / "c.toml")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "twopc: error: no [participants.NAME] tables: a branch could target nothing"
+    ]
+
+
+def test_readyz_follows_a_postgresql_store_down_and_up(
+    tmp_path: Path, pg_killable: PostgresServer, start_kv: Callable[..., Kv]
+) -> None:
+    """A participant on PostgreSQL answers /readyz 503 while its server is stopped and
+    200 once it is back; /healthz stays 200 (the process is alive) throughout."""
+    port = free_port()
+    start_kv("pg", db=pg_killable.url, args=["--metrics-port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    assert http(f"{base}/readyz") == (200, "SERVING\n")
+    pg_killable.stop()
+    deadline_ok = _poll(lambda: http(f"{base}/readyz")[0] == 503)
+    assert deadline_ok, "readyz stayed 200 with the store's server stopped"
+    assert http(f"{base}/healthz")[0] == 200
+    pg_killable.start()
+    assert _poll(lambda: http(f"{base}/readyz") == (200, "SERVING\n")), "readyz did not recover"
+
+
+def _poll(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    """Polls a blocking `check` until it holds; False after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+async def test_a_port_in_time_wait_binds_and_a_live_owner_is_refused() -> None:
+    """A server binds a port whose last connection is in TIME-WAIT (a restart on its
+    stable address), and a second server on a live owner's port is refused."""
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    client.bind(("127.0.0.1", port))
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    client.close()  # the side that closes first keeps TIME-WAIT: here, on `port`
+    accepted.close()
+    listener.close()
+    # The TIME-WAIT is there: a bind without SO_REUSEADDR (the issue's failed restart) meets it.
+    with socket.socket() as naive, pytest.raises(OSError, match="in use"):
+        naive.bind(("127.0.0.1", port))
+    first = rpc.server()
+    rpc.add_port(first, f"127.0.0.1:{port}", INSECURE)
+    await first.start()
+    try:
+        with pytest.raises(OSError, match="cannot bind"):
+            rpc.add_port(rpc.server(), f"127.0.0.1:{port}", INSECURE)
+    finally:
+        await first.stop(None)
