@@ -105,11 +105,11 @@ def tracing(args: argparse.Namespace) -> Tracing | None:
     return Tracing(provider)
 
 
-def observe(observers: Observers, args: argparse.Namespace) -> None:
-    """Starts the /metrics endpoint if `--metrics-port` was given, and the events
-    file if `--events-file` was."""
+def observe(observers: Observers, args: argparse.Namespace, *, health: Health | None = None) -> None:
+    """Starts the /metrics endpoint (with /healthz, and /readyz from `health`) if
+    `--metrics-port` was given, and the events file if `--events-file` was."""
     if args.metrics_port is not None:
-        metrics.serve(args.metrics_port, args.metrics_host)
+        metrics.serve(args.metrics_port, args.metrics_host, health=health)
     if args.events_file:
         observers.add(JsonLines(args.events_file))
 
@@ -257,7 +257,7 @@ def run_participant(
             health = Health([PARTICIPANT_SERVICE, *services])
             health.watch(p.store.wait_failed)
             metrics.ParticipantMetrics(p)
-            observe(p.observers, args)
+            observe(p.observers, args, health=health)
             traced = tracing(args)
             await p.serve(
                 f"{args.host}:{args.port}",
@@ -268,7 +268,10 @@ def run_participant(
                 policy=policy(creds, rules),
             )
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except (ValueError, StoreUnavailableError) as e:  # a bad --db URL, a server out of reach: one line
+        raise SystemExit(f"error: {e}") from None
 
 
 class AlreadyExists(Exception):  # noqa: N818 - named for the gRPC status it maps to

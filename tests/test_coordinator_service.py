@@ -4,12 +4,14 @@ and the HTTP probes (`/healthz`, `/readyz`) that tell the truth."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,8 +20,11 @@ import pytest
 from tests.conftest import Kv, eventually, op
 from twopc import Branch, Outcome, ServiceError, TransactionsClient, Vote, rpc
 from twopc.config import Credentials
+from twopc.dev import pgserver
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, free_port
+from twopc.stores import execute
+from twopc.stores.base import query
 
 INSECURE = Credentials.insecure()
 
@@ -197,3 +202,53 @@ async def test_a_port_in_time_wait_binds_and_a_live_owner_is_refused() -> None:
             rpc.add_port(rpc.server(), f"127.0.0.1:{port}", INSECURE)
     finally:
         await first.stop(None)
+
+
+def test_pgserver_module_runs_a_server_for_development_until_ctrl_c() -> None:
+    """`python -m twopc.dev.pgserver` says what it does in --help, prints a URL that
+    connects to a server with max_prepared_transactions set, and stops it on SIGINT."""
+    import psycopg
+
+    if pgserver.missing():
+        pytest.skip(pgserver.missing() or "")
+    helped = subprocess.run([sys.executable, "-m", "twopc.dev.pgserver", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "max_prepared_transactions" in helped.stdout
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twopc.dev.pgserver", "--max-prepared-transactions", "7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SHOW max_prepared_transactions").fetchone() == ("7",)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(url, connect_timeout=2).close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("autocommit", [False, True], ids=["helper", "adapter"])
+async def test_a_store_url_with_schema_creates_the_schema(pg_server: PostgresServer, autocommit: bool) -> None:
+    """A participant store opened on `?schema=NAME` for a schema that does not exist
+    creates it and keeps its tables there (the helper's pool and the adapter's
+    autocommit mode); a bad schema name is one line of ValueError before any connection."""
+    from twopc.stores.postgres import PostgresStore
+
+    name = f"fresh_{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(
+        f"{pg_server.url}?schema={name}", "CREATE TABLE IF NOT EXISTS notes (n INTEGER)", autocommit=autocommit
+    )
+    async with store:
+        await store.write(lambda db: execute(db, "INSERT INTO notes VALUES (1)") and None)
+    rows = query(pg_server.url, "SELECT table_name FROM information_schema.tables WHERE table_schema = :s", s=name)
+    assert sorted(r[0] for r in rows) == ["notes", "twopc_schema"]
+    assert query(f"{pg_server.url}?schema={name}", "SELECT n FROM notes") == [(1,)]
+    with pytest.raises(ValueError, match="lowercase SQL identifier") as bad:
+        PostgresStore(f"{pg_server.url}?schema=Bad;Name")
+    assert "\n" not in str(bad.value)

@@ -237,7 +237,7 @@ async def serve(args: Any) -> None:
         health = Health([COORDINATOR_SERVICE, shop_pb2.DESCRIPTOR.services_by_name["Shop"].full_name])
         health.watch(coordinator.wait_failed)
         metrics.CoordinatorMetrics(coordinator)
-        observe(coordinator.observers, args)
+        observe(coordinator.observers, args, health=health)
         try:
             await coordinator.serve(
                 f"{args.host}:{args.port}",

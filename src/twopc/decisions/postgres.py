@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -54,6 +53,7 @@ from psycopg.types.json import Jsonb
 
 from twopc.decisions import CommitRecord
 from twopc.errors import DurabilityError, FencedError, LogUnavailableError, NotLoggedError
+from twopc.stores.base import SCHEMA_NAME
 from twopc.types import Outcome
 
 _log = structlog.get_logger("twopc.decisions.postgres")
@@ -95,15 +95,13 @@ CREATE TABLE IF NOT EXISTS {s}.ownership (
 T = TypeVar("T")
 Cursor = psycopg.AsyncCursor[Any]
 
-_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
 
 def _split(url: str) -> tuple[SplitResult, dict[str, str], str]:
     """The URL's parts, its query without `schema`, and the schema."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     schema = query.pop("schema", "twopc")
-    if not _IDENT.fullmatch(schema):
+    if not SCHEMA_NAME.fullmatch(schema):  # one rule for every URL's ?schema=
         raise ValueError(f"schema must be a lowercase SQL identifier, got {schema!r}")
     return parts, query, schema
 

@@ -1,4 +1,7 @@
-"""A private PostgreSQL server for tests, the demo, chaos runs and benchmarks.
+"""A private PostgreSQL server for tests, the demo, chaos runs and benchmarks, and
+for development: `python -m twopc.dev.pgserver` starts one with
+`max_prepared_transactions` set (what the PREPARE TRANSACTION adapter needs),
+prints its URL, and stops it on Ctrl-C (docs/postgres.md).
 
 `PostgresServer` runs `initdb` and `postgres` from the installed server binaries
 (`pg_config --bindir`) on a data directory of its own, on a free loopback port, with
@@ -20,7 +23,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -299,3 +304,40 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m twopc.dev.pgserver`: a private server until Ctrl-C or SIGTERM."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m twopc.dev.pgserver",
+        description="Start a private PostgreSQL server for development, with max_prepared_transactions"
+        " set (the PREPARE TRANSACTION adapter needs it), on a data directory of its own. Prints its URL"
+        " (add ?schema=NAME for a schema of your own), keeps it running, and stops it and removes its"
+        " files on Ctrl-C or SIGTERM. Needs the PostgreSQL server binaries (pg_config --bindir); as root"
+        " it runs the server as the postgres user.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument(
+        "--max-prepared-transactions", type=int, default=256, help="the server setting (default %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    reason = missing()
+    if reason:
+        parser.exit(1, f"python -m twopc.dev.pgserver: error: {reason}\n")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    with PostgresServer(
+        max_prepared_transactions=args.max_prepared_transactions, port=args.port, listen=(args.host,)
+    ) as server:
+        print(server.url, flush=True)
+        print(f"max_prepared_transactions={args.max_prepared_transactions}; Ctrl-C stops it", file=sys.stderr)
+        stop.wait()
+        print("stopping", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

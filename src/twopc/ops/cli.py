@@ -349,7 +349,7 @@ def coordinator(
     configure_logs("json" if log_format == "json" else "console", level="info", stream=sys.stderr)
     try:
         asyncio.run(coordinatord.run(config))
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a port in use, a bad log URL: one line
         fail(str(e))
     except TwoPCError as e:
         fail(f"{e}: stopping so that a restart recovers from the log")

@@ -20,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sqlite3
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 from twopc.errors import TwoPCError
 from twopc.stores.sqlite import SqliteStore, StoreStats
@@ -34,6 +36,24 @@ Connection = Any
 """A job's connection: `sqlite3.Connection` or `sqlalchemy.Connection`."""
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
+
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+"""What `?schema=` may name in a PostgreSQL URL: a lowercase SQL identifier."""
+
+
+def url_schema(url: str) -> str | None:
+    """The schema a PostgreSQL URL names with `?schema=` (every URL twopc takes:
+    stores, the adapter, the decision log, the CLI), or None.
+
+    Raises:
+        ValueError: it is not a lowercase SQL identifier.
+    """
+    values = [v for k, v in parse_qsl(urlsplit(url).query) if k == "schema"]
+    if not values:
+        return None
+    if len(values) > 1 or not SCHEMA_NAME.fullmatch(values[0]):
+        raise ValueError(f"?schema= must be one lowercase SQL identifier, got {', '.join(values)!r}")
+    return values[0]
 
 
 class StoreUnavailableError(TwoPCError):

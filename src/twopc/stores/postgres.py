@@ -50,7 +50,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import make_url
 
 from twopc.errors import ClosedError
-from twopc.stores.base import ConflictError, StoreUnavailableError
+from twopc.stores.base import ConflictError, StoreUnavailableError, url_schema
 from twopc.stores.sqlite import StoreStats
 
 T = TypeVar("T")
@@ -67,16 +67,30 @@ _CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # 
 
 
 def engine_url(url: str) -> sqlalchemy.URL:
-    """A `postgresql://` URL for SQLAlchemy with the psycopg (3) driver."""
-    return make_url(url).set(drivername="postgresql+psycopg")
+    """A `postgresql://` URL for SQLAlchemy with the psycopg (3) driver; its
+    `?schema=NAME` becomes the connections' search_path.
+
+    Raises:
+        ValueError: not a URL, or a bad schema name (one line, for a person).
+    """
+    schema = url_schema(url)
+    try:
+        parsed = make_url(url).set(drivername="postgresql+psycopg")
+    except exc.ArgumentError:
+        raise ValueError(f"not a PostgreSQL URL: {url.split('@')[-1]!r}") from None
+    if schema is None:
+        return parsed
+    options = parsed.query.get("options", "")
+    options = " ".join([*([options] if isinstance(options, str) and options else []), f"-csearch_path={schema}"])
+    return parsed.difference_update_query(["schema"]).update_query_dict({"options": options})
 
 
 class PostgresStore:
     """A PostgreSQL database (or one schema of it) as a participant's store.
 
     Args:
-        url: `postgresql://user@host:port/database`; add
-            `?options=-csearch_path%3Dname` to keep the tables in a schema.
+        url: `postgresql://user@host:port/database`; add `?schema=name` to keep
+            the tables in a schema (created if missing).
         schema: SQL run at open, under an advisory lock (`CREATE TABLE IF NOT EXISTS`);
             once per text: its digest is kept in `twopc_schema`.
         pool_size: connections (and threads) running jobs at once.
@@ -114,6 +128,8 @@ class PostgresStore:
         if min(lock_timeout_s, statement_timeout_s, connect_timeout_s) <= 0:
             raise ValueError("timeouts must be > 0")
         self.url = url
+        self.namespace = url_schema(url)  # ?schema=: created at open if missing
+        engine_url(url)  # a bad URL fails here, in one line, not at the first job
         self.schema = schema
         self.pool_size = pool_size
         self.lock_timeout_s = lock_timeout_s
@@ -196,6 +212,8 @@ class PostgresStore:
             assert conn is not None
             # Two services starting on one database must not race to create a table.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('twopc schema'))")
+            if self.namespace is not None:  # checked by url_schema: a plain identifier
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.namespace}"'.encode())
             # Run a schema once: even `CREATE INDEX IF NOT EXISTS` locks its table, and
             # after a crash a prepared transaction may hold that table until resolved.
             conn.execute(b"CREATE TABLE IF NOT EXISTS twopc_schema (digest TEXT PRIMARY KEY)")
