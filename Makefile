@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 GENERATED := src/twopc/v1 services/wallet/v1 services/order/v1 services/shop/v1
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint test demo console chaos bench fuzz check clean
+.PHONY: help install node-modules proto proto-check lint test demo console chaos bench fuzz check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,6 +18,23 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: $(STAMP) ## create .venv and install twopc with its dev tools
+
+# examples/node's modules, from its lockfile, as .venv is made: again only when the
+# lockfile changed. Without node and npm the Node tests skip, saying so.
+NODE_DIR   := examples/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+HAVE_NODE  := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
+
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	@touch $@
+
+ifeq ($(HAVE_NODE),yes)
+node-modules: $(NODE_STAMP) ## install examples/node's modules from its lockfile (needs node and npm)
+else
+node-modules:
+	@echo "node or npm not found: the tests of examples/node will skip"
+endif
 
 proto: $(STAMP) ## regenerate Python code from protos/
 	PYTHON=$(PY) scripts/gen_protos.sh
@@ -33,7 +50,7 @@ lint: $(STAMP) ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) ## run the test suite (real processes, real SQLite files)
+test: $(STAMP) node-modules ## run the test suite (real processes, real SQLite files; Node's modules when node is here)
 	$(VENV)/bin/pytest
 
 demo: $(STAMP) ## the purchase scenario with its failures, as separate processes (TLS=1: mutual TLS, DB=postgres)

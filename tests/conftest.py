@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,6 +94,35 @@ def start_kv(tmp_path: Path) -> Iterator[Callable[..., Kv]]:
         proc = ServiceProcess("tests.apps.kv", argv, log_path=tmp_path / f"{unique}.log", env=env).start()
         started.append(proc)
         return Kv(proc, store, unique)
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def start_coordinator_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Starts `twopc coordinator` processes, each from a TOML file written from the
+    participants (name -> address; the name is also its identity) and `settings`;
+    all are stopped at the end of the test."""
+    started: list[ServiceProcess] = []
+
+    def start(participants: Mapping[str, str], **settings: object) -> ServiceProcess:
+        unique = f"coordinator-{len(started)}"
+        values = {"listen": "127.0.0.1:0", "log": f"{unique}.db", **settings}
+        lines = [f"{key} = {json.dumps(value)}" for key, value in values.items()]  # JSON scalars are TOML
+        for name, address in participants.items():
+            lines += [f"[participants.{name}]", f"address = {json.dumps(address)}", f"identity = {json.dumps(name)}"]
+        config = tmp_path / f"{unique}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        proc = ServiceProcess(
+            "twopc coordinator",
+            ["--config", str(config)],
+            log_path=tmp_path / f"{unique}.log",
+            command=[sys.executable, "-m", "twopc.ops.cli", "coordinator"],
+        )
+        started.append(proc)
+        return proc.start()
 
     yield start
     for p in started:

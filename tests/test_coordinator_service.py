@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,34 +38,15 @@ def http(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def write_config(path: Path, participants: dict[str, str], **settings: object) -> Path:
-    lines = [f"{k} = {v!r}".replace("'", '"') for k, v in {"listen": "127.0.0.1:0", **settings}.items()]
-    for name, address in participants.items():
-        lines += [f"[participants.{name}]", f'address = "{address}"', f'identity = "{name}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
-def service(tmp_path: Path, start_kv: Callable[..., Kv]) -> Iterator[tuple[ServiceProcess, Kv, Kv, int]]:
+def service(
+    start_kv: Callable[..., Kv], start_coordinator_service: Callable[..., ServiceProcess]
+) -> tuple[ServiceProcess, Kv, Kv, int]:
     """A `twopc coordinator` process over two kv participants (a and b), with metrics."""
     a, b = start_kv("a"), start_kv("b")
     metrics_port = free_port()
-    config = write_config(
-        tmp_path / "coordinator.toml",
-        {"a": a.target, "b": b.target},
-        log="decisions.db",
-        metrics_port=metrics_port,
-        prepare_timeout_s=3.0,
-    )
-    proc = ServiceProcess(
-        "twopc coordinator",
-        ["--config", str(config)],
-        log_path=tmp_path / "coordinator.log",
-        command=[sys.executable, "-m", "twopc.ops.cli", "coordinator"],
-    ).start()
-    yield proc, a, b, metrics_port
-    proc.stop()
+    proc = start_coordinator_service({"a": a.target, "b": b.target}, metrics_port=metrics_port, prepare_timeout_s=3.0)
+    return proc, a, b, metrics_port
 
 
 async def test_execute_commits_aborts_and_answers_a_retry_from_the_log(
