@@ -132,20 +132,42 @@ def test_coordinator_help_and_a_bad_config_in_one_line(tmp_path: Path) -> None:
     ]
 
 
-def test_readyz_follows_a_postgresql_store_down_and_up(
-    tmp_path: Path, pg_killable: PostgresServer, start_kv: Callable[..., Kv]
-) -> None:
-    """A participant on PostgreSQL answers /readyz 503 while its server is stopped and
-    200 once it is back; /healthz stays 200 (the process is alive) throughout."""
+@pytest.mark.parametrize("app", ["tests.apps.kv", "tests.apps.debits"], ids=["helper", "adapter"])
+def test_readyz_follows_a_postgresql_store_down_and_up(tmp_path: Path, pg_killable: PostgresServer, app: str) -> None:
+    """A participant on PostgreSQL (the reservation helper, the PREPARE TRANSACTION
+    adapter) answers /readyz 503 while its server is stopped and 200 once it is back;
+    /healthz stays 200 (the process is alive) throughout."""
     port = free_port()
-    start_kv("pg", db=pg_killable.url, args=["--metrics-port", str(port)])
-    base = f"http://127.0.0.1:{port}"
+    proc = ServiceProcess(app, ["--db", pg_killable.url, "--metrics-port", str(port)], log_path=tmp_path / "p.log")
+    proc.start()
+    try:
+        _down_and_up(f"http://127.0.0.1:{port}", pg_killable)
+    finally:
+        proc.stop()
+
+
+def test_coordinator_readyz_follows_its_postgresql_log_down_and_up(
+    tmp_path: Path,
+    pg_killable: PostgresServer,
+    start_kv: Callable[..., Kv],
+    start_coordinator_service: Callable[..., ServiceProcess],
+) -> None:
+    """A coordinator service on a PostgreSQL log answers /readyz 503 once its lease
+    cannot be renewed (the server stopped) and 200 once it holds it again."""
+    port = free_port()
+    kv = start_kv("kv")
+    log = f"{pg_killable.url}?schema=twopc_log&lease_s=1"
+    start_coordinator_service({"kv": kv.target}, log=log, metrics_port=port)
+    _down_and_up(f"http://127.0.0.1:{port}", pg_killable)
+
+
+def _down_and_up(base: str, server: PostgresServer) -> None:
+    """/readyz 200, then 503 with `server` stopped (while /healthz stays 200), then 200 again."""
     assert http(f"{base}/readyz") == (200, "SERVING\n")
-    pg_killable.stop()
-    deadline_ok = _poll(lambda: http(f"{base}/readyz")[0] == 503)
-    assert deadline_ok, "readyz stayed 200 with the store's server stopped"
+    server.stop()
+    assert _poll(lambda: http(f"{base}/readyz")[0] == 503), "readyz stayed 200 with the server stopped"
     assert http(f"{base}/healthz")[0] == 200
-    pg_killable.start()
+    server.start()
     assert _poll(lambda: http(f"{base}/readyz") == (200, "SERVING\n")), "readyz did not recover"
 
 

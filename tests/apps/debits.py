@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import wrappers_pb2
 
-from tests.apps.kv import arguments
+from tests.apps.kv import arguments, serve
 from twopc import Credentials, Vote, VoteAbort
 from twopc.participant.prepared import PreparedParticipant
 from twopc.stores import execute
@@ -50,7 +50,7 @@ def seed(url: str) -> None:
 async def main() -> None:
     args, config = arguments(__doc__)
     async with PreparedParticipant(Debits(), args.db, credentials=Credentials.insecure(), config=config) as p:
-        await p.serve(f"{args.host}:{args.port}")
+        await serve(p, args)
 
 
 if __name__ == "__main__":

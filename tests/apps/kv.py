@@ -92,11 +92,17 @@ async def main() -> None:
     args, config = arguments(__doc__)
     credentials = Credentials.insecure()
     async with Participant(KV(), args.db, credentials=credentials, config=config) as participant:
-        health = None
-        if args.metrics_port is not None:  # the probes read the same health service as gRPC
-            health = Health([PARTICIPANT_SERVICE])
-            metrics.serve(args.metrics_port, health=health)
-        await participant.serve(f"{args.host}:{args.port}", health=health)
+        await serve(participant, args)
+
+
+async def serve(participant: Participant, args: argparse.Namespace) -> None:
+    """Serves `participant` as the command line says; with `--metrics-port`, the HTTP
+    probes read the same health service as gRPC."""
+    health = None
+    if args.metrics_port is not None:
+        health = Health([PARTICIPANT_SERVICE])
+        metrics.serve(args.metrics_port, health=health)
+    await participant.serve(f"{args.host}:{args.port}", health=health)
 
 
 if __name__ == "__main__":
