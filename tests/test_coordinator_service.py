@@ -4,6 +4,7 @@ and the HTTP probes (`/healthz`, `/readyz`) that tell the truth."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -255,3 +256,27 @@ async def test_a_store_url_with_schema_creates_the_schema(pg_server: PostgresSer
     with pytest.raises(ValueError, match="lowercase SQL identifier") as bad:
         PostgresStore(f"{pg_server.url}?schema=Bad;Name")
     assert "\n" not in str(bad.value)
+
+
+async def test_a_retry_on_another_instance_of_a_shared_log_is_not_run_again(
+    pg_url: str, start_kv: Callable[..., Kv], start_coordinator_service: Callable[..., ServiceProcess]
+) -> None:
+    """Two service instances on one PostgreSQL log: a retry of an id that reaches the
+    other instance while the first attempt is still in phase 1 waits for it and gets
+    its commit (same global id), and the participant applies it once."""
+    kv = start_kv("kv")
+    log = pg_url.replace("?options=", "?schema=twopc_log&options=")
+    first = start_coordinator_service({"kv": kv.target}, log=log)
+    second = start_coordinator_service({"kv": kv.target}, log=log)
+    slow = [Branch("kv", op(key="k", amount=3, delay_s=1.5))]
+    async with (
+        TransactionsClient(first.address, credentials=INSECURE) as a,
+        TransactionsClient(second.address, credentials=INSECURE) as b,
+    ):
+        running = asyncio.ensure_future(a.execute(slow, txn_id="dup-1"))
+        await eventually(lambda: bool(kv.reserved()) or running.done(), what="the first attempt's Prepare")
+        retried = await b.execute(slow, txn_id="dup-1")
+        result = await running
+    assert result.outcome is Outcome.COMMITTED
+    assert (retried.txn_id, retried.outcome) == (result.txn_id, Outcome.COMMITTED)
+    await eventually(lambda: kv.applied() == [(result.txn_id, "k", 3)], what="one application of dup-1")

@@ -10,14 +10,17 @@ itself stays in `Coordinator`.
 
 Idempotency comes from the coordinator's own rules: a txn id committed here is
 refused by `run` before any message (DuplicateTransactionError), and is then
-answered from the log as COMMITTED; one still running answers UNAVAILABLE.
+answered from the log as COMMITTED; one still running answers UNAVAILABLE. With
+several instances on one log, an instance first claims the id (`claims`): a retry
+that reaches another instance is answered from the first attempt's outcome and is
+never run twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -54,6 +57,14 @@ PB_VOTE = {
 _RETRY_LATER = (ClosedError, CoordinatorFailedError, LogUnavailableError, OutcomeUnknownError)
 
 
+class Claims(Protocol):
+    """Who runs a caller's txn id among instances sharing a log (`twopc.coordinator.claims`)."""
+
+    async def claim(self, txn_id: str, gid: str) -> str:
+        """The global id of the attempt that owns `txn_id`: `gid` if it is this one."""
+        ...
+
+
 class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
     """Execute, over `coordinator`, with branches only to the participants it may dial.
 
@@ -62,10 +73,16 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
         participants: name -> address of every participant a branch may target; a
             branch names one by name or by address. Nothing else is dialled, so a
             caller cannot turn the coordinator against an arbitrary address.
+        claims: with a log shared by several instances, where the caller's ids are
+            claimed (`twopc.coordinator.claims.PostgresClaims`); None for a log of
+            one owner.
     """
 
-    def __init__(self, coordinator: Coordinator, participants: Mapping[str, str]) -> None:
+    def __init__(
+        self, coordinator: Coordinator, participants: Mapping[str, str], *, claims: Claims | None = None
+    ) -> None:
         self.coordinator = coordinator
+        self._claims = claims
         self._targets = {**{a: a for a in participants.values()}, **participants}
         self.draining = False
         self._in_flight = 0
@@ -115,6 +132,14 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> transactions_pb2.ExecuteResponse:
         log = _log.bind(txn_id=request.txn_id)
+        if self._claims is not None:
+            gid = self.coordinator.global_id(request.txn_id)
+            try:
+                owner = await self._claims.claim(request.txn_id, gid)
+            except TwoPCError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{limits.clip(str(e))}; retry with the same txn_id")
+            if owner != gid:  # another instance ran it: answer from its outcome, never run it again
+                return await self._elsewhere(owner, branches, context)
         try:
             result = await self.coordinator.run(branches, timeout_s=request.timeout_s or None, txn_id=request.txn_id)
         except DuplicateTransactionError as e:
@@ -129,6 +154,26 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
         except ValueError as e:  # what `_branches` did not foresee; nothing was sent
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(e)))
         return response(result)
+
+    async def _elsewhere(
+        self, gid: str, branches: list[Branch], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> transactions_pb2.ExecuteResponse:
+        """The answer to a retry of a txn id another instance of the log ran as `gid`."""
+        try:
+            outcome = await self.coordinator.outcome(gid)
+        except TwoPCError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{limits.clip(str(e))}; retry with the same txn_id")
+        _log.info("execute_answered_again", txn_id=gid, outcome=outcome.value)
+        if outcome is Outcome.COMMITTED:
+            return _committed_again(gid, branches)
+        if outcome is Outcome.ABORTED:
+            reason = "an earlier attempt with this txn_id aborted"
+            return transactions_pb2.ExecuteResponse(txn_id=gid, outcome=coordinator_pb2.OUTCOME_ABORTED, reason=reason)
+        # PENDING: its instance may still decide it, or decided abort (only it can tell).
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"{gid} is another instance's and not decided here yet; retry (there)"
+        )
+        raise AssertionError("unreachable: abort raises")
 
     def _branches(self, request: transactions_pb2.ExecuteRequest) -> list[Branch]:
         """The request's branches, checked against limits and the participants

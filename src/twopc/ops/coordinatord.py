@@ -29,6 +29,7 @@ its own lease); give each the others as `peers`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from twopc.errors import TwoPCError
 from twopc.observe.health import COORDINATOR_SERVICE, Health
 from twopc.ops import metrics
 from twopc.security.auth import ANYONE, Policy, coordinator_rules, grant, operations_rules
+from twopc.stores.base import POSTGRES_SCHEMES
 
 _log = structlog.get_logger("twopc.ops.coordinatord")
 
@@ -186,15 +188,29 @@ async def run(config: ServiceConfig) -> None:
         CoordinatorFailedError: the decision log failed; restart the process.
     """
     credentials = config.credentials()
-    async with Coordinator(
-        config.log,
-        credentials=credentials,
-        advertise=config.advertise or None,
-        config=CoordinatorConfig(prepare_timeout_s=config.prepare_timeout_s),
-        peers=config.peers,
-    ) as coordinator:
-        service = TransactionsServicer(coordinator, {n: p.address for n, p in config.participants.items()})
+    async with contextlib.AsyncExitStack() as stack:
+        coordinator = await stack.enter_async_context(
+            Coordinator(
+                config.log,
+                credentials=credentials,
+                advertise=config.advertise or None,
+                # No one-phase commit: it logs nothing, and a retry of the txn id must be
+                # answered from the log (on any instance), never run again.
+                config=CoordinatorConfig(prepare_timeout_s=config.prepare_timeout_s, one_phase=False),
+                peers=config.peers,
+            )
+        )
+        claims = None
+        if config.log.startswith(POSTGRES_SCHEMES):  # several instances may share it: claim ids
+            from twopc.coordinator.claims import PostgresClaims  # the postgres extra
+
+            claims = PostgresClaims(config.log)
+            await claims.open()
+            stack.push_async_callback(claims.close)
+        addresses = {n: p.address for n, p in config.participants.items()}
+        service = TransactionsServicer(coordinator, addresses, claims=claims)
         health = Health([COORDINATOR_SERVICE, TRANSACTIONS_SERVICE])
+        stack.push_async_callback(health.close)
         health.watch(coordinator.wait_failed)
         if config.metrics_port is not None:
             metrics.CoordinatorMetrics(coordinator)
@@ -208,4 +224,3 @@ async def run(config: ServiceConfig) -> None:
             drain=service.drain,
             policy=config.policy(),
         )
-    await health.close()

@@ -51,24 +51,28 @@ class TransactionsServicer:
 
         Idempotent by `txn_id`, the caller's own id: a retry of a transaction that
         committed is answered COMMITTED again (same global txn_id), never run twice; a
-        retry of one still being decided waits for it; a retry of one that aborted runs
-        again, and the participants' abort tombstones refuse it, so it aborts again.
-        The id is per instance: retry on the same instance (or pass the global id it
-        answered, which any instance of the log recognises).
+        retry of one still being decided answers UNAVAILABLE (retry later); a retry of
+        one that aborted runs again, and the participants' abort tombstones refuse it,
+        so it aborts again. A retry must carry the same branches: the answer is the
+        id's. Every commit is logged (no one-phase commit), so the log can answer.
+        Several instances on one PostgreSQL log: the first to see an id claims it, and
+        the others answer a retry from that attempt's outcome (COMMITTED; ABORTED once
+        its instance is gone; otherwise UNAVAILABLE: only its instance can tell an
+        abort, so retry, there if it lives). An id is never run by two instances.
 
         Status codes:
         OK                 the outcome is in the response.
         INVALID_ARGUMENT   missing or malformed txn_id (1 to 128 characters of
-        [A-Za-z0-9._:-]), no branches or more than 64, a branch
-        without name, target or operation, two branches with one
-        target, a timeout_s that is NaN, infinite, negative or
-        above 300.
+        [A-Za-z0-9._:@+/=~-]), no branches or more than 64, a
+        branch without target or operation, an operation past
+        64 KiB, two branches with one target, a timeout_s that is
+        NaN, infinite, negative or above 300.
         FAILED_PRECONDITION a branch's target is not one of the participants this
         coordinator is configured to dial.
-        ALREADY_EXISTS     txn_id committed here with other targets.
-        UNAVAILABLE        the coordinator is starting, stopping, its decision log
-        failed or is out of reach: nothing was decided; retry
-        (with the same txn_id).
+        UNAVAILABLE        the coordinator is starting or stopping, its decision log
+        failed or is out of reach, an earlier attempt with this
+        txn_id is being decided, or a one-branch transaction's
+        participant never answered: retry with the same txn_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
