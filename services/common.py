@@ -54,7 +54,13 @@ def parser(
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--db", required=True, help=db_help)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=0, help="port to listen on, 0 for any free one (default %(default)s)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port to listen on, 0 for any free one (default %(default)s); keep a stable one outside the ephemeral"
+        " range (/proc/sys/net/ipv4/ip_local_port_range), where an outgoing connection may hold it at a restart",
+    )
     p.add_argument(
         "--log-format", choices=["console", "json"], default="json", help="log rendering (default %(default)s)"
     )

@@ -24,6 +24,7 @@ from twopc.config import Credentials
 from twopc.dev import pgserver
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, free_port
+from twopc.security.auth import Policy, coordinator_rules, grant
 from twopc.stores import execute
 from twopc.stores.base import query
 
@@ -280,3 +281,15 @@ async def test_a_retry_on_another_instance_of_a_shared_log_is_not_run_again(
     assert result.outcome is Outcome.COMMITTED
     assert (retried.txn_id, retried.outcome) == (result.txn_id, Outcome.COMMITTED)
     await eventually(lambda: kv.applied() == [(result.txn_id, "k", 3)], what="one application of dup-1")
+
+
+def test_every_policy_lets_an_authenticated_caller_check_health() -> None:
+    """A Policy built as the README shows allows its rules, refuses other methods, and
+    allows health checks to any identity unless its rules name them."""
+    policy = Policy({**coordinator_rules(["wallet"]), **grant(["buyer"], "shop.v1.Shop", "Purchase")})
+    assert policy.allows("/shop.v1.Shop/Purchase", ["buyer"])
+    assert not policy.allows("/shop.v1.Shop/Purchase", ["wallet"])
+    assert policy.allows("/grpc.health.v1.Health/Check", ["a-load-balancer"])
+    assert not policy.allows("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", ["a-load-balancer"])
+    named = Policy(grant(["ops"], "grpc.health.v1.Health", "Check"))
+    assert not named.allows("/grpc.health.v1.Health/Check", ["a-load-balancer"])

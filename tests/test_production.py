@@ -16,12 +16,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, free_port, wait_until
 from twopc.security import pki
+from twopc.v1 import transactions_pb2, transactions_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "production"
@@ -89,7 +91,8 @@ def get(url: str) -> tuple[int, str]:
 async def test_production_example_survives_a_participant_killed_after_its_vote(deployment: Deployment) -> None:
     """The README's steps commit a purchase under mutual TLS; the wallet SIGKILLed when
     its Commit arrives restarts holding the money, and the long-lived coordinator's
-    retries commit it; /readyz on the metrics host answers SERVING over plain HTTP."""
+    retries commit it; /readyz on the metrics host answers SERVING over plain HTTP; the
+    coordinator's policy refuses Execute to another identity but lets it check health."""
     d = deployment
     assert d.script("seed.py", "alice", "10000", "widget", "10", "1500") == ["alice: 10000 cents; widget: 10 in stock"]
     first = d.script("checkout.py", "order-1", "alice", "widget", "2", "3000")
@@ -123,3 +126,12 @@ async def test_production_example_survives_a_participant_killed_after_its_vote(d
             return await state() == (10_000 - 3_000 - 1_500, 0, 3)
 
         assert await wait_until(finished, timeout_s=30), await state()
+
+    async with grpc.aio.secure_channel(d.coordinator_address, tls) as c:  # the operator's certificate
+        health = await health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # health: any certificate of the CA
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await transactions_pb2_grpc.TransactionsStub(c).Execute(
+                transactions_pb2.ExecuteRequest(txn_id="by-operator"), timeout=5
+            )
+        assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED  # Execute: only "checkout"

@@ -44,7 +44,7 @@ from twopc.coordinator.service import TRANSACTIONS_SERVICE, TransactionsServicer
 from twopc.errors import TwoPCError
 from twopc.observe.health import COORDINATOR_SERVICE, Health
 from twopc.ops import metrics
-from twopc.security.auth import ANYONE, Policy, coordinator_rules, grant, operations_rules
+from twopc.security.auth import ANYONE, HEALTH_RULES, Policy, coordinator_rules, grant, operations_rules
 from twopc.stores.base import POSTGRES_SCHEMES
 
 _log = structlog.get_logger("twopc.ops.coordinatord")
@@ -112,8 +112,8 @@ class ServiceConfig:
 
     def policy(self) -> Policy | None:
         """Execute for `executors`, GetOutcome for the participants' identities,
-        health and reflection for executors (health for any certificate too, as
-        every Policy allows); None without TLS."""
+        reflection for executors, health for any certificate of the CA; None
+        without TLS."""
         if not self.tls:
             return None
         identities = [p.identity or name for name, p in self.participants.items()]
@@ -121,6 +121,7 @@ class ServiceConfig:
             coordinator_rules(identities)
             | grant(self.executors, TRANSACTIONS_SERVICE, "Execute")
             | operations_rules(self.executors)
+            | HEALTH_RULES  # probes and load balancers hold some certificate of the CA, not an executor's
         )
         return Policy(rules)
 
