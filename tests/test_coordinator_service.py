@@ -293,3 +293,24 @@ def test_every_policy_lets_an_authenticated_caller_check_health() -> None:
     assert not policy.allows("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", ["a-load-balancer"])
     named = Policy(grant(["ops"], "grpc.health.v1.Health", "Check"))
     assert not named.allows("/grpc.health.v1.Health/Check", ["a-load-balancer"])
+
+
+def test_the_cli_reads_a_store_by_schema_and_says_a_bad_url_in_one_line(
+    pg_server: PostgresServer, start_kv: Callable[..., Kv]
+) -> None:
+    """A participant started on `?schema=` for a schema that does not exist creates it,
+    `twopc participant in-doubt` reads its store by the same URL, and a bad schema
+    name is one line of error, not a traceback."""
+    name = f"cli_{uuid.uuid4().hex[:8]}"
+    url = f"{pg_server.url}?schema={name}"
+    start_kv("kv", db=url)
+    tables = query(pg_server.url, "SELECT table_name FROM information_schema.tables WHERE table_schema = :s", s=name)
+    assert ("reserved",) in tables  # the kv's own table, in the schema the URL named
+    twopc = [sys.executable, "-m", "twopc.ops.cli", "participant", "in-doubt"]
+    done = subprocess.run([*twopc, url, "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    bad = subprocess.run([*twopc, f"{pg_server.url}?schema=Bad;Name"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    (line,) = bad.stderr.strip().splitlines()
+    assert line.startswith("twopc: error: ") and line.endswith("must be one lowercase SQL identifier, got 'Bad;Name'")

@@ -26,14 +26,7 @@ import grpc
 import structlog
 
 from twopc.coordinator.core import MAX_LOCAL_ID, Coordinator
-from twopc.errors import (
-    ClosedError,
-    CoordinatorFailedError,
-    DuplicateTransactionError,
-    LogUnavailableError,
-    OutcomeUnknownError,
-    TwoPCError,
-)
+from twopc.errors import DuplicateTransactionError, TwoPCError
 from twopc.security import limits
 from twopc.types import Branch, Outcome, TransactionResult, Vote
 from twopc.v1 import coordinator_pb2, participant_pb2, transactions_pb2, transactions_pb2_grpc
@@ -53,8 +46,6 @@ PB_VOTE = {
     Vote.ABORT: participant_pb2.VOTE_ABORT,
     Vote.READ_ONLY: participant_pb2.VOTE_READ_ONLY,
 }
-# What `run` raises when nothing can be decided now, and a retry with the same id is safe.
-_RETRY_LATER = (ClosedError, CoordinatorFailedError, LogUnavailableError, OutcomeUnknownError)
 
 
 class Claims(Protocol):
@@ -147,10 +138,10 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{request.txn_id} is being decided; retry")
             log.info("execute_answered_again", outcome="committed")
             return _committed_again(e.txn_id, branches)
-        except _RETRY_LATER as e:
+        except TwoPCError as e:
+            # Closed or closing, a failed or unreachable log, a fenced instance, a
+            # one-branch outcome unknown: nothing the request did; a retry by id is safe.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{limits.clip(str(e))}; retry with the same txn_id")
-        except TwoPCError as e:  # anything else the coordinator refuses is the request's fault
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, limits.clip(str(e)))
         except ValueError as e:  # what `_branches` did not foresee; nothing was sent
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, limits.clip(str(e)))
         return response(result)
