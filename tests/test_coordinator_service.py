@@ -24,6 +24,7 @@ from twopc.config import Credentials
 from twopc.dev import pgserver
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, free_port
+from twopc.ops import coordinatord
 from twopc.security.auth import Policy, coordinator_rules, grant
 from twopc.stores import execute
 from twopc.stores.base import query
@@ -314,3 +315,28 @@ def test_the_cli_reads_a_store_by_schema_and_says_a_bad_url_in_one_line(
     assert bad.returncode == 1
     (line,) = bad.stderr.strip().splitlines()
     assert line.startswith("twopc: error: ") and line.endswith("must be one lowercase SQL identifier, got 'Bad;Name'")
+
+
+def test_the_config_file_reads_paths_from_its_directory_and_flags_win(tmp_path: Path) -> None:
+    """Paths in the TOML file are relative to it, a flag's as given; --host and --port
+    replace `listen`'s parts; an unknown setting is a ConfigError naming it."""
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "c.toml"
+    config.write_text(
+        'listen = "127.0.0.1:7000"\nlog = "d.db"\n[tls]\nca = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
+        '[participants.wallet]\naddress = "127.0.0.1:7001"\n'
+    )
+    loaded = coordinatord.load(config)
+    assert (loaded.log, loaded.tls["ca"], loaded.listen) == (
+        str(tmp_path / "etc" / "d.db"),
+        str(tmp_path / "etc" / "ca.pem"),
+        "127.0.0.1:7000",
+    )
+    flagged = coordinatord.load(config, log="here.db", port=7100, host="0.0.0.0")
+    assert (flagged.log, flagged.listen) == ("here.db", "0.0.0.0:7100")
+    config.write_text('lisen = "typo"\n' + config.read_text())
+    with pytest.raises(coordinatord.ConfigError, match="unknown settings lisen"):
+        coordinatord.load(config)
+    config.write_text(config.read_text().removeprefix('lisen = "typo"\n') + 'adress = "typo"\n')
+    with pytest.raises(coordinatord.ConfigError, match=r"participants.wallet: unknown settings adress"):
+        coordinatord.load(config)

@@ -142,20 +142,24 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> ServiceConfig:
         raise ConfigError(f"{where} is not TOML: {e}") from None
     given = {k: v for k, v in overrides.items() if v is not None}
     host, port = given.pop("host", None), given.pop("port", None)
-    raw.update(given)
-    if host is not None or port is not None:
-        file_host, _, file_port = str(raw.get("listen", "127.0.0.1:0")).rpartition(":")
-        raw["listen"] = f"{host if host is not None else file_host}:{port if port is not None else file_port}"
     base = where.parent
 
     def local(value: str) -> str:
         return value if "://" in value or Path(value).is_absolute() else str(base / value)
 
+    if "log" in raw:  # the file's paths are relative to the file; a flag's, to where it is typed
+        raw["log"] = local(str(raw["log"]))
+    raw.update(given)
+    if host is not None or port is not None:
+        file_host, _, file_port = str(raw.get("listen", "127.0.0.1:0")).rpartition(":")
+        raw["listen"] = f"{host if host is not None else file_host}:{port if port is not None else file_port}"
     try:
-        participants = {
-            name: Participant(str(p["address"]), str(p.get("identity", "")))
-            for name, p in raw.pop("participants", {}).items()
-        }
+        participants = {}
+        for name, table in raw.pop("participants", {}).items():
+            extra = set(table) - {"address", "identity"}
+            if extra:
+                raise ConfigError(f"{where}: participants.{name}: unknown settings {', '.join(sorted(extra))}")
+            participants[name] = Participant(str(table["address"]), str(table.get("identity", "")))
         tls = {k: local(str(v)) for k, v in raw.pop("tls", {}).items()}
         metrics_table = raw.pop("metrics", {})
         known = {
@@ -167,7 +171,7 @@ def load(path: str | os.PathLike[str], **overrides: Any) -> ServiceConfig:
             raise ConfigError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
         return ServiceConfig(
             listen=str(raw.get("listen", "")),
-            log=local(str(raw.get("log", ""))),
+            log=str(raw.get("log", "")),
             participants=participants,
             executors=tuple(raw.get("executors", (ANYONE,))),
             peers=tuple(raw.get("peers", ())),
