@@ -9,6 +9,7 @@ A decision log or a participant's store is a SQLite file or a PostgreSQL URL
 was given to `--db`), read in one read-only snapshot.
     twopc outcome TXN --coordinator ADDR    what the coordinator's GetOutcome says
     twopc resolve TXN --db wallet.db --handler services.wallet.service:WalletHandler --abort
+    twopc coordinator --config coordinator.toml   the coordinator as a service (Transactions/Execute)
 
 Tables for people by default, `--json` for scripts. An error is one line on standard
 error and a non-zero exit status. Needs the `ops` extra (`pip install twopc[ops]`).
