@@ -9,7 +9,13 @@ from pathlib import Path
 
 import grpc
 
-from twopc.security.limits import MAX_COMMIT_MANY, MAX_PREPARE_MANY, MAX_UNDECIDED_PER_COORDINATOR
+from twopc.security.limits import (
+    MAX_COMMIT_MANY,
+    MAX_PREPARE_MANY,
+    MAX_UNDECIDED_PER_COORDINATOR,
+    check_address,
+    check_id,
+)
 
 
 def _positive(**values: float) -> None:
@@ -163,11 +169,14 @@ class ParticipantConfig:
             than the longest coordinator outage: a coordinator that lost an END
             (power loss) re-sends Commit at its restart, and a purged transaction
             would refuse it as never prepared.
-        trusted_coordinators: the coordinator addresses ("host:port") a Prepare may
-            name; a Prepare naming another is refused (PERMISSION_DENIED), unless
-            its host is the mutually authenticated caller's own name. None: under
-            TLS, only the caller's own name; under plaintext, every address (tests
-            and loopback demos only).
+        trusted_coordinators: the coordinators a Prepare may name, each an
+            identity at an address ("shop@host:port"; a bare "host:port" takes the
+            mutually authenticated caller's name). A Prepare naming another address
+            is refused (PERMISSION_DENIED), unless its host is the caller's own
+            name. The resolver believes only a server holding that identity's
+            certificate at that address (`twopc.participant.trust`). None: under
+            TLS, any address the caller names, bound to the caller's identity;
+            under plaintext, every address (tests and loopback demos only).
         allow_no_coordinator: accept a two-phase Prepare with no coordinator
             address (nobody to ask if it is left in doubt). Refused by default.
         max_undecided_per_coordinator: prepared, undecided transactions one
@@ -197,3 +206,10 @@ class ParticipantConfig:
             resolve_concurrency=self.resolve_concurrency,
             resolve_backoff_max_s=self.resolve_backoff_max_s,
         )
+        for entry in self.trusted_coordinators or ():
+            name, _, address = entry.rpartition("@")
+            if ":" not in address:
+                raise ValueError(f"a trusted coordinator is name@host:port, got {entry!r}")
+            check_address("a trusted coordinator", address)
+            if name or "@" in entry:
+                check_id("a trusted coordinator's name", name)

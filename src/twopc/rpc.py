@@ -35,11 +35,134 @@ _CHANNEL_OPTIONS = (
 )
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """("name", "host:port") from "name@host:port"; ("", target) when no name is given.
+
+    A name binds the target to an identity: under TLS the peer must hold a
+    certificate for that name, not merely one valid for the address.
+    """
+    name, at, address = target.partition("@")
+    return (name, address) if at else ("", target)
+
+
 def channel(target: str, credentials: Credentials, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
-    """A channel to `target` with the given transport security and interceptors."""
+    """A channel to `target` ("host:port", or "name@host:port" bound to an identity)
+    with the given transport security and interceptors.
+
+    Under TLS, "name@host:port" makes the handshake verify the server's certificate
+    against `name` instead of the host (gRPC's `grpc.ssl_target_name_override`), so
+    any other holder of a certificate from the same CA listening on that address
+    fails the handshake: every call rides on a connection whose server proved that
+    name, and a reconnect proves it again. Plaintext has no names to check.
+    """
+    name, address = split_target(target)
+    namer = _NameTlsFailures(target, credentials.secure)
+    chain = [namer, *interceptors]
     if credentials.channel is None:
-        return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, credentials.channel, options=_CHANNEL_OPTIONS, interceptors=interceptors)
+        made = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS, interceptors=chain)
+    else:
+        options = (*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)) if name else _CHANNEL_OPTIONS
+        made = grpc.aio.secure_channel(address, credentials.channel, options=options, interceptors=chain)
+    namer.channel = made
+    return made
+
+
+# What grpc-core says when a connection fails in its TLS handshake (the peer's
+# certificate, its CA, its name, or TLS against plaintext), and what that means.
+_TLS_SIGNS = (
+    ("Hostname Verification Check failed", "the server's certificate is not for the name expected there"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by a trusted CA"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS (plaintext?)"),
+    ("andshake failed", "the TLS handshake failed"),
+)
+_CLOSED = "Socket closed"
+_NOT_CONNECTED = "failed to connect to all addresses"
+_REFUSED_CONNECTION = ("Connection refused", "No route to host", "Network is unreachable", "DNS resolution failed")
+
+
+def tls_failure(error: grpc.aio.AioRpcError, *, secure: bool = True) -> str | None:
+    """What went wrong in the TLS handshake behind `error`, in words; None when the
+    error is not a failed handshake. `secure`: whether the channel used TLS (a
+    connection closed at once then means the server refused our certificate,
+    and under plaintext that the server expects TLS)."""
+    details = error.details() or ""
+    if error.code() is not grpc.StatusCode.UNAVAILABLE or _NOT_CONNECTED not in details:
+        return None
+    for sign, meaning in _TLS_SIGNS:
+        if sign in details:
+            return meaning
+    if _CLOSED in details:
+        if secure:
+            return "the server closed the connection in the handshake: it refused this client's certificate (or none)"
+        return "the server closed the connection at once: it expects TLS (plaintext was used)"
+    return None
+
+
+def unreachable(error: grpc.aio.AioRpcError) -> bool:
+    """True only if no connection could be made at all (refused, no route, no such
+    host): the peer may be down. Any answer, refusal, TLS failure or timeout is
+    something else, and a caller deciding on "unreachable" must not guess."""
+    details = error.details() or ""
+    return (
+        error.code() is grpc.StatusCode.UNAVAILABLE
+        and _NOT_CONNECTED in details
+        and any(sign in details for sign in _REFUSED_CONNECTION)
+    )
+
+
+_PROBE = "/twopc.v1.Probe/Handshake"
+
+
+def _method(details: Any) -> str:
+    method = details.method
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
+class _NameTlsFailures(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic for no reason here
+    """Turns a call that failed on a broken TLS handshake into an error that says so.
+
+    A call made with `wait_for_ready` (the coordinator's) waits out its deadline
+    while the channel retries a handshake that keeps failing, and ends as
+    DEADLINE_EXCEEDED with nothing about TLS. On such a failure this asks the
+    channel once more without waiting (it fails at once with the last connection
+    error) and, if that names a TLS failure, raises UNAVAILABLE saying so, and logs
+    `tls_failed` with the target.
+    """
+
+    def __init__(self, target: str, secure: bool) -> None:
+        self.target, self.secure = target, secure
+        self.channel: grpc.aio.Channel | None = None
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = await continuation(details, request)
+        try:
+            await call
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            if _method(details) == _PROBE:
+                raise  # the probe itself: its caller reads it
+            named: grpc.aio.AioRpcError | None = e if tls_failure(e, secure=self.secure) else None
+            if named is None and self.channel is not None:
+                named = await self._probe()
+            if named is None:
+                raise
+            meaning = tls_failure(named, secure=self.secure)
+            _log.error("tls_failed", target=self.target, meaning=meaning, error=limits.clip(named.details() or ""))
+            said = f"TLS with {self.target} failed: {meaning} ({limits.clip(named.details() or '')})"
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), said, said
+            ) from e
+        return call
+
+    async def _probe(self) -> grpc.aio.AioRpcError | None:
+        assert self.channel is not None
+        probe = self.channel.unary_unary(_PROBE, request_serializer=None, response_deserializer=None)
+        try:
+            await probe(b"", timeout=1.0, wait_for_ready=False)
+        except grpc.aio.AioRpcError as e:
+            return e if tls_failure(e, secure=self.secure) else None
+        return None
 
 
 # One server per address: gRPC sets SO_REUSEPORT by default, which lets a second
@@ -48,8 +171,15 @@ _SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 
 def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
-    """A grpc.aio server that binds its ports exclusively; every twopc server is one."""
-    return grpc.aio.server(interceptors=interceptors, options=_SERVER_OPTIONS)
+    """A grpc.aio server that binds its ports exclusively; every twopc server is one.
+
+    Its first interceptor is always an `Authorizer` (the one in `interceptors`, or
+    one with no policy under plaintext), so every request is authorized before it
+    is parsed, and bytes that do not parse get INVALID_ARGUMENT, never UNKNOWN.
+    """
+    guards = [i for i in interceptors if isinstance(i, Authorizer)] or [Authorizer(None)]
+    others = [i for i in interceptors if not isinstance(i, Authorizer)]
+    return grpc.aio.server(interceptors=[guards[0], *others], options=_SERVER_OPTIONS)
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:
@@ -99,7 +229,8 @@ async def validate(context: grpc.aio.ServicerContext[Any, Any], check: Callable[
 
 
 def describe(error: grpc.aio.AioRpcError) -> str:
-    """A one-line, human-readable form of an RPC failure."""
+    """A one-line, human-readable form of an RPC failure (a failed TLS handshake is
+    named as such by the channel, `channel`)."""
     return f"{error.code().name}: {error.details() or 'no details'}"
 
 

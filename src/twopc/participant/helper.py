@@ -464,10 +464,13 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         except limits.LimitError as e:
             raise _ItemError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         try:
-            trust.admit(self.config, request.coordinator, request.one_phase, caller)
-            for address in request.coordinators:  # any of them will be believed
-                if address:
-                    trust.admit(self.config, address, request.one_phase, caller)
+            # Each address is kept bound to the identity that must answer there.
+            coordinator = trust.admit(self.config, request.coordinator, request.one_phase, caller)
+            others = [
+                trust.admit(self.config, address, request.one_phase, caller)
+                for address in request.coordinators  # any of them will be believed
+                if address
+            ]
         except trust.Refused as e:
             _log.warning(
                 "prepare_refused_coordinator",
@@ -493,8 +496,8 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             raise _ItemError(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
         digest = _digest(request.operation.type_url, request.operation.value)
         # Several coordinator instances sharing a log: any of them can answer.
-        alternates = " ".join(dict.fromkeys(a for a in request.coordinators if a and a != request.coordinator))
-        return _Item(request.txn_id, request.coordinator, alternates, operation, digest, deadline, request.one_phase)
+        alternates = " ".join(dict.fromkeys(a for a in others if a != coordinator))
+        return _Item(request.txn_id, coordinator, alternates, operation, digest, deadline, request.one_phase)
 
     def _prepared(self, outcomes: Sequence[tuple[_Item, Vote, str, bool]]) -> None:
         """After the votes are durable, before they are answered."""

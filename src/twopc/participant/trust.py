@@ -5,11 +5,16 @@ the coordinator address the Prepare named. Anyone who could choose that address
 could answer COMMITTED for a transaction no coordinator decided, or never answer
 and keep a reservation for ever. So:
 
-* `admit` refuses a Prepare whose coordinator the participant does not trust: an
-  address in `ParticipantConfig.trusted_coordinators`, or the authenticated
-  caller's own name (under mutual TLS the resolver's channel then verifies that
-  the server it reaches holds that name's certificate). A two-phase Prepare with no
-  coordinator at all is refused unless `allow_no_coordinator` says otherwise.
+* `admit` refuses a Prepare whose coordinator the participant does not trust, and
+  binds the one it trusts to an identity: the resolver later asks
+  "name@host:port", and under mutual TLS its channel (`twopc.rpc.channel`) verifies
+  that the server at that address holds a certificate for `name`. Another holder of
+  a certificate from the same CA listening there (the coordinator is down, and
+  `client` took its port) fails the handshake: its answer is never believed. The
+  name is the one `ParticipantConfig.trusted_coordinators` gives for the address
+  ("shop@10.0.0.1:7000"), or else the authenticated caller's own (the coordinator
+  that sent the Prepare answers for it). A two-phase Prepare with no coordinator at
+  all is refused unless `allow_no_coordinator` says otherwise.
 * `Outreach` asks several coordinators at once, at most `resolve_concurrency` in
   flight, and backs off per coordinator (exponentially, to `resolve_backoff_max_s`)
   while one does not answer, so a dead or hostile coordinator delays nobody else.
@@ -33,14 +38,19 @@ class Refused(Exception):  # noqa: N818 - a refusal with its gRPC status name, n
         self.code = code
 
 
-def admit(config: ParticipantConfig, coordinator: str, one_phase: bool, caller: Sequence[str]) -> None:
-    """Checks the coordinator a Prepare names.
+def admit(config: ParticipantConfig, coordinator: str, one_phase: bool, caller: Sequence[str]) -> str:
+    """Checks the coordinator a Prepare names, and binds it to an identity.
 
     Args:
         config: the participant's trust settings.
         coordinator: the Prepare's `coordinator` ("host:port", or empty).
         one_phase: a one-phase Prepare is decided at once and needs no coordinator.
         caller: the caller's authenticated identities (empty without mutual TLS).
+
+    Returns:
+        Whom the resolver asks: "name@host:port" under mutual TLS (the name the
+        server's certificate must hold), the address alone under plaintext (no
+        names to check), or "" for a Prepare that needs no coordinator.
 
     Raises:
         Refused: INVALID_ARGUMENT for a malformed or missing address,
@@ -52,14 +62,30 @@ def admit(config: ParticipantConfig, coordinator: str, one_phase: bool, caller: 
         raise Refused("INVALID_ARGUMENT", str(e)) from e
     if not coordinator:
         if one_phase or config.allow_no_coordinator:
-            return
+            return ""
         raise Refused("INVALID_ARGUMENT", "a two-phase Prepare needs a coordinator address to resolve it if in doubt")
-    if config.trusted_coordinators is None or coordinator in config.trusted_coordinators:
-        return
+    if config.trusted_coordinators is None:  # plaintext, nothing configured: tests and loopback demos
+        return coordinator
+    configured = trusted_by_address(config.trusted_coordinators)
     host = coordinator.rsplit(":", 1)[0]
-    if host in caller:
-        return
-    raise Refused("PERMISSION_DENIED", "this participant does not trust the coordinator named in the Prepare")
+    if coordinator in configured:
+        name = configured[coordinator] or (caller[0] if caller else "")
+    elif caller and (not configured or host in caller):
+        # No list: the coordinator that sent the Prepare answers for it, under its own name.
+        name = host if host in caller else caller[0]
+    else:
+        raise Refused("PERMISSION_DENIED", "this participant does not trust the coordinator named in the Prepare")
+    return f"{name}@{coordinator}" if name else coordinator
+
+
+def trusted_by_address(trusted: Iterable[str]) -> dict[str, str]:
+    """{"host:port": "name"} from trusted coordinators ("name@host:port" or
+    "host:port", whose name is then the caller's)."""
+    found: dict[str, str] = {}
+    for entry in trusted:
+        name, _, address = entry.rpartition("@")
+        found[address] = name
+    return found
 
 
 Ask = Callable[[str, list[str]], Awaitable[tuple[int, bool]]]

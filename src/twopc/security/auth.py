@@ -114,10 +114,28 @@ _Behaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 _Streaming = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic for no reason here
-    """The server interceptor that enforces a `Policy` on every RPC, unary or streaming."""
+def _raw(data: bytes) -> bytes:
+    return data
 
-    def __init__(self, policy: Policy) -> None:
+
+BAD_REQUEST = "the request body is not a valid message for this method"
+"""INVALID_ARGUMENT's fixed message for bytes that do not parse: it names no type,
+no exception and no input."""
+
+
+class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs: generic for no reason here
+    """The server interceptor that enforces a `Policy` on every RPC, unary or
+    streaming, before the request is parsed.
+
+    The handler's request deserializer is replaced by one that keeps the raw
+    bytes: the caller is checked first (PERMISSION_DENIED or UNAUTHENTICATED
+    without parsing a byte), then the request is parsed, and bytes that are not a
+    valid message get INVALID_ARGUMENT with `BAD_REQUEST` (never UNKNOWN naming a
+    parser's exception). With `policy=None` (plaintext: no caller has a name) only
+    the parsing part applies; `twopc.rpc.server` installs one that way when given none.
+    """
+
+    def __init__(self, policy: Policy | None) -> None:
         self.policy = policy
 
     async def intercept_service(
@@ -129,32 +147,54 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
         if handler is None:
             return handler  # an unknown method: UNIMPLEMENTED, nothing to guard
         method: str = handler_call_details.method
-        serdes = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        parse = handler.request_deserializer or _raw
+        serdes = {"request_deserializer": _raw, "response_serializer": handler.response_serializer}
+
+        async def parsed(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return parse(raw)
+            except Exception:  # any parser failure is the caller's bad bytes, whatever it raises
+                _log.info("unparsable_request", method=method, size=len(raw), peer=limits.clip(context.peer()))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST)
+                raise  # unreachable: abort raises
+
+        async def stream_of(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for raw in requests:
+                yield await parsed(raw, context)
+
         # grpc.aio behaviours are coroutines (one response) or async generators (a stream).
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            single = cast(_Behaviour, handler.unary_unary or handler.stream_unary)
+        if handler.unary_unary is not None:
+            unary = cast(_Behaviour, handler.unary_unary)
 
-            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def guarded(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 await self.check(method, context)
-                return await single(request, context)
+                return await unary(await parsed(request, context), context)
 
-            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-            return make(guarded, **serdes)
+            return grpc.unary_unary_rpc_method_handler(guarded, **serdes)
+        if handler.stream_unary is not None:
+            gathered = cast(_Behaviour, handler.stream_unary)
+
+            async def guarded_in(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await self.check(method, context)
+                return await gathered(stream_of(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(guarded_in, **serdes)
         streaming = cast(_Streaming, handler.unary_stream or handler.stream_stream)
+        client_streams = handler.stream_stream is not None
 
         async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self.check(method, context)
+            request = stream_of(request, context) if client_streams else await parsed(request, context)
             async for response in streaming(request, context):
                 yield response
 
-        make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        make = grpc.stream_stream_rpc_method_handler if client_streams else grpc.unary_stream_rpc_method_handler
         return make(guarded_stream, **serdes)
 
     async def check(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Aborts the call unless the policy allows its caller."""
+        """Aborts the call unless the policy allows its caller (no policy: plaintext, no check)."""
+        if self.policy is None:
+            return
         identities = peer_identities(context)
         if identities and self.policy.allows(method, identities):
             return

@@ -4,8 +4,11 @@ Mutual TLS needs a CA and one certificate per identity. `issue` makes both at ru
 time, in a directory of the caller's choosing, so no private key is ever committed
 to the repository. Each identity gets `<dir>/<name>/{cert,key,ca}.pem`, the layout
 `Credentials.from_dir` (and every service's `--tls-dir`) reads. Its certificate
-names the identity as a DNS subject alternative name (what `twopc.security.auth` checks),
-plus the hosts it serves on (so a client dialling 127.0.0.1 can verify it).
+names the identity as a DNS subject alternative name (what `twopc.security.auth` checks,
+and what a channel to "name@host:port" requires of the server, `twopc.rpc.channel`).
+Only identities that serve get the hosts they serve on and server use; client
+identities (`operator`, `client` by default) get client-only certificates, so
+that holding one is never a way to answer as a server.
 
 Needs the `cryptography` package (`pip install twopc[tls]`); production deployments
 use their own CA and never this module.
@@ -23,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 DEFAULT_HOSTS = ("127.0.0.1", "::1")
+CLIENTS = ("operator", "client")
+"""Identities that only call: their certificates are for client use alone."""
 
 
 def issue(
@@ -32,6 +37,7 @@ def issue(
     hosts: Iterable[str] = DEFAULT_HOSTS,
     ca_name: str = "twopc throwaway CA",
     days: int = 2,
+    clients: Iterable[str] = CLIENTS,
 ) -> Path:
     """Creates a fresh CA and a certificate per identity under `directory`.
 
@@ -41,6 +47,8 @@ def issue(
         hosts: IP addresses or DNS names every certificate is also valid for.
         ca_name: the CA's common name (a second CA with another name is "wrong").
         days: validity.
+        clients: identities that only call: no hosts, client use only. Every
+            other identity serves: its hosts, server and client use.
 
     Returns:
         `directory` as a Path.
@@ -88,7 +96,14 @@ def issue(
             alt.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             alt.append(x509.DNSName(host))
+    only_calls = frozenset(clients)
     for name in identities:
+        serves = name not in only_calls
+        uses = (
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            if serves
+            else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -98,11 +113,8 @@ def issue(
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), *alt]), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), *(alt if serves else [])]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(uses), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         folder = root / name
@@ -129,8 +141,14 @@ def main() -> None:
         default=None,
         help="an IP or DNS name every certificate is valid for (repeatable; default 127.0.0.1 and ::1)",
     )
+    p.add_argument(
+        "--clients",
+        default=",".join(CLIENTS),
+        help="comma-separated identities that only call: client-only certificates, no hosts (default %(default)s)",
+    )
     args = p.parse_args()
-    root = issue(args.directory, args.identities, hosts=args.host or DEFAULT_HOSTS)
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    root = issue(args.directory, args.identities, hosts=args.host or DEFAULT_HOSTS, clients=clients)
     print(f"CA and certificates for {', '.join(args.identities)} in {root}/ (use --tls-dir {root}/NAME)")
 
 
