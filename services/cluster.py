@@ -30,7 +30,9 @@ from twopc.security import pki
 RPC_TIMEOUT_S = 5.0
 SERVICES = ("wallet", "orders", "shop")
 OPERATOR = "operator"
-"""The identity of the cluster's own client: seeds (an operator) and reads."""
+"""The identity of the cluster's own client that seeds (an operator) and reads."""
+CLIENT = "client"
+"""The identity the cluster buys as: it owns every account `open_account` opens."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,10 @@ class Cluster:
         traces: each service writes its OpenTelemetry spans as JSON lines to
             `trace_path[name]`.
         tls: mutual TLS everywhere, with a throwaway CA made in `workdir`/pki: the
-            services are "wallet", "orders" and "shop", and this client is
-            "operator" (it seeds and reads). Otherwise plaintext (`--insecure`).
+            services are "wallet", "orders" and "shop" (each trusted under its
+            name at its address), this client seeds and reads as "operator" and
+            buys as "client" (the owner of the accounts it opens, the shop's only
+            purchaser). Otherwise plaintext (`--insecure`).
         identities: more client identities to issue certificates for (tests).
         log_url: a postgresql:// decision log for the shops instead of a file.
         shops: how many shops (coordinator instances) share `log_url`; `shop` is
@@ -111,8 +115,11 @@ class Cluster:
         self.pki = workdir / "pki"
         if tls:
             addresses = {h.address for h in hosts.values()}
-            pki.issue(self.pki, [*SERVICES, OPERATOR, *identities], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses}))
+            pki.issue(
+                self.pki, [*SERVICES, OPERATOR, CLIENT, *identities], hosts=sorted({*pki.DEFAULT_HOSTS, *addresses})
+            )
         self.credentials = Credentials.from_dir(self.pki / OPERATOR) if tls else Credentials.insecure()
+        self.buyer_credentials = Credentials.from_dir(self.pki / CLIENT) if tls else Credentials.insecure()
         # The participants trust exactly the shops' addresses (and each shop is told
         # the others'): pick their ports now. On a host of its own (a namespace)
         # any fixed port is free; on loopback ask.
@@ -120,9 +127,16 @@ class Cluster:
             name: f"{hosts.get(name, Host()).address}:{50050 if hosts.get(name, Host()).wrapper else free_port()}"
             for name in ["shop", *(f"shop{i}" for i in range(1, shops))]
         }
+        # Under TLS the participants trust the shop's identity at each address, and
+        # let the operator (the console, checks) and the shop (prices, owners) read.
         resolve = [
             *("--in-doubt-after-s", str(s.in_doubt_after_s), "--resolve-interval-s", str(s.resolve_interval_s)),
-            *(a for address in shop_addresses.values() for a in ("--trust-coordinator", address)),
+            *(
+                a
+                for address in shop_addresses.values()
+                for a in ("--trust-coordinator", f"shop@{address}" if tls else address)
+            ),
+            *("--readers", f"{OPERATOR},shop"),
         ]
 
         def process(name: str, module: str, args: list[str], port: int = 0) -> ServiceProcess:
@@ -164,6 +178,9 @@ class Cluster:
                     str(self.log),
                     "--prepare-timeout-s",
                     str(s.prepare_timeout_s),
+                    *("--purchasers", CLIENT),
+                    # Chaos and benchmarks buy as one identity, fast: the limit is tested on its own.
+                    *("--purchase-rate-per-s", "0"),
                     *shop_args,
                     *(["--peers", *(a for o, a in shop_addresses.items() if o != name)] if shops > 1 else []),
                 ],
@@ -190,7 +207,9 @@ class Cluster:
         await asyncio.to_thread(self.start)
         self.wallet_api = wallet_pb2_grpc.WalletStub(self._channel(self.wallet.address))
         self.orders_api = order_pb2_grpc.OrdersStub(self._channel(self.orders.address))
-        self.shop_apis = [shop_pb2_grpc.ShopStub(self._channel(shop.address)) for shop in self.shops]
+        self.shop_apis = [
+            shop_pb2_grpc.ShopStub(self._channel(shop.address, self.buyer_credentials)) for shop in self.shops
+        ]
         self.shop_api = self.shop_apis[0]
         return self
 
@@ -206,15 +225,17 @@ class Cluster:
         for proc in (*self.shops, self.orders, self.wallet):
             proc.stop()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = rpc.channel(address, self.credentials)
+    def _channel(self, address: str, credentials: Credentials | None = None) -> grpc.aio.Channel:
+        ch = rpc.channel(address, credentials or self.credentials)
         self._channels.append(ch)
         return ch
 
     # --- seeding and looking -----------------------------------------------------
 
-    async def open_account(self, account: str, deposit: int) -> None:
-        await self.wallet_api.OpenAccount(wallet_pb2.OpenAccountRequest(account=account), timeout=RPC_TIMEOUT_S)
+    async def open_account(self, account: str, deposit: int, *, owners: Sequence[str] = (CLIENT,)) -> None:
+        """Opens `account` for `owners` (the cluster's buyer by default) and deposits."""
+        request = wallet_pb2.OpenAccountRequest(account=account, owners=owners)
+        await self.wallet_api.OpenAccount(request, timeout=RPC_TIMEOUT_S)
         await self.deposit(account, deposit)
 
     async def deposit(self, account: str, amount: int) -> None:

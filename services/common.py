@@ -29,7 +29,7 @@ from twopc.observe.logconfig import configure as configure_logs
 from twopc.observe.tracing import Tracing
 from twopc.ops import metrics
 from twopc.security import limits
-from twopc.security.auth import Policy, operations_rules, participant_rules
+from twopc.security.auth import ANYONE, Policy, operations_rules, participant_rules, peer_identities
 from twopc.stores import ConflictError, StoreUnavailableError
 
 _log = structlog.get_logger("services")
@@ -129,7 +129,49 @@ def add_api_access_args(p: argparse.ArgumentParser, *, writers: str, writers_def
     """--operators (who may call the service's own write RPCs) and --readers."""
     g = p.add_argument_group("authorization (client certificate names; comma-separated; '*' = any)")
     g.add_argument(f"--{writers}", type=identities, default=writers_default, help=f"default {writers_default}")
-    g.add_argument("--readers", type=identities, default="*", help="who may call the read RPCs (default *)")
+    g.add_argument(
+        "--readers",
+        type=identities,
+        default="",
+        help="who may read everything (health, stock, every account and order); an owner reads only its own"
+        " accounts and orders (default: nobody)",
+    )
+
+
+MAX_OWNERS = 16
+"""Identities one account may belong to."""
+
+
+@dataclass(frozen=True)
+class Readers:
+    """Who may read what a read RPC returns: `everything` reads all; an owner
+    reads its own. Under plaintext (`secure` False) no caller has a name and
+    everyone reads everything (tests and loopback demos only).
+
+    Attributes:
+        everything: identities that read every account and order (--readers).
+        secure: mutual TLS: callers have names to check.
+    """
+
+    everything: frozenset[str]
+    secure: bool
+
+    def may_read(self, context: grpc.aio.ServicerContext[Any, Any], owners: Sequence[str]) -> bool:
+        """True if the caller reads everything or is one of `owners`."""
+        if not self.secure:
+            return True
+        caller = peer_identities(context)
+        return ANYONE in self.everything or not self.everything.isdisjoint(caller) or not set(owners).isdisjoint(caller)
+
+    def reads_everything(self, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """True if the caller may read every account and order."""
+        return self.may_read(context, ())
+
+
+def buyer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's identity ("" under plaintext): the first name in its certificate."""
+    names = peer_identities(context)
+    return names[0] if names else ""
 
 
 def credentials(args: argparse.Namespace) -> Credentials:
@@ -158,14 +200,22 @@ class ApiAccess:
     Attributes:
         service: the service's descriptor (e.g. `wallet_pb2.DESCRIPTOR.services_by_name["Wallet"]`).
         reads: names of its read RPCs (any `--readers` identity); the rest need `--operators`.
+        owned: the reads an owner may make of its own things (any authenticated
+            caller gets past the Authorizer; the servicer checks ownership).
     """
 
     service: ServiceDescriptor
     reads: frozenset[str]
 
+    owned: frozenset[str] = frozenset()
+
     def rules(self, writers: frozenset[str], readers: frozenset[str]) -> dict[str, frozenset[str]]:
+        """Writes to `writers`, reads to `readers`, and owned reads to any
+        authenticated caller: the servicer then lets an owner see only its own."""
         return {
-            f"/{self.service.full_name}/{m.name}": readers if m.name in self.reads else writers
+            f"/{self.service.full_name}/{m.name}": (
+                frozenset({ANYONE}) if m.name in self.owned else readers if m.name in self.reads else writers
+            )
             for m in self.service.methods
         }
 
@@ -210,9 +260,10 @@ def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
         "--trust-coordinator",
         action="append",
         default=[],
-        metavar="HOST:PORT",
-        help="a coordinator address a Prepare may name (repeatable); under TLS, also the caller's own name."
-        " Without it and with --insecure, any address is trusted",
+        metavar="NAME@HOST:PORT",
+        help="a coordinator a Prepare may name (repeatable): its identity and address; the in-doubt resolver"
+        " believes only a server holding NAME's certificate there (a bare HOST:PORT takes the caller's name)."
+        " Without it, under TLS: any address, bound to the calling coordinator's name; with --insecure: any",
     )
     g.add_argument(
         "--allow-no-coordinator",
@@ -231,7 +282,7 @@ def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def run_participant(
     handler: ParticipantHandler,
-    add_api: Callable[[grpc.aio.Server, Participant], None],
+    add_api: Callable[[grpc.aio.Server, Participant, Readers], None],
     args: argparse.Namespace,
     participant: type[Participant] = Participant,
     *,
@@ -245,13 +296,16 @@ def run_participant(
     configure_logs(args.log_format, level=args.log_level)
     creds = credentials(args)
     trusted = frozenset(args.trust_coordinator) if args.trust_coordinator or creds.secure else None
-    config = ParticipantConfig(
-        in_doubt_after_s=args.in_doubt_after_s,
-        resolve_interval_s=args.resolve_interval_s,
-        trusted_coordinators=trusted,
-        allow_no_coordinator=args.allow_no_coordinator,
-        max_undecided_per_coordinator=args.max_undecided_per_coordinator,
-    )
+    try:
+        config = ParticipantConfig(
+            in_doubt_after_s=args.in_doubt_after_s,
+            resolve_interval_s=args.resolve_interval_s,
+            trusted_coordinators=trusted,
+            allow_no_coordinator=args.allow_no_coordinator,
+            max_undecided_per_coordinator=args.max_undecided_per_coordinator,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     rules = (
         participant_rules(args.coordinators)
         | access.rules(args.operators, args.readers)
@@ -267,7 +321,7 @@ def run_participant(
             traced = tracing(args)
             await p.serve(
                 f"{args.host}:{args.port}",
-                services=[lambda server: add_api(server, p)],
+                services=[lambda server: add_api(server, p, Readers(args.readers, creds.secure))],
                 grace_s=args.grace_s,
                 health=health,
                 interceptors=[traced.server_interceptor()] if traced else [],

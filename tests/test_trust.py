@@ -9,6 +9,9 @@ answer, in front of a legitimate in-doubt transaction.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import select
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.apps.kv import KV
 from tests.conftest import INSECURE, Served, eventually, listening, prepare_request, serve, txn_state
 from twopc import Credentials, Participant, ParticipantConfig, rpc
-from twopc.dev.testing import ServiceProcess, query
+from twopc.dev.testing import ServiceProcess, free_port, query
 from twopc.participant import trust
 from twopc.security import pki
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
@@ -189,3 +192,121 @@ async def test_under_tls_the_default_trusts_only_the_caller_s_own_name(tmp_path:
     plain = Participant(KV(), str(tmp_path / "b.db"), credentials=INSECURE)
     assert tls.config.trusted_coordinators == frozenset()
     assert plain.config.trusted_coordinators is None
+
+
+# --- trust by identity: an impostor holding another certificate from the CA ----------------
+
+
+def events(log: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON log events named `event` in a process's log file."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == event]
+
+
+def impostor(root: Path, identity: str, port: int, log: Path) -> ServiceProcess:
+    """tests/apps/impostor.py holding `identity`'s certificate, on `port`."""
+    return ServiceProcess("tests.apps.impostor", ["--tls-dir", str(root / identity)], log_path=log, port=port).start()
+
+
+@pytest.fixture
+def tls_pki(tmp_path: Path) -> Path:
+    pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
+    return pki.issue(tmp_path / "pki", ["shop", "wallet", "orders", "operator", "client"])
+
+
+async def test_an_impostor_on_the_coordinator_s_address_is_not_believed(tmp_path: Path, tls_pki: Path) -> None:
+    """The shop is down and `client`, then `wallet` (valid certificates from the same CA) answer
+    COMMITTED on its address: the wallet's resolver refuses both in the handshake and keeps the
+    hold; only a server holding the `shop` certificate there is believed."""
+    shop_port = free_port()
+    trusted = f"shop@127.0.0.1:{shop_port}"
+    wallet_log = tmp_path / "wallet.log"
+    args = ["--db", str(tmp_path / "w.db"), "--tls-dir", str(tls_pki / "wallet"), "--trust-coordinator", trusted]
+    args += ["--in-doubt-after-s", "0.1", "--resolve-interval-s", "0.1", "--readers", "operator"]
+    wallet = ServiceProcess("services.wallet", args, log_path=wallet_log).start()
+    try:
+        async with (
+            rpc.channel(f"wallet@{wallet.address}", Credentials.from_dir(tls_pki / "operator")) as operator,
+            rpc.channel(f"wallet@{wallet.address}", Credentials.from_dir(tls_pki / "shop")) as shop,
+        ):
+            api = wallet_pb2_grpc.WalletStub(operator)
+            await api.OpenAccount(wallet_pb2.OpenAccountRequest(account="victim"), timeout=5)
+            await api.Deposit(wallet_pb2.DepositRequest(account="victim", amount=1_000), timeout=5)
+            prepare = debit("t1", f"127.0.0.1:{shop_port}")
+            vote = await participant_pb2_grpc.ParticipantStub(shop).Prepare(prepare, timeout=5)
+            assert vote.vote == participant_pb2.VOTE_COMMIT
+            why = {"client": "not for server use", "wallet": "not for the name expected"}
+            for who, meaning in why.items():
+                log = tmp_path / f"impostor-{who}.log"
+                fake = impostor(tls_pki, who, shop_port, log)
+                refused = len(events(wallet_log, "tls_failed")) + 2
+                try:
+                    await eventually(
+                        lambda: len(events(wallet_log, "tls_failed")) >= refused,  # noqa: B023 - awaited here
+                        10.0,
+                        "two refusals",
+                    )
+                finally:
+                    fake.stop()
+                assert events(log, "served") == [], f"the wallet believed {who}"
+                assert txn_state(tmp_path / "w.db", "t1") == "PREPARED"
+                failed = events(wallet_log, "tls_failed")[-1]
+                assert failed["target"] == trusted and meaning in failed["meaning"]
+            balance = await api.GetBalance(wallet_pb2.GetBalanceRequest(account="victim"), timeout=5)
+            assert (balance.balance, balance.held) == (1_000, 100)
+            genuine = impostor(tls_pki, "shop", shop_port, tmp_path / "shop.log")  # the real identity
+            try:
+                await eventually(lambda: txn_state(tmp_path / "w.db", "t1") == "COMMITTED", 10.0, "the shop believed")
+            finally:
+                genuine.stop()
+    finally:
+        wallet.stop()
+
+
+def read_line(proc: ServiceProcess, timeout_s: float) -> str:
+    """The next line a process prints on standard output (after READY)."""
+    assert proc.proc is not None and proc.proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + timeout_s
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([proc.proc.stdout], [], [], left)[0], "no line in time"
+        chunk = os.read(proc.proc.stdout.fileno(), 1)
+        assert chunk, "the process exited"
+        line += chunk
+    return line.decode()
+
+
+@pytest.mark.parametrize("who", ["client", "orders"])
+async def test_an_impostor_on_a_participant_s_address_gets_no_prepare(tmp_path: Path, tls_pki: Path, who: str) -> None:
+    """A coordinator whose branch is `wallet@address` refuses an impostor there holding another
+    identity's valid certificate: the handshake fails, no Prepare reaches it, the transaction
+    aborts and says the TLS check failed; a server holding `wallet` gets the Prepare."""
+    port = free_port()
+    outcomes = {}
+    for holder in (who, "wallet"):
+        log = tmp_path / f"participant-{holder}.log"
+        fake = impostor(tls_pki, holder, port, log)
+        # A second branch, genuinely "orders", keeps the transaction two-phase.
+        orders = impostor(tls_pki, "orders", 0, tmp_path / f"orders-{holder}.log")
+        coordinator = ServiceProcess(
+            "tests.apps.coordinator",
+            [
+                *("--db", str(tmp_path / f"{holder}.db"), "--tls-dir", str(tls_pki / "shop"), "--timeout-s", "2"),
+                *("--run", f"k0=wallet@127.0.0.1:{port}", f"k1=orders@{orders.address}"),
+            ],
+            log_path=tmp_path / f"coordinator-{holder}.log",
+        ).start()
+        try:
+            outcomes[holder] = json.loads(read_line(coordinator, 20.0))
+        finally:
+            coordinator.stop()
+            orders.stop()
+            fake.stop()
+        served = events(log, "served")
+        assert (served != []) is (holder == "wallet"), f"{holder} served {served}"
+    assert outcomes[who]["outcome"] == "aborted"
+    meaning = {"client": "not for server use", "orders": "not for the name expected"}[who]
+    assert "TLS with wallet@" in outcomes[who]["reason"] and meaning in outcomes[who]["reason"]
+    assert events(tmp_path / f"coordinator-{who}.log", "tls_failed")
+    assert outcomes["wallet"]["outcome"] == "committed"

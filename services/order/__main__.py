@@ -10,7 +10,7 @@ if __name__ == "__main__":
     ).parse_args()
     run_participant(
         OrderHandler(),
-        lambda server, p: order_pb2_grpc.add_OrdersServicer_to_server(OrdersApi(p), server),
+        lambda server, p, readers: order_pb2_grpc.add_OrdersServicer_to_server(OrdersApi(p, readers), server),
         args,
         services=[order_pb2.DESCRIPTOR.services_by_name["Orders"].full_name],
         access=ACCESS,

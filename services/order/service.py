@@ -8,7 +8,18 @@ from typing import Any
 
 import grpc
 
-from services.common import MAX_AMOUNT, MAX_QUANTITY, ApiAccess, api, check_amount, page_after, page_size, page_token
+from services.common import (
+    MAX_AMOUNT,
+    MAX_QUANTITY,
+    ApiAccess,
+    Readers,
+    api,
+    buyer,
+    check_amount,
+    page_after,
+    page_size,
+    page_token,
+)
 from services.order.v1 import order_pb2, order_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
 from twopc.security import limits
@@ -34,6 +45,11 @@ CREATE TABLE IF NOT EXISTS orders (
     amount     BIGINT NOT NULL DEFAULT 0 CHECK (amount >= 0)  -- what the buyer is charged
 );
 CREATE INDEX IF NOT EXISTS orders_created ON orders (created_at, order_id);  -- ListOrders pages
+CREATE TABLE IF NOT EXISTS buyers (  -- who bought an order (PlaceOrder.buyer): it may read it
+    order_id TEXT PRIMARY KEY,
+    buyer    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS buyers_buyer ON buyers (buyer);
 """
 
 _STATES = {
@@ -61,6 +77,7 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
     """The order's items validated and in a canonical order (to compare content)."""
     limits.check_id("order_id", place.order_id)
     limits.check_id("account", place.account)
+    limits.check_id("buyer", place.buyer, required=False)
     if not place.items:
         raise InvalidOperation("an order needs at least one item")
     if not 0 <= place.amount <= MAX_AMOUNT:
@@ -85,7 +102,9 @@ def _order(db: Connection, order_id: str) -> order_pb2.Order:
     if row is None:
         raise NotFound(f"no order {order_id!r}")
     account, items, state, txn_id, amount = row
+    bought = execute(db, "SELECT buyer FROM buyers WHERE order_id = :order_id", {"order_id": order_id}).fetchone()
     return order_pb2.Order(
+        buyer=bought[0] if bought else "",
         order_id=order_id,
         account=account,
         items=[order_pb2.Item(sku=s, quantity=q) for s, q in json.loads(items)],
@@ -115,6 +134,7 @@ class OrderHandler:
             if state != "CANCELLED":
                 raise VoteAbort(f"order {place.order_id!r} is already {state.lower()}")
             execute(db, "DELETE FROM orders WHERE order_id = :order_id", order)  # a retry after a cancel
+            execute(db, "DELETE FROM buyers WHERE order_id = :order_id", order)
         # Orders sharing a product queue here (in sku order); stock is read after the
         # lock, so two buyers of the last item cannot both see it available.
         lock_rows(db, "products", "sku", [sku for sku, _ in items])
@@ -139,6 +159,8 @@ class OrderHandler:
                 "amount": place.amount,
             },
         )
+        if place.buyer:
+            execute(db, "INSERT INTO buyers VALUES (:order_id, :buyer)", {**order, "buyer": place.buyer})
         return Vote.COMMIT
 
     def _items_of(self, db: Connection, txn_id: str) -> list[tuple[str, int]]:
@@ -164,8 +186,9 @@ class OrderHandler:
 class OrdersApi(order_pb2_grpc.OrdersServicer):
     """The order service's own API: stock and orders."""
 
-    def __init__(self, participant: Participant) -> None:
+    def __init__(self, participant: Participant, readers: Readers) -> None:
         self.store = participant.store
+        self.readers = readers
 
     async def AddStock(  # noqa: N802 - the RPC's name
         self, request: order_pb2.AddStockRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -200,11 +223,18 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
     async def GetOrder(  # noqa: N802 - the RPC's name
         self, request: order_pb2.GetOrderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.Order:
-        return await api(context, self.store.read(lambda db: _order(db, request.order_id)))
+        order = await api(context, self.store.read(lambda db: _order(db, request.order_id)))
+        if not self.readers.may_read(context, [order.buyer] if order.buyer else []):
+            # The same answer as for an order that does not exist: nobody learns others' order ids.
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no order {request.order_id!r}")
+        return order
 
     async def ListOrders(  # noqa: N802 - the RPC's name
         self, request: order_pb2.ListOrdersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> order_pb2.ListOrdersResponse:
+        # Who does not read everything lists only the orders it bought.
+        mine = "" if self.readers.reads_everything(context) else buyer(context) or "\x00"
+
         def orders(db: Connection) -> order_pb2.ListOrdersResponse:
             size = page_size(request.page_size)
             after = page_after("orders", request.page_token)
@@ -214,8 +244,9 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
             rows = execute(
                 db,
                 "SELECT created_at, order_id FROM orders WHERE (created_at, order_id) > (:created_at, :order_id)"
+                " AND (:mine = '' OR order_id IN (SELECT order_id FROM buyers WHERE buyer = :mine))"
                 " ORDER BY created_at, order_id LIMIT :limit",
-                {"created_at": created_at, "order_id": order_id, "limit": size + 1},
+                {"created_at": created_at, "order_id": order_id, "limit": size + 1, "mine": mine},
             ).fetchall()
             more = len(rows) > size
             rows = rows[:size]
@@ -228,6 +259,9 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
 
 
 ACCESS = ApiAccess(
-    order_pb2.DESCRIPTOR.services_by_name["Orders"], reads=frozenset({"GetStock", "GetOrder", "ListOrders"})
+    order_pb2.DESCRIPTOR.services_by_name["Orders"],
+    reads=frozenset({"GetStock", "GetOrder", "ListOrders"}),
+    owned=frozenset({"GetOrder", "ListOrders"}),
 )
-"""Reads are open to --readers; every other RPC of the API (writes) needs --operators."""
+"""Reads are open to --readers, and a buyer's own orders to it; every other RPC of
+the API (writes) needs --operators."""

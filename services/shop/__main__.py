@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 
 from services import common
 from services.common import MAX_QUANTITY, observe, parser, tracing
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
-from services.wallet.v1 import wallet_pb2
+from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import (
     Branch,
     Coordinator,
@@ -36,8 +38,9 @@ from twopc.observe.health import COORDINATOR_SERVICE, Health
 from twopc.observe.logconfig import configure as configure_logs
 from twopc.ops import metrics
 from twopc.security import limits
-from twopc.security.auth import coordinator_rules, grant, operations_rules
+from twopc.security.auth import coordinator_rules, grant, operations_rules, peer_identities
 
+_log = structlog.get_logger("services.shop")
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
 
 
@@ -63,6 +66,25 @@ def total(prices: Sequence[int], items: Sequence[order_pb2.Item]) -> int:
     return limits.checked_product("the purchase's amount", amount, 1)
 
 
+@dataclass(frozen=True)
+class Buyers:
+    """Who may buy, beyond the Authorizer's --purchasers.
+
+    Attributes:
+        secure: mutual TLS (callers have names); under plaintext nothing here applies.
+        services: identities of services, which never buy (--service-identities).
+        rate: the purchase rate each identity is held to; None for no limit.
+    """
+
+    secure: bool
+    services: frozenset[str]
+    rate: limits.RateLimit | None
+
+    def bought(self, order: order_pb2.Order, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+        """True if the caller is the order's buyer (always under plaintext)."""
+        return not self.secure or order.buyer in peer_identities(context)
+
+
 class Shop(shop_pb2_grpc.ShopServicer):
     """Purchase = Debit at the wallet + PlaceOrder at the order service, atomically.
 
@@ -72,9 +94,16 @@ class Shop(shop_pb2_grpc.ShopServicer):
     """
 
     def __init__(
-        self, coordinator: Coordinator, wallet: str, orders: str, orders_api: order_pb2_grpc.OrdersAsyncStub
+        self,
+        coordinator: Coordinator,
+        wallet: str,
+        orders: str,
+        orders_api: order_pb2_grpc.OrdersAsyncStub,
+        wallet_api: wallet_pb2_grpc.WalletAsyncStub,
+        buyers: Buyers,
     ) -> None:
         self.coordinator, self.wallet, self.orders, self.orders_api = coordinator, wallet, orders, orders_api
+        self.wallet_api, self.buyers = wallet_api, buyers
         self.draining = False
         self.in_flight = 0
 
@@ -104,6 +133,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> shop_pb2.PurchaseResponse:
         await rpc.validate(context, lambda: check_purchase(request))
+        await self._may_buy(request.account, context)
         earlier = await self._earlier(request, context)
         if earlier is not None:
             return earlier
@@ -116,7 +146,9 @@ class Shop(shop_pb2_grpc.ShopServicer):
                 await context.abort(e.code(), limits.clip(e.details() or "price lookup failed"))
             prices.append(product.unit_price)
         amount = await rpc.validate(context, lambda: total(prices, request.items))
-        place = order_pb2.PlaceOrder(order_id=request.order_id, account=request.account, items=request.items)
+        place = order_pb2.PlaceOrder(
+            order_id=request.order_id, account=request.account, items=request.items, buyer=common.buyer(context)
+        )
         place.amount = amount
         branches = [
             Branch(self.wallet, wallet_pb2.Debit(account=request.account, amount=amount), name="wallet"),
@@ -151,9 +183,38 @@ class Shop(shop_pb2_grpc.ShopServicer):
     ) -> shop_pb2.PurchaseResponse:
         await rpc.validate(context, lambda: limits.check_id("order_id", request.order_id))
         order = await self._order(request.order_id, context)
-        if order is None:
+        if order is None or not self.buyers.bought(order, context):
+            # Another buyer's order reads as absent: nobody learns others' order ids.
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no purchase of order {request.order_id!r}")
         return await self._answer(order, context)
+
+    async def _may_buy(self, account: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Refuses a caller that may not buy with `account`: a service identity, one
+        over its rate, or one that does not own the account (under mutual TLS;
+        plaintext callers have no names). Checked before anything is looked up."""
+        if not self.buyers.secure:
+            return
+        caller = peer_identities(context)
+        if not self.buyers.services.isdisjoint(caller):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller[0]} is a service identity: it cannot buy")
+        if self.buyers.rate is not None and not self.buyers.rate.allow(caller[0]):
+            _log.warning("purchase_rate_limited", identity=caller[0])
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{caller[0]} is over its purchase rate ({self.buyers.rate.rate_per_s:g}/s); retry later",
+            )
+        try:
+            found = await self.wallet_api.GetBalance(wallet_pb2.GetBalanceRequest(account=account), timeout=2.0)
+            owners: Sequence[str] = found.owners
+        except grpc.aio.AioRpcError as e:
+            if e.code() is not grpc.StatusCode.NOT_FOUND:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"account lookup failed: {limits.clip(e.details() or '')}"
+                )
+            owners = ()  # an unknown account is owned by nobody: the same refusal, no existence leaked
+        if set(owners).isdisjoint(caller):
+            _log.warning("purchase_refused_owner", identity=caller[0], account=limits.clip(account))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller[0]} does not own account {account!r}")
 
     async def _earlier(
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -163,9 +224,10 @@ class Shop(shop_pb2_grpc.ShopServicer):
         order = await self._order(request.order_id, context)
         if order is None:
             return None
-        same = (order.account, sorted((i.sku, i.quantity) for i in order.items)) == (
+        same = (order.account, sorted((i.sku, i.quantity) for i in order.items), order.buyer) == (
             request.account,
             sorted((i.sku, i.quantity) for i in request.items),
+            common.buyer(context),
         )
         if not same:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"order {request.order_id!r} is another purchase")
@@ -214,6 +276,12 @@ async def serve(args: Any) -> None:
         | operations_rules(args.purchasers)  # health and reflection
     )
     config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
+    # Under TLS each participant is an identity at an address: a bare address means
+    # the service's usual name, so an impostor there fails the handshake.
+    wallet, orders = (
+        target if "@" in target or not credentials.secure else f"{name}@{target}"
+        for name, target in (("wallet", args.wallet), ("orders", args.orders))
+    )
     interceptors: list[Any] = []
     if args.net_faults:  # testing only: SIGUSR1 then loses the next reply from a participant
         faults = FaultInjector(NetFaults.parse(args.net_faults))
@@ -231,9 +299,19 @@ async def serve(args: Any) -> None:
             observers=[traced] if traced else [],
             peers=args.peers,
         ) as coordinator,
-        rpc.channel(args.orders, credentials) as orders_channel,
+        rpc.channel(orders, credentials) as orders_channel,
+        rpc.channel(wallet, credentials) as wallet_channel,
     ):
-        shop = Shop(coordinator, args.wallet, args.orders, order_pb2_grpc.OrdersStub(orders_channel))
+        rate = limits.RateLimit(args.purchase_rate_per_s, args.purchase_burst) if args.purchase_rate_per_s > 0 else None
+        buyers = Buyers(credentials.secure, args.service_identities, rate)
+        shop = Shop(
+            coordinator,
+            wallet,
+            orders,
+            order_pb2_grpc.OrdersStub(orders_channel),
+            wallet_pb2_grpc.WalletStub(wallet_channel),
+            buyers,
+        )
         health = Health([COORDINATOR_SERVICE, shop_pb2.DESCRIPTOR.services_by_name["Shop"].full_name])
         health.watch(coordinator.wait_failed)
         metrics.CoordinatorMetrics(coordinator)
@@ -253,8 +331,18 @@ async def serve(args: Any) -> None:
 
 def main() -> None:
     p = parser("python -m services.shop", "The shop: coordinates purchases across wallet and orders with twopc.")
-    p.add_argument("--wallet", required=True, help="address of the wallet service")
-    p.add_argument("--orders", required=True, help="address of the order service")
+    p.add_argument(
+        "--wallet",
+        required=True,
+        metavar="[NAME@]HOST:PORT",
+        help="the wallet service: under TLS its certificate must name NAME (default wallet)",
+    )
+    p.add_argument(
+        "--orders",
+        required=True,
+        metavar="[NAME@]HOST:PORT",
+        help="the order service: under TLS its certificate must name NAME (default orders)",
+    )
     p.add_argument(
         "--peers",
         nargs="*",
@@ -273,7 +361,28 @@ def main() -> None:
         default="wallet,orders",
         help="who may ask GetOutcome (default %(default)s)",
     )
-    g.add_argument("--purchasers", type=common.identities, default="*", help="who may call Purchase (default *)")
+    g.add_argument(
+        "--purchasers",
+        type=common.identities,
+        default="",
+        help="who may call Purchase and GetPurchase, each only with an account it owns (default: nobody)",
+    )
+    g.add_argument(
+        "--service-identities",
+        type=common.identities,
+        default="shop,wallet,orders",
+        help="identities of services: never allowed to buy (default %(default)s)",
+    )
+    g.add_argument(
+        "--purchase-rate-per-s",
+        type=float,
+        default=50.0,
+        help="purchases per second each identity may make, sustained; past it RESOURCE_EXHAUSTED; 0: no limit"
+        " (default %(default)s)",
+    )
+    g.add_argument(
+        "--purchase-burst", type=int, default=100, help="purchases an identity may make at once (default %(default)s)"
+    )
     p.add_argument(
         "--net-faults",
         default="",

@@ -10,7 +10,7 @@ if __name__ == "__main__":
     ).parse_args()
     run_participant(
         WalletHandler(),
-        lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
+        lambda server, p, readers: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p, readers), server),
         args,
         services=[wallet_pb2.DESCRIPTOR.services_by_name["Wallet"].full_name],
         access=ACCESS,

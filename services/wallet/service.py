@@ -10,8 +10,10 @@ import grpc
 from services.common import (
     MAX_AMOUNT,
     MAX_BALANCE,
+    MAX_OWNERS,
     AlreadyExists,
     ApiAccess,
+    Readers,
     api,
     check_amount,
     page_after,
@@ -19,7 +21,7 @@ from services.common import (
     page_token,
 )
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
+from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort, rpc
 from twopc.security import limits
 from twopc.stores import Connection, execute, lock_rows
 
@@ -34,6 +36,11 @@ CREATE TABLE IF NOT EXISTS holds (
     amount  BIGINT NOT NULL CHECK (amount > 0)
 );
 CREATE INDEX IF NOT EXISTS holds_account ON holds (account);
+CREATE TABLE IF NOT EXISTS owners (  -- who may buy with an account and read it
+    account TEXT NOT NULL REFERENCES accounts,
+    owner   TEXT NOT NULL,
+    PRIMARY KEY (account, owner)
+);
 CREATE TABLE IF NOT EXISTS ledger (
     seq     {seq},
     account TEXT NOT NULL REFERENCES accounts,
@@ -62,7 +69,15 @@ def balance(db: Connection, account: str) -> wallet_pb2.Balance:
     if row is None:
         raise NotFound(f"no account {account!r}")
     total, held = row
-    return wallet_pb2.Balance(account=account, balance=total, held=held, available=total - held)
+    return wallet_pb2.Balance(
+        account=account, balance=total, held=held, available=total - held, owners=owners_of(db, account)
+    )
+
+
+def owners_of(db: Connection, account: str) -> list[str]:
+    """The identities `account` belongs to (OpenAccount's owners)."""
+    rows = execute(db, "SELECT owner FROM owners WHERE account = :account ORDER BY owner", {"account": account})
+    return [owner for (owner,) in rows.fetchall()]
 
 
 class WalletHandler:
@@ -111,18 +126,34 @@ class WalletHandler:
 class WalletApi(wallet_pb2_grpc.WalletServicer):
     """The wallet's own API: accounts, deposits, balances, ledger."""
 
-    def __init__(self, participant: Participant) -> None:
+    def __init__(self, participant: Participant, readers: Readers) -> None:
         self.store = participant.store
+        self.readers = readers
+
+    async def _readable(self, context: grpc.aio.ServicerContext[Any, Any], account: str) -> None:
+        """PERMISSION_DENIED unless the caller reads everything or owns `account`
+        (an unknown account reads as not owned: nobody learns which exist)."""
+        if self.readers.reads_everything(context):
+            return
+        await rpc.validate(context, lambda: limits.check_id("account", account))
+        owners = await self.store.read(lambda db: owners_of(db, account))
+        if not self.readers.may_read(context, owners):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the account's owners may read it")
 
     async def OpenAccount(  # noqa: N802 - the RPC's name
         self, request: wallet_pb2.OpenAccountRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.OpenAccountResponse:
         def open_account(db: Connection) -> None:
             limits.check_id("account", request.account)
+            limits.check_count("owners", len(request.owners), MAX_OWNERS)
+            for owner in request.owners:
+                limits.check_id("owner", owner)
             account = {"account": request.account}
             if execute(db, "SELECT 1 FROM accounts WHERE account = :account", account).fetchone():
                 raise AlreadyExists(f"account {request.account!r} exists")
             execute(db, "INSERT INTO accounts VALUES (:account, 0)", account)
+            for owner in dict.fromkeys(request.owners):
+                execute(db, "INSERT INTO owners VALUES (:account, :owner)", {**account, "owner": owner})
 
         await api(context, self.store.write(open_account))
         return wallet_pb2.OpenAccountResponse()
@@ -151,11 +182,13 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
     async def GetBalance(  # noqa: N802 - the RPC's name
         self, request: wallet_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.Balance:
+        await self._readable(context, request.account)
         return await api(context, self.store.read(lambda db: balance(db, request.account)))
 
     async def ListLedger(  # noqa: N802 - the RPC's name
         self, request: wallet_pb2.ListLedgerRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> wallet_pb2.ListLedgerResponse:
+        await self._readable(context, request.account)
         kinds = {"deposit": wallet_pb2.ENTRY_KIND_DEPOSIT, "debit": wallet_pb2.ENTRY_KIND_DEBIT}
 
         def ledger(db: Connection) -> wallet_pb2.ListLedgerResponse:
@@ -182,5 +215,10 @@ class WalletApi(wallet_pb2_grpc.WalletServicer):
         return await api(context, self.store.read(ledger))
 
 
-ACCESS = ApiAccess(wallet_pb2.DESCRIPTOR.services_by_name["Wallet"], reads=frozenset({"GetBalance", "ListLedger"}))
-"""Reads are open to --readers; every other RPC of the API (writes) needs --operators."""
+ACCESS = ApiAccess(
+    wallet_pb2.DESCRIPTOR.services_by_name["Wallet"],
+    reads=frozenset({"GetBalance", "ListLedger"}),
+    owned=frozenset({"GetBalance", "ListLedger"}),
+)
+"""Reads are open to --readers and to an account's owners for their own account;
+every other RPC of the API (writes) needs --operators."""

@@ -71,7 +71,10 @@ def channel(target: str, credentials: Credentials, interceptors: Sequence[Any] =
 # certificate, its CA, its name, or TLS against plaintext), and what that means.
 _TLS_SIGNS = (
     ("Hostname Verification Check failed", "the server's certificate is not for the name expected there"),
-    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by a trusted CA"),
+    ("unsupported certificate purpose", "the server's certificate is not for server use (a client's?)"),
+    ("unable to get local issuer certificate", "the server's certificate is not signed by a trusted CA"),
+    ("certificate has expired", "the server's certificate has expired"),
+    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate failed verification"),
     ("WRONG_VERSION_NUMBER", "the server does not speak TLS (plaintext?)"),
     ("andshake failed", "the TLS handshake failed"),
 )
@@ -148,8 +151,8 @@ class _NameTlsFailures(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[ty
             if named is None:
                 raise
             meaning = tls_failure(named, secure=self.secure)
-            _log.error("tls_failed", target=self.target, meaning=meaning, error=limits.clip(named.details() or ""))
-            said = f"TLS with {self.target} failed: {meaning} ({limits.clip(named.details() or '')})"
+            _log.error("tls_failed", target=self.target, meaning=meaning, error=limits.clip(named.details() or "", 500))
+            said = f"TLS with {self.target} failed: {meaning} ({limits.clip(named.details() or '', 500)})"
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), said, said
             ) from e

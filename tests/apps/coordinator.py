@@ -27,11 +27,16 @@ async def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3.0)
     parser.add_argument("--slow-s", type=float, default=0.0, help="the last branch takes this long to vote")
     parser.add_argument("--peers", nargs="*", default=[], help="other instances sharing a PostgreSQL --db")
+    parser.add_argument("--tls-dir", help="mutual TLS with cert.pem, key.pem, ca.pem here (default: plaintext)")
     args = parser.parse_args()
     configure_logs("json", level="debug")
     config = CoordinatorConfig(retry_initial_s=0.05, retry_max_s=0.5)
     async with Coordinator(
-        args.db, credentials=Credentials.insecure(), listen=f"{args.host}:{args.port}", config=config, peers=args.peers
+        args.db,
+        credentials=Credentials.from_dir(args.tls_dir) if args.tls_dir else Credentials.insecure(),
+        listen=f"{args.host}:{args.port}",
+        config=config,
+        peers=args.peers,
     ) as coordinator:
         rpc.announce_ready(coordinator.address)
         if args.run:
@@ -43,7 +48,10 @@ async def main() -> None:
                     fields["delay_s"] = struct_pb2.Value(number_value=args.slow_s)
                 branches.append(Branch(target, struct_pb2.Struct(fields=fields)))
             result = await coordinator.run(branches, timeout_s=args.timeout_s)
-            print(json.dumps({"txn_id": result.txn_id, "outcome": result.outcome.value}), flush=True)
+            print(
+                json.dumps({"txn_id": result.txn_id, "outcome": result.outcome.value, "reason": result.reason}),
+                flush=True,
+            )
         await rpc.until_signalled()
 
 

@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dservices/order/v1/order.proto\x12\x08order.v1\"%\n\x04Item\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"^\n\nPlaceOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\"D\n\x0f\x41\x64\x64StockRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\x12\x12\n\nunit_price\x18\x03 \x01(\x03\"\x1e\n\x0fGetStockRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\"l\n\x05Stock\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x12\n\nunit_price\x18\x05 \x01(\x03\x12\x0c\n\x04sold\x18\x06 \x01(\x03\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\x8e\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.order.v1.OrderState\x12\x0e\n\x06txn_id\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListOrdersResponse\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*x\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\x19\n\x15ORDER_STATE_CONFIRMED\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03\x32\xf9\x01\n\x06Orders\x12\x36\n\x08\x41\x64\x64Stock\x12\x19.order.v1.AddStockRequest\x1a\x0f.order.v1.Stock\x12\x36\n\x08GetStock\x12\x19.order.v1.GetStockRequest\x1a\x0f.order.v1.Stock\x12\x36\n\x08GetOrder\x12\x19.order.v1.GetOrderRequest\x1a\x0f.order.v1.Order\x12G\n\nListOrders\x12\x1b.order.v1.ListOrdersRequest\x1a\x1c.order.v1.ListOrdersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dservices/order/v1/order.proto\x12\x08order.v1\"%\n\x04Item\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"m\n\nPlaceOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\r\n\x05\x62uyer\x18\x05 \x01(\t\"D\n\x0f\x41\x64\x64StockRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\x12\x12\n\nunit_price\x18\x03 \x01(\x03\"\x1e\n\x0fGetStockRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\"l\n\x05Stock\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x12\n\nunit_price\x18\x05 \x01(\x03\x12\x0c\n\x04sold\x18\x06 \x01(\x03\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"\x9d\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x1d\n\x05items\x18\x03 \x03(\x0b\x32\x0e.order.v1.Item\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.order.v1.OrderState\x12\x0e\n\x06txn_id\x18\x05 \x01(\t\x12\x0e\n\x06\x61mount\x18\x06 \x01(\x03\x12\r\n\x05\x62uyer\x18\x07 \x01(\t\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListOrdersResponse\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*x\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\x19\n\x15ORDER_STATE_CONFIRMED\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03\x32\xf9\x01\n\x06Orders\x12\x36\n\x08\x41\x64\x64Stock\x12\x19.order.v1.AddStockRequest\x1a\x0f.order.v1.Stock\x12\x36\n\x08GetStock\x12\x19.order.v1.GetStockRequest\x1a\x0f.order.v1.Stock\x12\x36\n\x08GetOrder\x12\x19.order.v1.GetOrderRequest\x1a\x0f.order.v1.Order\x12G\n\nListOrders\x12\x1b.order.v1.ListOrdersRequest\x1a\x1c.order.v1.ListOrdersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.order.v1.order_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSTATE']._serialized_start=712
-  _globals['_ORDERSTATE']._serialized_end=832
+  _globals['_ORDERSTATE']._serialized_start=742
+  _globals['_ORDERSTATE']._serialized_end=862
   _globals['_ITEM']._serialized_start=43
   _globals['_ITEM']._serialized_end=80
   _globals['_PLACEORDER']._serialized_start=82
-  _globals['_PLACEORDER']._serialized_end=176
-  _globals['_ADDSTOCKREQUEST']._serialized_start=178
-  _globals['_ADDSTOCKREQUEST']._serialized_end=246
-  _globals['_GETSTOCKREQUEST']._serialized_start=248
-  _globals['_GETSTOCKREQUEST']._serialized_end=278
-  _globals['_STOCK']._serialized_start=280
-  _globals['_STOCK']._serialized_end=388
-  _globals['_GETORDERREQUEST']._serialized_start=390
-  _globals['_GETORDERREQUEST']._serialized_end=425
-  _globals['_ORDER']._serialized_start=428
-  _globals['_ORDER']._serialized_end=570
-  _globals['_LISTORDERSREQUEST']._serialized_start=572
-  _globals['_LISTORDERSREQUEST']._serialized_end=630
-  _globals['_LISTORDERSRESPONSE']._serialized_start=632
-  _globals['_LISTORDERSRESPONSE']._serialized_end=710
-  _globals['_ORDERS']._serialized_start=835
-  _globals['_ORDERS']._serialized_end=1084
+  _globals['_PLACEORDER']._serialized_end=191
+  _globals['_ADDSTOCKREQUEST']._serialized_start=193
+  _globals['_ADDSTOCKREQUEST']._serialized_end=261
+  _globals['_GETSTOCKREQUEST']._serialized_start=263
+  _globals['_GETSTOCKREQUEST']._serialized_end=293
+  _globals['_STOCK']._serialized_start=295
+  _globals['_STOCK']._serialized_end=403
+  _globals['_GETORDERREQUEST']._serialized_start=405
+  _globals['_GETORDERREQUEST']._serialized_end=440
+  _globals['_ORDER']._serialized_start=443
+  _globals['_ORDER']._serialized_end=600
+  _globals['_LISTORDERSREQUEST']._serialized_start=602
+  _globals['_LISTORDERSREQUEST']._serialized_end=660
+  _globals['_LISTORDERSRESPONSE']._serialized_start=662
+  _globals['_LISTORDERSRESPONSE']._serialized_end=740
+  _globals['_ORDERS']._serialized_start=865
+  _globals['_ORDERS']._serialized_end=1114
 # @@protoc_insertion_point(module_scope)

@@ -94,11 +94,16 @@ class PlaceOrder(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
+    BUYER_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     account: _builtins.str
     amount: _builtins.int
     """What the buyer is charged for it, minor units: recorded with the order, so that a
     coordinator that lost its answer can tell a retrying buyer (>= 0; informational).
+    """
+    buyer: _builtins.str
+    """The identity that bought it (the shop's authenticated caller; empty under
+    plaintext): besides --readers, only it may read the order.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
@@ -109,10 +114,11 @@ class PlaceOrder(_message.Message):
         account: _builtins.str = ...,
         items: _abc.Iterable[Global___Item] | None = ...,
         amount: _builtins.int = ...,
+        buyer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "items", b"items", "order_id", b"order_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "buyer", b"buyer", "items", b"items", "order_id", b"order_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,12 +237,15 @@ class Order(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     TXN_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
+    BUYER_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     account: _builtins.str
     state: Global___OrderState.ValueType
     txn_id: _builtins.str
     amount: _builtins.int
     """as PlaceOrder.amount"""
+    buyer: _builtins.str
+    """as PlaceOrder.buyer"""
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]: ...
     def __init__(
@@ -248,10 +257,11 @@ class Order(_message.Message):
         state: Global___OrderState.ValueType = ...,
         txn_id: _builtins.str = ...,
         amount: _builtins.int = ...,
+        buyer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "items", b"items", "order_id", b"order_id", "state", b"state", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "amount", b"amount", "buyer", b"buyer", "items", b"items", "order_id", b"order_id", "state", b"state", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

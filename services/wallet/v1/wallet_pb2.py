@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fservices/wallet/v1/wallet.proto\x12\twallet.v1\"(\n\x05\x44\x65\x62it\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"%\n\x12OpenAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"\x15\n\x13OpenAccountResponse\"1\n\x0e\x44\x65positRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"6\n\x0f\x44\x65positResponse\x12#\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x12.wallet.v1.Balance\"$\n\x11GetBalanceRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"L\n\x07\x42\x61lance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\"K\n\x11ListLedgerRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x0bLedgerEntry\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.wallet.v1.EntryKind\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06txn_id\x18\x03 \x01(\t\x12\x11\n\tat_unix_s\x18\x04 \x01(\x01\"V\n\x12ListLedgerResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.wallet.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*U\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45NTRY_KIND_DEPOSIT\x10\x01\x12\x14\n\x10\x45NTRY_KIND_DEBIT\x10\x02\x32\xa3\x02\n\x06Wallet\x12L\n\x0bOpenAccount\x12\x1d.wallet.v1.OpenAccountRequest\x1a\x1e.wallet.v1.OpenAccountResponse\x12@\n\x07\x44\x65posit\x12\x19.wallet.v1.DepositRequest\x1a\x1a.wallet.v1.DepositResponse\x12>\n\nGetBalance\x12\x1c.wallet.v1.GetBalanceRequest\x1a\x12.wallet.v1.Balance\x12I\n\nListLedger\x12\x1c.wallet.v1.ListLedgerRequest\x1a\x1d.wallet.v1.ListLedgerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fservices/wallet/v1/wallet.proto\x12\twallet.v1\"(\n\x05\x44\x65\x62it\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"5\n\x12OpenAccountRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06owners\x18\x02 \x03(\t\"\x15\n\x13OpenAccountResponse\"1\n\x0e\x44\x65positRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"6\n\x0f\x44\x65positResponse\x12#\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x12.wallet.v1.Balance\"$\n\x11GetBalanceRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"\\\n\x07\x42\x61lance\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x0e\n\x06owners\x18\x05 \x03(\t\"K\n\x11ListLedgerRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x0bLedgerEntry\x12\"\n\x04kind\x18\x01 \x01(\x0e\x32\x14.wallet.v1.EntryKind\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x0e\n\x06txn_id\x18\x03 \x01(\t\x12\x11\n\tat_unix_s\x18\x04 \x01(\x01\"V\n\x12ListLedgerResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.wallet.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*U\n\tEntryKind\x12\x1a\n\x16\x45NTRY_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45NTRY_KIND_DEPOSIT\x10\x01\x12\x14\n\x10\x45NTRY_KIND_DEBIT\x10\x02\x32\xa3\x02\n\x06Wallet\x12L\n\x0bOpenAccount\x12\x1d.wallet.v1.OpenAccountRequest\x1a\x1e.wallet.v1.OpenAccountResponse\x12@\n\x07\x44\x65posit\x12\x19.wallet.v1.DepositRequest\x1a\x1a.wallet.v1.DepositResponse\x12>\n\nGetBalance\x12\x1c.wallet.v1.GetBalanceRequest\x1a\x12.wallet.v1.Balance\x12I\n\nListLedger\x12\x1c.wallet.v1.ListLedgerRequest\x1a\x1d.wallet.v1.ListLedgerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.wallet.v1.wallet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=640
-  _globals['_ENTRYKIND']._serialized_end=725
+  _globals['_ENTRYKIND']._serialized_start=672
+  _globals['_ENTRYKIND']._serialized_end=757
   _globals['_DEBIT']._serialized_start=46
   _globals['_DEBIT']._serialized_end=86
   _globals['_OPENACCOUNTREQUEST']._serialized_start=88
-  _globals['_OPENACCOUNTREQUEST']._serialized_end=125
-  _globals['_OPENACCOUNTRESPONSE']._serialized_start=127
-  _globals['_OPENACCOUNTRESPONSE']._serialized_end=148
-  _globals['_DEPOSITREQUEST']._serialized_start=150
-  _globals['_DEPOSITREQUEST']._serialized_end=199
-  _globals['_DEPOSITRESPONSE']._serialized_start=201
-  _globals['_DEPOSITRESPONSE']._serialized_end=255
-  _globals['_GETBALANCEREQUEST']._serialized_start=257
-  _globals['_GETBALANCEREQUEST']._serialized_end=293
-  _globals['_BALANCE']._serialized_start=295
-  _globals['_BALANCE']._serialized_end=371
-  _globals['_LISTLEDGERREQUEST']._serialized_start=373
-  _globals['_LISTLEDGERREQUEST']._serialized_end=448
-  _globals['_LEDGERENTRY']._serialized_start=450
-  _globals['_LEDGERENTRY']._serialized_end=550
-  _globals['_LISTLEDGERRESPONSE']._serialized_start=552
-  _globals['_LISTLEDGERRESPONSE']._serialized_end=638
-  _globals['_WALLET']._serialized_start=728
-  _globals['_WALLET']._serialized_end=1019
+  _globals['_OPENACCOUNTREQUEST']._serialized_end=141
+  _globals['_OPENACCOUNTRESPONSE']._serialized_start=143
+  _globals['_OPENACCOUNTRESPONSE']._serialized_end=164
+  _globals['_DEPOSITREQUEST']._serialized_start=166
+  _globals['_DEPOSITREQUEST']._serialized_end=215
+  _globals['_DEPOSITRESPONSE']._serialized_start=217
+  _globals['_DEPOSITRESPONSE']._serialized_end=271
+  _globals['_GETBALANCEREQUEST']._serialized_start=273
+  _globals['_GETBALANCEREQUEST']._serialized_end=309
+  _globals['_BALANCE']._serialized_start=311
+  _globals['_BALANCE']._serialized_end=403
+  _globals['_LISTLEDGERREQUEST']._serialized_start=405
+  _globals['_LISTLEDGERREQUEST']._serialized_end=480
+  _globals['_LEDGERENTRY']._serialized_start=482
+  _globals['_LEDGERENTRY']._serialized_end=582
+  _globals['_LISTLEDGERRESPONSE']._serialized_start=584
+  _globals['_LISTLEDGERRESPONSE']._serialized_end=670
+  _globals['_WALLET']._serialized_start=760
+  _globals['_WALLET']._serialized_end=1051
 # @@protoc_insertion_point(module_scope)

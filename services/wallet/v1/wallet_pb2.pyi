@@ -81,15 +81,24 @@ class OpenAccountRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
     account: _builtins.str
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The identities (client certificate names) the account belongs to: only they may
+        buy with it at the shop and read its balance and ledger (besides --readers).
+        At most 16, each an id; empty: nobody may buy with it. Fixed at opening.
+        """
+
     def __init__(
         self,
         *,
         account: _builtins.str = ...,
+        owners: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "owners", b"owners"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,6 +188,7 @@ class Balance(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
     account: _builtins.str
     balance: _builtins.int
     """money in the account, including held money"""
@@ -186,6 +196,10 @@ class Balance(_message.Message):
     """reserved by prepared transactions"""
     available: _builtins.int
     """balance - held"""
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """as OpenAccountRequest.owners"""
+
     def __init__(
         self,
         *,
@@ -193,10 +207,11 @@ class Balance(_message.Message):
         balance: _builtins.int = ...,
         held: _builtins.int = ...,
         available: _builtins.int = ...,
+        owners: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "available", b"available", "balance", b"balance", "held", b"held"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "available", b"available", "balance", b"balance", "held", b"held", "owners", b"owners"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from collections.abc import Callable
 
 from twopc.errors import InvalidOperation
 
@@ -122,3 +124,38 @@ def checked_product(field: str, a: int, b: int, maximum: int = INT64_MAX) -> int
     if product > maximum or product < -maximum - 1:
         raise LimitError(f"{field} exceeds {maximum}")
     return product
+
+
+class RateLimit:
+    """A token bucket per caller identity: `rate_per_s` sustained, `burst` at once.
+
+    `allow(identity)` takes a token if one is left. Buckets are kept for at most
+    `max_identities` identities (the oldest is dropped past it; identities come from
+    certificates the CA signed, so there are few), which bounds the memory a caller
+    can make it use.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        *,
+        max_identities: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (math.isfinite(rate_per_s) and rate_per_s > 0) or burst < 1:
+            raise ValueError("a rate limit needs rate_per_s > 0 and burst >= 1")
+        self.rate_per_s, self.burst, self.max_identities = rate_per_s, burst, max_identities
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, at)
+
+    def allow(self, identity: str) -> bool:
+        """True (and one token spent) if `identity` is within its rate."""
+        now = self._clock()
+        tokens, at = self._buckets.pop(identity, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+        allowed = tokens >= 1.0
+        self._buckets[identity] = (tokens - 1.0 if allowed else tokens, now)  # re-inserted: most recent last
+        while len(self._buckets) > self.max_identities:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
