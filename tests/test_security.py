@@ -89,7 +89,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
 
 @pytest.fixture
 async def callers(cluster: Cluster) -> AsyncIterator[dict[str, As]]:
-    names = ("wallet", "orders", "shop", "operator", "intruder")
+    names = ("wallet", "orders", "shop", "operator", "intruder", "client")
     found = {n: As(cluster, Credentials.from_dir(cluster.pki / n)) for n in names}
     yield found
     for a in found.values():
@@ -199,7 +199,7 @@ async def test_only_coordinators_drive_a_participant(cluster: Cluster, callers: 
 
 
 async def test_only_operators_move_money_and_stock(cluster: Cluster, callers: dict[str, As]) -> None:
-    """OpenAccount, Deposit and AddStock (prices) only from the operator; reads from anyone the CA signed."""
+    """OpenAccount, Deposit and AddStock (prices) only from the operator; reads only from --readers and owners."""
     before = stores(cluster)
     for name in ("shop", "intruder", "wallet"):
         a = callers[name]
@@ -213,12 +213,14 @@ async def test_only_operators_move_money_and_stock(cluster: Cluster, callers: di
         reprice = order_pb2.AddStockRequest(sku="widget", quantity=0, unit_price=1)
         assert await code_of(a.orders.AddStock(reprice, timeout=5)) is DENIED
     assert stores(cluster) == before
-    intruder = callers["intruder"]
-    assert await code_of(intruder.wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)) is OK
-    for ch in intruder.channels.values():  # health checks: whoever may read
+    intruder = callers["intruder"]  # reads nothing by default: not a reader, owns nothing
+    assert await code_of(intruder.wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)) is DENIED
+    for ch in intruder.channels.values():  # health checks: only whoever may read
         health = health_pb2_grpc.HealthStub(ch)
-        assert await code_of(health.Check(health_pb2.HealthCheckRequest(), timeout=5)) is OK
-    assert await code_of(intruder.orders.GetStock(order_pb2.GetStockRequest(sku="widget"), timeout=5)) is OK
+        assert await code_of(health.Check(health_pb2.HealthCheckRequest(), timeout=5)) is DENIED
+    assert await code_of(intruder.orders.GetStock(order_pb2.GetStockRequest(sku="widget"), timeout=5)) is DENIED
+    client = callers["client"]  # alice's owner reads alice
+    assert await code_of(client.wallet.GetBalance(wallet_pb2.GetBalanceRequest(account="alice"), timeout=5)) is OK
     operator = callers["operator"]
     assert await code_of(operator.wallet.Deposit(wallet_pb2.DepositRequest(account="alice", amount=1), timeout=5)) is OK
     assert await code_of(operator.orders.AddStock(order_pb2.AddStockRequest(sku="widget", quantity=1), timeout=5)) is OK
@@ -262,6 +264,99 @@ async def test_allowlists_are_configurable(cluster: Cluster, tmp_path: Path) -> 
     finally:
         wallet.stop()
         shop.stop()
+
+
+def buy(order_id: str, account: str) -> shop_pb2.PurchaseRequest:
+    return shop_pb2.PurchaseRequest(
+        order_id=order_id, account=account, items=[order_pb2.Item(sku="widget", quantity=1)]
+    )
+
+
+async def test_only_an_account_s_owner_buys_with_it_and_sees_its_orders(tmp_path: Path) -> None:
+    """A purchaser buys only with an account it owns; a service identity never buys, even when
+    listed; another buyer's purchase and order read as absent, and a non-owner reads no ledger."""
+    shop_args = ["--purchasers", "client,intruder,orders"]
+    async with Cluster(tmp_path, tls=True, identities=["intruder"], shop_args=shop_args) as c:
+        await c.open_account("alice", 10_000)  # owned by "client"
+        await c.open_account("mallory", 10_000, owners=["intruder"])
+        await c.add_stock("widget", 5, 1_000)
+        callers = {n: As(c, Credentials.from_dir(c.pki / n)) for n in ("client", "intruder", "orders")}
+        try:
+            before = stores(c)
+            intruder, orders, client = callers["intruder"], callers["orders"], callers["client"]
+            assert await code_of(intruder.shop.Purchase(buy("stolen", "alice"), timeout=10)) is DENIED
+            assert await code_of(orders.shop.Purchase(buy("by-service", "alice"), timeout=10)) is DENIED
+            assert await code_of(client.shop.Purchase(buy("not-mine", "mallory"), timeout=10)) is DENIED
+            assert await code_of(client.shop.Purchase(buy("nobody-s", "no-such"), timeout=10)) is DENIED
+            assert stores(c) == before  # refused before any transaction: nothing held, logged or ordered
+            bought = await client.shop.Purchase(buy("mine", "alice"), timeout=10)
+            assert bought.outcome == shop_pb2.OUTCOME_COMMITTED, bought.reason
+            assert (await c.balance("alice")).balance == 9_000 and (await c.balance("mallory")).balance == 10_000
+            not_found = grpc.StatusCode.NOT_FOUND
+            see = shop_pb2.GetPurchaseRequest(order_id="mine")
+            assert await code_of(client.shop.GetPurchase(see, timeout=5)) is OK
+            assert await code_of(intruder.shop.GetPurchase(see, timeout=5)) is not_found
+            assert await code_of(intruder.orders.GetOrder(order_pb2.GetOrderRequest(order_id="mine"), timeout=5)) is (
+                not_found
+            )
+            assert (await client.orders.GetOrder(order_pb2.GetOrderRequest(order_id="mine"), timeout=5)).buyer == (
+                "client"
+            )
+            listed = await intruder.orders.ListOrders(order_pb2.ListOrdersRequest(), timeout=5)
+            assert list(listed.orders) == []
+            ledger = wallet_pb2.ListLedgerRequest(account="alice")
+            assert await code_of(intruder.wallet.ListLedger(ledger, timeout=5)) is DENIED
+            assert len((await client.wallet.ListLedger(ledger, timeout=5)).entries) == 2  # deposit, debit
+            again = await code_of(intruder.shop.Purchase(buy("mine", "mallory"), timeout=10))
+            assert again is grpc.StatusCode.ALREADY_EXISTS  # another's order id is not a way in
+        finally:
+            for a in callers.values():
+                await a.close()
+
+
+async def test_purchases_are_rate_limited_per_identity(tmp_path: Path) -> None:
+    """Past its burst a purchaser gets RESOURCE_EXHAUSTED and nothing is written; another
+    identity still buys."""
+    shop_args = ["--purchasers", "client,intruder", "--purchase-rate-per-s", "0.01", "--purchase-burst", "2"]
+    async with Cluster(tmp_path, tls=True, identities=["intruder"], shop_args=shop_args) as c:
+        await c.open_account("alice", 10_000)
+        await c.open_account("mallory", 10_000, owners=["intruder"])
+        await c.add_stock("widget", 5, 1_000)
+        for i in range(2):
+            assert (await c.purchase(f"o{i}", "alice", {"widget": 1})).outcome == shop_pb2.OUTCOME_COMMITTED
+        before = stores(c)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await c.purchase("o2", "alice", {"widget": 1})
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "purchase rate" in (refused.value.details() or "")
+        assert stores(c) == before
+        intruder = As(c, Credentials.from_dir(c.pki / "intruder"))
+        try:
+            assert (await intruder.shop.Purchase(buy("m", "mallory"), timeout=10)).outcome == (
+                shop_pb2.OUTCOME_COMMITTED
+            )
+        finally:
+            await intruder.close()
+    assert '"event": "purchase_rate_limited"' in (tmp_path / "shop.log").read_text()
+
+
+def test_only_serving_identities_get_server_certificates(tmp_path: Path) -> None:
+    """`operator` and `client` get client-only certificates without host names; services get both."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    root = pki.issue(tmp_path / "pki", ["shop", "operator", "client"])
+
+    def of(name: str) -> tuple[set[str], list[Any]]:
+        cert = x509.load_pem_x509_certificate((root / name / "cert.pem").read_bytes())
+        uses = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {u.dotted_string for u in uses}, [str(n.value) for n in alt]
+
+    server, client = ExtendedKeyUsageOID.SERVER_AUTH.dotted_string, ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string
+    assert of("shop") == ({server, client}, ["shop", "127.0.0.1", "::1"])
+    for name in ("operator", "client"):
+        assert of(name) == ({client}, [name])
 
 
 async def test_a_purchase_commits_over_mutual_tls(cluster: Cluster) -> None:
