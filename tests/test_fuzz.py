@@ -40,7 +40,7 @@ from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, par
 pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "3000"))
-IDENTITIES = ("operator", "shop", "wallet", "orders", "intruder")
+IDENTITIES = ("operator", "shop", "wallet", "orders", "intruder", "client")
 ACCOUNTS = ("alice", "bob")
 SKUS = ("widget", "gadget")
 PARTICIPANT = "twopc.v1.Participant"
@@ -174,6 +174,8 @@ def participant_calls(service: str, shop_address: str) -> st.SearchStrategy[Call
 
 def calls(shop_address: str) -> st.SearchStrategy[Call]:
     operators = frozenset({"operator"})
+    readers = frozenset({"operator", "shop"})  # what the cluster gives --readers; owners read their own
+    purchasers = frozenset({"client"})
     wallet = st.one_of(
         accounts.map(
             lambda a: Call("wallet", "api", "OpenAccount", wallet_pb2.OpenAccountRequest(account=a), operators)
@@ -188,7 +190,7 @@ def calls(shop_address: str) -> st.SearchStrategy[Call]:
         st.builds(order_pb2.AddStockRequest, sku=skus, quantity=small, unit_price=st.one_of(st.just(0), ints)).map(
             lambda r: Call("orders", "api", "AddStock", r, operators)
         ),
-        skus.map(lambda s: Call("orders", "api", "GetStock", order_pb2.GetStockRequest(sku=s), ANYONE)),
+        skus.map(lambda s: Call("orders", "api", "GetStock", order_pb2.GetStockRequest(sku=s), readers)),
         ids.map(lambda o: Call("orders", "api", "GetOrder", order_pb2.GetOrderRequest(order_id=o), ANYONE)),
         st.just(Call("orders", "api", "ListOrders", order_pb2.ListOrdersRequest(), ANYONE)),
     )
@@ -203,9 +205,9 @@ def calls(shop_address: str) -> st.SearchStrategy[Call]:
         st.builds(shop_pb2.PurchaseRequest, order_id=ids, account=accounts, items=items, timeout_s=floats),
     )
     shop = st.one_of(
-        purchases.map(lambda r: Call("shop", "api", "Purchase", r, ANYONE)),
+        purchases.map(lambda r: Call("shop", "api", "Purchase", r, purchasers)),
         st.one_of(good_order_ids, ids).map(
-            lambda o: Call("shop", "api", "GetPurchase", shop_pb2.GetPurchaseRequest(order_id=o), ANYONE)
+            lambda o: Call("shop", "api", "GetPurchase", shop_pb2.GetPurchaseRequest(order_id=o), purchasers)
         ),
         ids.map(
             lambda t: Call(
@@ -246,9 +248,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def callers(cluster: Cluster) -> Iterator[Callers]:
     found = Callers(cluster)
     for account in ACCOUNTS:
-        found.call(
-            "operator", Call("wallet", "api", "OpenAccount", wallet_pb2.OpenAccountRequest(account=account), ANYONE)
-        )
+        opened = wallet_pb2.OpenAccountRequest(account=account, owners=["client"])
+        found.call("operator", Call("wallet", "api", "OpenAccount", opened, ANYONE))
         found.call(
             "operator",
             Call("wallet", "api", "Deposit", wallet_pb2.DepositRequest(account=account, amount=10**6), ANYONE),
@@ -329,3 +330,108 @@ def test_fuzzed_requests_from_every_identity(cluster: Cluster, callers: Callers)
         assert callers.call(identity, Call(service, stub, method, request, ANYONE))[0] is grpc.StatusCode.OK
     assert len({m for m, _ in seen}) >= 12, seen  # every RPC was exercised
     print("fuzz:", EXAMPLES, "examples;", dict(sorted(seen.items())))
+
+
+# --- raw bytes: frames that do not parse, to every RPC of the three services ------------------
+
+SERVICES = {
+    "wallet": [
+        participant_pb2.DESCRIPTOR.services_by_name["Participant"],
+        wallet_pb2.DESCRIPTOR.services_by_name["Wallet"],
+    ],
+    "orders": [
+        participant_pb2.DESCRIPTOR.services_by_name["Participant"],
+        order_pb2.DESCRIPTOR.services_by_name["Orders"],
+    ],
+    "shop": [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"], shop_pb2.DESCRIPTOR.services_by_name["Shop"]],
+}
+ALLOWED = {  # who the cluster's policies let through (before any parsing), by method name
+    "Prepare": {"shop"},
+    "PrepareMany": {"shop"},
+    "Commit": {"shop"},
+    "CommitMany": {"shop"},
+    "Abort": {"shop"},
+    "OpenAccount": {"operator"},
+    "Deposit": {"operator"},
+    "AddStock": {"operator"},
+    "GetStock": {"operator", "shop"},
+    "GetBalance": set(IDENTITIES),
+    "ListLedger": set(IDENTITIES),
+    "GetOrder": set(IDENTITIES),
+    "ListOrders": set(IDENTITIES),
+    "GetOutcome": {"wallet", "orders"},
+    "Purchase": {"client"},
+    "GetPurchase": {"client"},
+}
+NOT_PROTOBUF = (b"\xff", b"\x0a\xff\xff\xff\xff", b"\x08", b"\x12\x05ab", b"\x80" * 11, b"\x0f")
+"""Frames no message parses: a bad tag, a truncated length, a missing varint, a short
+string, an overlong varint, an end-group tag without a start."""
+
+
+def raw_calls() -> list[tuple[str, str, str]]:
+    """(service process, full method path, method name) for every RPC of the three services."""
+    return [
+        (process, f"/{service.full_name}/{method.name}", method.name)
+        for process, services in SERVICES.items()
+        for service in services
+        for method in service.methods
+    ]
+
+
+def test_raw_bytes_to_every_rpc(cluster: Cluster, callers: Callers) -> None:
+    """Frames that are not protobuf, to every RPC from every identity: a refused caller gets
+    PERMISSION_DENIED (authorization comes before parsing), an allowed one INVALID_ARGUMENT
+    with the fixed message; never UNKNOWN or INTERNAL, and nothing changes."""
+    from twopc.security.auth import BAD_REQUEST
+
+    assert {name for _, _, name in raw_calls()} == set(ALLOWED)  # a new RPC must be added above
+    addresses = {"wallet": cluster.wallet.address, "orders": cluster.orders.address, "shop": cluster.shop.address}
+    before = state(cluster)
+    seen: dict[str, int] = {}
+    for identity in IDENTITIES:
+        creds = Credentials.from_dir(cluster.pki / identity).channel
+        assert creds is not None
+        for process, path, name in raw_calls():
+            with grpc.secure_channel(addresses[process], creds) as ch:
+                send = ch.unary_unary(path)
+                for frame in NOT_PROTOBUF:
+                    try:
+                        send(frame, timeout=10)
+                        code, details = grpc.StatusCode.OK, ""
+                    except grpc.RpcError as e:
+                        code, details = e.code(), e.details()
+                    seen[code.name] = seen.get(code.name, 0) + 1
+                    assert code not in BAD_CODES, (path, identity, frame, details)
+                    if identity in ALLOWED[name]:
+                        assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST), (path, identity)
+                    else:
+                        assert code is grpc.StatusCode.PERMISSION_DENIED, (path, identity, code)
+    assert state(cluster) == before
+    print("raw bytes:", dict(sorted(seen.items())))
+
+
+@given(frame=st.binary(max_size=256), target=st.sampled_from(raw_calls()), identity=st.sampled_from(IDENTITIES))
+@settings(
+    max_examples=max(EXAMPLES // 10, 50),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+def test_fuzzed_raw_bytes_never_answer_unknown(
+    cluster: Cluster, callers: Callers, frame: bytes, target: tuple[str, str, str], identity: str
+) -> None:
+    """Arbitrary bytes to any RPC as any identity: never UNKNOWN or INTERNAL; a refused caller
+    gets PERMISSION_DENIED whatever the bytes."""
+    process, path, name = target
+    address = {"wallet": cluster.wallet.address, "orders": cluster.orders.address, "shop": cluster.shop.address}
+    creds = Credentials.from_dir(cluster.pki / identity).channel
+    assert creds is not None
+    with grpc.secure_channel(address[process], creds) as ch:
+        try:
+            ch.unary_unary(path)(frame, timeout=30)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+    assert code not in BAD_CODES, (path, identity, frame)
+    if identity not in ALLOWED[name]:
+        assert code is grpc.StatusCode.PERMISSION_DENIED, (path, identity, code)

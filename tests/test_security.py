@@ -8,7 +8,7 @@ certificate the same CA signed but is named in no allowlist.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from services.cluster import Cluster
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
+from tests.conftest import Kv
 from twopc import Coordinator, Credentials, rpc
 from twopc.dev.testing import ServiceProcess
 from twopc.security import pki
-from twopc.security.auth import Authorizer, Policy, coordinator_rules, grant
+from twopc.security.auth import BAD_REQUEST, Authorizer, Policy, coordinator_rules, grant
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
@@ -452,3 +453,16 @@ async def test_a_coordinators_own_get_outcome_server_takes_a_policy(tmp_path: Pa
         for who, expected in (("wallet", OK), ("intruder", DENIED)):
             async with rpc.channel(c.address, Credentials.from_dir(root / who)) as ch:
                 assert await code_of(coordinator_pb2_grpc.CoordinatorStub(ch).GetOutcome(ask, timeout=5)) == expected
+
+
+async def test_bytes_that_do_not_parse_are_invalid_argument_under_plaintext_too(
+    start_kv: Callable[..., Kv],
+) -> None:
+    """Without TLS (no policy) a frame that is not protobuf still gets INVALID_ARGUMENT with the
+    fixed message, never UNKNOWN naming the parser's exception."""
+    kv = start_kv()
+    async with rpc.channel(kv.target, Credentials.insecure()) as ch:
+        send = ch.unary_unary("/twopc.v1.Participant/Prepare")  # type: ignore[call-arg]  # bytes as they are
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await send(b"\xff", timeout=5)
+    assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST)
