@@ -155,3 +155,36 @@ async def test_log_in_doubt_and_resolve_work_on_postgresql_too(
     assert query(pg_url, "SELECT txn_id, decision FROM twopc_heuristic") == [("t-pg", "ABORTED")]
     down = twopc("participant", "in-doubt", "postgresql://postgres@127.0.0.1:1/nowhere")
     assert down.returncode == 1 and down.stderr.count("\n") == 1
+
+
+async def test_resolve_fails_closed_unless_the_coordinator_cannot_be_reached_at_all(tmp_path: Path) -> None:
+    """Under mutual TLS, with the shop up and holding COMMITTED: a resolve whose GetOutcome is
+    refused (operator is not a participant) or sent without TLS stops with that error, names
+    the refused identity or the TLS mistake, and decides nothing; `twopc outcome` without a
+    client certificate names the TLS failure, not "Socket closed"."""
+    pytest.importorskip("cryptography", reason="needs the cryptography package (pip install twopc[tls])")
+    async with Cluster(tmp_path, Settings(prepare_timeout_s=3.0), tls=True) as c:
+        await c.open_account("alice", 10_000)
+        await c.add_stock("widget", 100, 1_500)
+        await asyncio.to_thread(c.shop.restart, env={"TWOPC_CRASH_AT": "coordinator.after_commit_logged"})
+        with pytest.raises(grpc.aio.AioRpcError):
+            await c.purchase("o1", "alice", {"widget": 2})
+        ((txn, coordinator),) = query(c.wallet_db, "SELECT txn_id, coordinator FROM twopc_txn")
+        assert coordinator == f"shop@{c.shop.address}"  # the coordinator is kept with its identity
+        c.wallet.pause()  # the re-driven Commit cannot reach the wallet yet
+        await asyncio.to_thread(c.shop.restart)
+        operator = [f"--tls-{k}={c.pki / 'operator' / f'{k}.pem'}" for k in ("ca", "cert", "key")]
+        resolve = ("resolve", txn, "--db", str(c.wallet_db), "--handler", WALLET_HANDLER, "--abort", "--yes")
+        refused = twopc(*resolve, *operator)
+        assert refused.returncode == 1, refused.stdout
+        assert "refused this client" in refused.stderr and "operator may not call" in refused.stderr
+        plaintext = twopc(*resolve)
+        assert plaintext.returncode == 1 and "expects TLS" in plaintext.stderr, plaintext.stderr
+        assert query(c.wallet_db, "SELECT state FROM twopc_txn WHERE txn_id = ?", txn) == [("PREPARED",)]
+        tables = {t for (t,) in query(c.wallet_db, "SELECT name FROM sqlite_master")}
+        assert "twopc_heuristic" not in tables or query(c.wallet_db, "SELECT count(*) FROM twopc_heuristic") == [(0,)]
+        no_cert = twopc("outcome", txn, "--coordinator", coordinator, f"--tls-ca={c.pki / 'ca.pem'}")
+        assert no_cert.returncode == 1 and "TLS with" in no_cert.stderr
+        assert "refused this client's certificate" in no_cert.stderr and "DEADLINE" not in no_cert.stderr
+        c.wallet.resume()
+        await c.settled()

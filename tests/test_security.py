@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,8 +23,8 @@ from services.cluster import Cluster
 from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
-from tests.conftest import Kv
-from twopc import Coordinator, Credentials, rpc
+from tests.conftest import Kv, op
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, rpc
 from twopc.dev.testing import ServiceProcess
 from twopc.security import pki
 from twopc.security.auth import BAD_REQUEST, Authorizer, Policy, coordinator_rules, grant
@@ -466,3 +467,34 @@ async def test_bytes_that_do_not_parse_are_invalid_argument_under_plaintext_too(
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await send(b"\xff", timeout=5)
     assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST)
+
+
+async def test_a_coordinator_names_tls_mistakes_instead_of_timing_out(
+    tmp_path: Path, start_kv: Callable[..., Kv]
+) -> None:
+    """A branch served in plaintext, and one whose certificate comes from another CA: the
+    transaction aborts with each branch's TLS failure named (not DEADLINE_EXCEEDED), and
+    `tls_failed` is logged for each target."""
+    root = pki.issue(tmp_path / "pki", ["shop"])
+    other = pki.issue(tmp_path / "other-ca", ["wallet"], ca_name="someone else's CA")
+    plain = start_kv()
+    foreign = ServiceProcess(
+        "tests.apps.impostor", ["--tls-dir", str(other / "wallet")], log_path=tmp_path / "foreign.log"
+    ).start()
+    try:
+        credentials = Credentials.from_dir(root / "shop")
+        config = CoordinatorConfig(one_phase=False, abort_retry_s=0.5)  # two-phase: an abort, not an unknown
+        reasons = {}
+        async with Coordinator(tmp_path / "d.db", credentials=credentials, config=config) as c:
+            with structlog.testing.capture_logs() as logs:
+                for name, target in (("plain", plain.target), ("foreign", f"wallet@{foreign.address}")):
+                    result = await c.run([Branch(target, op(key="k", amount=1), name=name)], timeout_s=3.0)
+                    assert result.outcome is Outcome.ABORTED
+                    reasons[name] = result.branches[0].reason
+    finally:
+        foreign.stop()
+    assert "does not speak TLS" in reasons["plain"], reasons
+    assert "not signed by a trusted CA" in reasons["foreign"], reasons
+    assert "DEADLINE_EXCEEDED" not in str(reasons)
+    named = {e["target"] for e in logs if e["event"] == "tls_failed"}
+    assert named == {plain.target, f"wallet@{foreign.address}"}

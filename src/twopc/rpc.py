@@ -80,7 +80,13 @@ _TLS_SIGNS = (
 )
 _CLOSED = "Socket closed"
 _NOT_CONNECTED = "failed to connect to all addresses"
-_REFUSED_CONNECTION = ("Connection refused", "No route to host", "Network is unreachable", "DNS resolution failed")
+_REFUSED_CONNECTION = (
+    "Connection refused",
+    "No route to host",
+    "Network is unreachable",
+    "DNS resolution failed",
+    "Connection timed out",
+)
 
 
 def tls_failure(error: grpc.aio.AioRpcError, *, secure: bool = True) -> str | None:
@@ -116,6 +122,14 @@ def unreachable(error: grpc.aio.AioRpcError) -> bool:
 _PROBE = "/twopc.v1.Probe/Handshake"
 
 
+def _cause(details: str) -> str:
+    """The TLS library's own words at the end of grpc-core's connection error, short."""
+    for mark in ("OPENSSL_internal:", "last error: "):
+        if mark in details:
+            return limits.clip(details.rsplit(mark, 1)[1], 160)
+    return limits.clip(details, 160)
+
+
 def _method(details: Any) -> str:
     method = details.method
     return method.decode() if isinstance(method, bytes) else str(method)
@@ -146,13 +160,18 @@ class _NameTlsFailures(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[ty
             if _method(details) == _PROBE:
                 raise  # the probe itself: its caller reads it
             named: grpc.aio.AioRpcError | None = e if tls_failure(e, secure=self.secure) else None
-            if named is None and self.channel is not None:
+            # Only a channel whose connecting failed can name why; one still connecting
+            # (a paused peer) would only make the probe wait.
+            failing = self.channel is not None and (
+                self.channel.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+            )
+            if named is None and failing:
                 named = await self._probe()
             if named is None:
                 raise
             meaning = tls_failure(named, secure=self.secure)
             _log.error("tls_failed", target=self.target, meaning=meaning, error=limits.clip(named.details() or "", 500))
-            said = f"TLS with {self.target} failed: {meaning} ({limits.clip(named.details() or '', 500)})"
+            said = f"TLS with {self.target} failed: {meaning} ({_cause(named.details() or '')})"
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), said, said
             ) from e

@@ -480,6 +480,13 @@ def resolve(
         try:
             said = ask_outcome(txn_id, address, _credentials(tls_ca, tls_cert, tls_key), timeout_s)
         except grpc.aio.AioRpcError as e:
+            # Fail closed: only "no connection at all" may mean the coordinator is gone. A
+            # refusal, a TLS mistake, a timeout or any other answer leaves it possibly up
+            # and holding COMMITTED, and a guess here would break atomicity.
+            if not rpc.unreachable(e):
+                refused = e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+                what = "refused this client" if refused else "gave no outcome"
+                fail(f"coordinator {address} {what} ({rpc.describe(e)}); nothing decided (fix the call, or --force)")
             said = f"unreachable ({rpc.describe(e)})"
     if said in ("COMMITTED", "PENDING") and not force:
         fail(f"coordinator {address} says {said}: it will settle {txn_id} itself; use --force to override")
