@@ -7,6 +7,7 @@ certificate the same CA signed but is named in no allowlist.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -498,3 +499,19 @@ async def test_a_coordinator_names_tls_mistakes_instead_of_timing_out(
     assert "DEADLINE_EXCEEDED" not in str(reasons)
     named = {e["target"] for e in logs if e["event"] == "tls_failed"}
     assert named == {plain.target, f"wallet@{foreign.address}"}
+
+
+async def test_servers_bound_the_streams_and_window_one_connection_gets(cluster: Cluster) -> None:
+    """Every server advertises at most 100 concurrent streams per connection and the default
+    64 KiB stream window (no growth), so 200 connections x 200 half-sent streams cannot make it
+    hold gigabytes (figures in docs/security.md)."""
+    from tests.apps import halfopen
+
+    for proc, name in ((cluster.wallet, "wallet"), (cluster.orders, "orders"), (cluster.shop, "shop")):
+        conn = await asyncio.to_thread(halfopen.connect, proc.address, cluster.pki / "client", name)
+        try:
+            settings = await asyncio.to_thread(halfopen.server_settings, conn)
+        finally:
+            conn.close()
+        assert settings.get(halfopen.MAX_CONCURRENT_STREAMS) == rpc.MAX_STREAMS_PER_CONNECTION == 100, settings
+        assert settings.get(halfopen.INITIAL_WINDOW_SIZE, 65_535) <= 65_535, settings

@@ -187,9 +187,30 @@ class _NameTlsFailures(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[ty
         return None
 
 
+MAX_STREAMS_PER_CONNECTION = 100
+"""Concurrent calls one connection may carry (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+a client queues the rest. Bounds what one connection can make a server hold."""
+
+MAX_CONCURRENT_RPCS = 1000
+"""Calls a server runs at once, all connections together; past it RESOURCE_EXHAUSTED."""
+
+MAX_CONNECTION_IDLE_S = 300
+"""A connection without calls for this long is closed (GOAWAY); clients reconnect."""
+
 # One server per address: gRPC sets SO_REUSEPORT by default, which lets a second
 # process bind a port that is in use, and two coordinators answer for one address.
-_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+# The rest bounds what a caller can make a server hold (docs/security.md, "Limits"):
+# streams per connection, idle connections, and keepalive pings (a client pinging
+# more often than every 5 s without calls is sent GOAWAY after two strikes; twopc's
+# channels ping every 10 s, and only with calls in flight).
+_SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_S * 1000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.http2.bdp_probe", 0),
+)
 
 
 def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
@@ -201,7 +222,9 @@ def server(interceptors: Sequence[Any] = ()) -> grpc.aio.Server:
     """
     guards = [i for i in interceptors if isinstance(i, Authorizer)] or [Authorizer(None)]
     others = [i for i in interceptors if not isinstance(i, Authorizer)]
-    return grpc.aio.server(interceptors=[guards[0], *others], options=_SERVER_OPTIONS)
+    return grpc.aio.server(
+        interceptors=[guards[0], *others], options=_SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+    )
 
 
 def add_port(server: grpc.aio.Server, address: str, credentials: Credentials) -> int:
