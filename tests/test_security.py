@@ -8,6 +8,7 @@ certificate the same CA signed but is named in no allowlist.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -515,3 +516,46 @@ async def test_servers_bound_the_streams_and_window_one_connection_gets(cluster:
             conn.close()
         assert settings.get(halfopen.MAX_CONCURRENT_STREAMS) == rpc.MAX_STREAMS_PER_CONNECTION == 100, settings
         assert settings.get(halfopen.INITIAL_WINDOW_SIZE, 65_535) <= 65_535, settings
+
+
+async def test_the_console_refuses_cross_site_requests_and_foreign_hosts(tmp_path: Path) -> None:
+    """The demo console: a text/plain or form POST from any page is 415, a JSON POST from
+    another Origin or without the session token is 403, a request naming another Host
+    (DNS rebinding) is 403 even for reading; nothing is bought or paused. Its own page's
+    request, with the token, is served."""
+    import aiohttp
+
+    console = ServiceProcess(
+        "services.console", ["--demo", "--workdir", str(tmp_path / "console")], log_path=tmp_path / "console.log"
+    )
+    console.start(timeout_s=60)
+    base, own = f"http://{console.address}", {"Origin": f"http://{console.address}"}
+    buy = json.dumps({"account": "alice", "items": {"widget": 1}})
+    pause = json.dumps({"kind": "pause", "service": "wallet"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            token = (await (await http.get(f"{base}/api/catalogue")).json())["token"]
+            attempts = [
+                ("/api/purchase", buy, {"Content-Type": "text/plain", "Origin": "http://evil.example"}, 415),
+                ("/api/fault", pause, {"Content-Type": "text/plain", **own, "X-Console-Token": token}, 415),
+                ("/api/purchase", buy, {"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+                ("/api/fault", pause, {"Content-Type": "application/json", "X-Console-Token": token}, 403),
+                ("/api/purchase", buy, {"Content-Type": "application/json", **own}, 403),
+                ("/api/purchase", buy, {"Content-Type": "application/json", **own, "X-Console-Token": "guess"}, 403),
+            ]
+            for path, body, headers, code in attempts:
+                async with http.post(f"{base}{path}", data=body, headers=headers) as r:
+                    assert r.status == code, (path, headers, r.status, await r.text())
+            rebound = {"Host": f"evil.example:{console.port}"}
+            async with http.get(f"{base}/api/state", headers=rebound) as r:
+                assert r.status == 403
+            state = await (await http.get(f"{base}/api/state")).json()
+            assert all(s["running"] for s in state["services"].values())  # nothing paused
+            alice = next(b for b in state["buyers"] if b["account"] == "alice")
+            headers = {"Content-Type": "application/json", **own, "X-Console-Token": token}
+            async with http.post(f"{base}/api/purchase", data=buy, headers=headers) as r:
+                assert r.status == 200 and (await r.json())["outcome"] == "COMMITTED"
+            after = await (await http.get(f"{base}/api/state")).json()
+            assert next(b for b in after["buyers"] if b["account"] == "alice")["balance"] < alice["balance"]
+    finally:
+        console.stop(timeout_s=20)

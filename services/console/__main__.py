@@ -18,7 +18,7 @@ from aiohttp import web
 
 from services import scenarios
 from services.cluster import Cluster, Settings
-from services.console.app import Catalogue, Console, make_app
+from services.console.app import Catalogue, Console, Guard, make_app
 from twopc import rpc
 
 
@@ -30,11 +30,13 @@ async def main(args: argparse.Namespace) -> None:
         await scenarios.seed(cluster)
         console = Console(cluster, Catalogue(tuple(scenarios.ACCOUNTS), tuple(scenarios.PRODUCTS)), demo=args.demo)
         console.start()
-        runner = web.AppRunner(make_app(console), access_log=None)
+        guard = Guard()
+        runner = web.AppRunner(make_app(console, guard), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, args.host, args.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # the bound port, for --port 0
+        guard.serve_at(args.host, port)
         rpc.announce_ready(f"{args.host}:{port}")
         mode = "demo mode: fault controls on" if args.demo else "fault controls off (--demo turns them on)"
         print(f"twopc console: http://{args.host}:{port}/  ({mode}; data and logs in {workdir}/; Ctrl-C stops)")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import secrets
 import signal
 import time
 from collections import deque
@@ -235,9 +236,58 @@ def _prepared(db: Path | str) -> list[tuple[str, float]]:
     return [(t, at) for t, at in query(db, "SELECT txn_id, prepared_at FROM twopc_txn WHERE state = 'PREPARED'")]
 
 
-def make_app(console: Console) -> web.Application:
-    """The console's routes."""
-    app = web.Application()
+SESSIONS = 100
+"""Session tokens kept at once (the oldest is forgotten first)."""
+TOKEN_HEADER = "X-Console-Token"
+
+
+class Guard:
+    """What keeps other web pages out of the console (it can pause services, crash
+    them and spend buyers' money in demo mode):
+
+    * the Host header must be the console's own address, on every request, so a
+      rebound DNS name cannot read `/api/state` or arm a crash;
+    * a POST must be `application/json` (a form or `text/plain`, which any page can
+      send without asking, is refused: 415), come from the console's own Origin,
+      and carry a session token in `X-Console-Token`, which only the console's page
+      can read (from `/api/catalogue`, same origin).
+
+    Refusals are 403 (415 for the content type) and change nothing.
+    """
+
+    def __init__(self) -> None:
+        self.hosts: frozenset[str] = frozenset()
+        self.tokens: deque[str] = deque(maxlen=SESSIONS)
+
+    def serve_at(self, host: str, port: int) -> None:
+        """The address the console serves at (known once bound)."""
+        names = {host, *(("localhost", "127.0.0.1") if host in ("localhost", "127.0.0.1") else ())}
+        self.hosts = frozenset(f"{name}:{port}" for name in names)
+
+    def new_session(self) -> str:
+        token = secrets.token_urlsafe(24)
+        self.tokens.append(token)
+        return token
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.host not in self.hosts:
+            raise web.HTTPForbidden(text="this console answers only at its own address (Host)")
+        if request.method not in ("GET", "HEAD"):
+            if request.content_type != "application/json":
+                raise web.HTTPUnsupportedMediaType(text="POST bodies are application/json only")
+            if request.headers.get("Origin", "") not in {f"http://{h}" for h in self.hosts}:
+                raise web.HTTPForbidden(text="cross-origin requests are refused (Origin)")
+            token = request.headers.get(TOKEN_HEADER, "")
+            if not token or not any(secrets.compare_digest(token, t) for t in self.tokens):
+                raise web.HTTPForbidden(text=f"a session token is required ({TOKEN_HEADER})")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+
+def make_app(console: Console, guard: Guard) -> web.Application:
+    """The console's routes, behind `guard`."""
+    app = web.Application(middlewares=[guard.middleware])
     routes = web.RouteTableDef()
 
     @routes.get("/")
@@ -256,6 +306,7 @@ def make_app(console: Console) -> web.Application:
                 "skus": console.catalogue.skus,
                 "demo": console.demo,
                 "faults": FAULTS if console.demo else {},
+                "token": guard.new_session(),  # readable by the console's own page only (same origin)
             }
         )
 

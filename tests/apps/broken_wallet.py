@@ -56,7 +56,7 @@ if __name__ == "__main__":
     args = participant_parser("python -m tests.apps.broken_wallet", __doc__.split("\n\n")[0]).parse_args()
     run_participant(
         WalletHandler(),
-        lambda server, p: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p), server),
+        lambda server, p, readers: wallet_pb2_grpc.add_WalletServicer_to_server(WalletApi(p, readers), server),
         args,
         ImpatientParticipant,
         access=ACCESS,

@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--hold-s", type=float, default=5.0)
     args = p.parse_args()
     before = rss_mb(args.pid) if args.pid else 0.0
-    conns = []
+    conns: list[ssl.SSLSocket] = []
     for _ in range(args.connections):
         conn = connect(args.target, args.tls_dir, args.server_name)
         if not conns:

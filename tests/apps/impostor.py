@@ -29,7 +29,7 @@ _log = structlog.get_logger("impostor")
 
 
 class Outcomes(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, outcome: int) -> None:
+    def __init__(self, outcome: coordinator_pb2.Outcome.ValueType) -> None:
         self.outcome = outcome
 
     async def GetOutcome(  # noqa: N802 - the RPC's name
@@ -67,7 +67,8 @@ async def main() -> None:
         Credentials.from_dir(args.tls_dir),
         [
             lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Outcomes(outcome), server),
-            lambda server: participant_pb2_grpc.add_ParticipantServicer_to_server(Votes(), server),
+            # Serves only Prepare and Commit, all an impostor needs to be believed.
+            lambda server: participant_pb2_grpc.add_ParticipantServicer_to_server(Votes(), server),  # type: ignore[abstract]
         ],
         grace_s=0.1,
     )

@@ -18,8 +18,11 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
+let token = "";  // this page's session token, from /api/catalogue: required on every POST
+
 async function post(path, body) {
-  const r = await fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body || {}) });
+  const headers = { "Content-Type": "application/json", "X-Console-Token": token };
+  const r = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
   if (!r.ok) throw new Error(await r.text());
   return r.json();
 }
@@ -28,6 +31,7 @@ async function post(path, body) {
 
 async function setup() {
   const cat = await (await fetch("/api/catalogue")).json();
+  token = cat.token;
   const buyer = $("#buyer");
   for (const a of cat.accounts) buyer.append(el("option", { value: a }, a));
   const items = $("#items");
