@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ from twopc.security import limits
 from twopc.security.auth import coordinator_rules, grant, operations_rules, peer_identities
 
 _log = structlog.get_logger("services.shop")
+OWNERS_CACHED = 10_000
+"""Accounts whose owners the shop keeps (they never change once opened)."""
 _OUTCOME = {Outcome.COMMITTED: shop_pb2.OUTCOME_COMMITTED, Outcome.ABORTED: shop_pb2.OUTCOME_ABORTED}
 
 
@@ -104,6 +107,7 @@ class Shop(shop_pb2_grpc.ShopServicer):
     ) -> None:
         self.coordinator, self.wallet, self.orders, self.orders_api = coordinator, wallet, orders, orders_api
         self.wallet_api, self.buyers = wallet_api, buyers
+        self.owners_seen: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self.draining = False
         self.in_flight = 0
 
@@ -203,18 +207,30 @@ class Shop(shop_pb2_grpc.ShopServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{caller[0]} is over its purchase rate ({self.buyers.rate.rate_per_s:g}/s); retry later",
             )
+        owners = await self._owners(account, context)
+        if set(owners).isdisjoint(caller):
+            _log.warning("purchase_refused_owner", identity=caller[0], account=limits.clip(account))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller[0]} does not own account {account!r}")
+
+    async def _owners(self, account: str, context: grpc.aio.ServicerContext[Any, Any]) -> Sequence[str]:
+        """Who owns `account`, from the wallet. Owners are fixed when the account is
+        opened, so an answer is kept (the most recent `OWNERS_CACHED` accounts): a
+        known buyer still gets its transaction, and its ABORT, while the wallet is slow."""
+        if account in self.owners_seen:
+            self.owners_seen.move_to_end(account)
+            return self.owners_seen[account]
         try:
             found = await self.wallet_api.GetBalance(wallet_pb2.GetBalanceRequest(account=account), timeout=2.0)
-            owners: Sequence[str] = found.owners
         except grpc.aio.AioRpcError as e:
             if e.code() is not grpc.StatusCode.NOT_FOUND:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, f"account lookup failed: {limits.clip(e.details() or '')}"
                 )
-            owners = ()  # an unknown account is owned by nobody: the same refusal, no existence leaked
-        if set(owners).isdisjoint(caller):
-            _log.warning("purchase_refused_owner", identity=caller[0], account=limits.clip(account))
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{caller[0]} does not own account {account!r}")
+            return ()  # an unknown account is owned by nobody: the same refusal, no existence leaked
+        self.owners_seen[account] = tuple(found.owners)
+        while len(self.owners_seen) > OWNERS_CACHED:
+            self.owners_seen.popitem(last=False)
+        return self.owners_seen[account]
 
     async def _earlier(
         self, request: shop_pb2.PurchaseRequest, context: grpc.aio.ServicerContext[Any, Any]
