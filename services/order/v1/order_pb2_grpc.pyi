@@ -5,8 +5,10 @@ The order service: products with stock, and the participant operation PlaceOrder
 that twopc transactions carry.
 
 Security: under mutual TLS, AddStock (stock and prices) only from --operators
-identities, the reads from --readers (default: any certificate the CA signed);
-others get PERMISSION_DENIED. Limits: a sku, order id or account is 1 to 128
+identities; GetStock from --readers (default: nobody); GetOrder and ListOrders
+from --readers for every order and from its buyer (PlaceOrder.buyer) for its own
+(another's order is NOT_FOUND; ListOrders lists the caller's own); others get
+PERMISSION_DENIED. A request body that does not parse: INVALID_ARGUMENT. Limits: a sku, order id or account is 1 to 128
 characters from A-Z a-z 0-9 . _ : @ + / = ~ - ; at most 100 items per order;
 quantities 1 to 10^9; prices 0 to 10^12 minor units. Past a limit:
 INVALID_ARGUMENT, never echoing the input.

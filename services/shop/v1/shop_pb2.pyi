@@ -6,7 +6,9 @@ service looks like when it imports twopc.Coordinator: one RPC, one atomic action
 across the wallet and order services.
 
 Security: under mutual TLS, Purchase and GetPurchase only from --purchasers
-identities (default: any certificate the CA signed), GetOutcome only from
+identities (default: nobody), and only with an account the caller owns and never
+from a service identity (PERMISSION_DENIED); past the caller's purchase rate,
+RESOURCE_EXHAUSTED; another buyer's purchase is NOT_FOUND. GetOutcome only from
 --participants (default wallet, orders); others get PERMISSION_DENIED.
 
 Field numbers are forever: add fields, never renumber or reuse one.

@@ -5,8 +5,9 @@ The wallet service: accounts holding integer minor units (cents), and the
 participant operation Debit that twopc transactions carry.
 
 Security: under mutual TLS, OpenAccount and Deposit only from --operators
-identities, the reads from --readers (default: any certificate the CA signed);
-others get PERMISSION_DENIED. Limits: an account id is 1 to 128 characters from
+identities; GetBalance and ListLedger from --readers (default: nobody) for every
+account, and from an account's owners (OpenAccountRequest.owners) for theirs;
+others get PERMISSION_DENIED. A request body that does not parse: INVALID_ARGUMENT. Limits: an account id is 1 to 128 characters from
 A-Z a-z 0-9 . _ : @ + / = ~ - ; amounts 1 to 10^12 minor units; a balance at
 most 2^62. Past a limit: INVALID_ARGUMENT, never echoing the input.
 
