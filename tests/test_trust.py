@@ -133,6 +133,25 @@ def test_the_caller_s_own_name_is_a_trusted_coordinator() -> None:
         trust.admit(config, "no port\n", False, ["shop"])
 
 
+def test_admitted_coordinators_are_bound_to_an_identity() -> None:
+    """What the resolver will ask: the configured name at the address, else the caller's own
+    name; an address alone only under plaintext; a malformed trusted entry is refused."""
+    named = ParticipantConfig(trusted_coordinators=frozenset({"shop@10.0.0.1:7000", "10.0.0.2:7000"}))
+    assert trust.admit(named, "10.0.0.1:7000", False, ["orders"]) == "shop@10.0.0.1:7000"
+    assert trust.admit(named, "10.0.0.2:7000", False, ["backup"]) == "backup@10.0.0.2:7000"
+    assert trust.admit(named, "10.0.0.2:7000", False, []) == "10.0.0.2:7000"  # plaintext: no names
+    with pytest.raises(trust.Refused, match="does not trust"):
+        trust.admit(named, "10.0.0.3:7000", False, ["shop"])
+    unlisted = ParticipantConfig(trusted_coordinators=frozenset())  # the TLS default
+    assert trust.admit(unlisted, "10.0.0.9:7000", False, ["shop"]) == "shop@10.0.0.9:7000"
+    with pytest.raises(trust.Refused, match="does not trust"):
+        trust.admit(unlisted, "10.0.0.9:7000", False, [])
+    assert trust.admit(ParticipantConfig(), "10.0.0.9:7000", False, []) == "10.0.0.9:7000"
+    for bad in ("shop@", "@10.0.0.1:7000", "sh op@10.0.0.1:7000", "shop@nowhere"):
+        with pytest.raises(ValueError, match="trusted coordinator"):
+            ParticipantConfig(trusted_coordinators=frozenset({bad}))
+
+
 async def test_a_dead_coordinator_is_asked_less_often_and_a_live_one_every_round() -> None:
     """Per-coordinator backoff: a coordinator that did not answer is skipped until its delay passes."""
     outreach = trust.Outreach(ParticipantConfig(resolve_interval_s=60.0))
