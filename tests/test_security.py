@@ -28,7 +28,7 @@ from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from tests.conftest import Kv, op
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Outcome, rpc
 from twopc.dev.testing import ServiceProcess
-from twopc.security import pki
+from twopc.security import limits, pki
 from twopc.security.auth import BAD_REQUEST, Authorizer, Policy, coordinator_rules, grant
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -559,3 +559,18 @@ async def test_the_console_refuses_cross_site_requests_and_foreign_hosts(tmp_pat
             assert next(b for b in after["buyers"] if b["account"] == "alice")["balance"] < alice["balance"]
     finally:
         console.stop(timeout_s=20)
+
+
+def test_the_rate_limit_refills_per_identity_and_forgets_the_oldest() -> None:
+    """A bucket per identity: `burst` at once, then `rate_per_s`; identities past the bound
+    are forgotten oldest first (a forgotten one starts full again)."""
+    now = [0.0]
+    rate = limits.RateLimit(2.0, 3, max_identities=2, clock=lambda: now[0])
+    assert [rate.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert rate.allow("b")  # another identity has its own bucket
+    now[0] = 0.5  # one token back for "a"
+    assert [rate.allow("a"), rate.allow("a")] == [True, False]
+    rate.allow("c")  # a third identity: "b", the least recent, is forgotten
+    assert set(rate._buckets) == {"a", "c"}
+    with pytest.raises(ValueError, match="rate_per_s > 0"):
+        limits.RateLimit(0.0, 1)
