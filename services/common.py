@@ -249,6 +249,12 @@ def participant_parser(prog: str, description: str) -> argparse.ArgumentParser:
         default=d.resolve_interval_s,
         help="how often to look for in-doubt transactions (default %(default)s)",
     )
+    p.add_argument(
+        "--resolve-backoff-max-s",
+        type=float,
+        default=d.resolve_backoff_max_s,
+        help="longest wait before asking again a coordinator that did not answer (default %(default)s)",
+    )
     g = p.add_argument_group("trust (who drives this participant, and whom it asks for outcomes)")
     g.add_argument(
         "--coordinators",
@@ -300,6 +306,7 @@ def run_participant(
         config = ParticipantConfig(
             in_doubt_after_s=args.in_doubt_after_s,
             resolve_interval_s=args.resolve_interval_s,
+            resolve_backoff_max_s=args.resolve_backoff_max_s,
             trusted_coordinators=trusted,
             allow_no_coordinator=args.allow_no_coordinator,
             max_undecided_per_coordinator=args.max_undecided_per_coordinator,

@@ -241,7 +241,8 @@ async def test_an_impostor_on_the_coordinator_s_address_is_not_believed(tmp_path
     trusted = f"shop@127.0.0.1:{shop_port}"
     wallet_log = tmp_path / "wallet.log"
     args = ["--db", str(tmp_path / "w.db"), "--tls-dir", str(tls_pki / "wallet"), "--trust-coordinator", trusted]
-    args += ["--in-doubt-after-s", "0.1", "--resolve-interval-s", "0.1", "--readers", "operator"]
+    args += ["--in-doubt-after-s", "0.1", "--resolve-interval-s", "0.1", "--resolve-backoff-max-s", "0.5"]
+    args += ["--readers", "operator"]
     wallet = ServiceProcess("services.wallet", args, log_path=wallet_log).start()
     try:
         async with (
@@ -262,7 +263,7 @@ async def test_an_impostor_on_the_coordinator_s_address_is_not_believed(tmp_path
                 try:
                     await eventually(
                         lambda: len(events(wallet_log, "tls_failed")) >= refused,  # noqa: B023 - awaited here
-                        10.0,
+                        30.0,
                         "two refusals",
                     )
                 finally:
@@ -275,7 +276,7 @@ async def test_an_impostor_on_the_coordinator_s_address_is_not_believed(tmp_path
             assert (balance.balance, balance.held) == (1_000, 100)
             genuine = impostor(tls_pki, "shop", shop_port, tmp_path / "shop.log")  # the real identity
             try:
-                await eventually(lambda: txn_state(tmp_path / "w.db", "t1") == "COMMITTED", 10.0, "the shop believed")
+                await eventually(lambda: txn_state(tmp_path / "w.db", "t1") == "COMMITTED", 30.0, "the shop believed")
             finally:
                 genuine.stop()
     finally:
