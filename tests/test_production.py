@@ -57,7 +57,8 @@ class Deployment:
 
     def _participant(self, name: str, module: str) -> ServiceProcess:
         args = ["--db", f"{self.db}?schema={name}", "--tls-dir", str(self.dir / "certs" / name)]
-        args += ["--coordinators", "coordinator", "--trust-coordinator", f"127.0.0.1:{self.ports['coordinator']}"]
+        args += ["--coordinators", "coordinator", "--trust-coordinator", f"coordinator@{self.coordinator_address}"]
+        args += ["--readers", "operator"]
         args += ["--in-doubt-after-s", "1", "--resolve-interval-s", "0.3"]
         return ServiceProcess(module, args, log_path=self.dir / f"{name}.log", port=self.ports[name], env=self.env)
 
