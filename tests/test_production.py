@@ -136,3 +136,29 @@ async def test_production_example_survives_a_participant_killed_after_its_vote(d
                 transactions_pb2.ExecuteRequest(txn_id="by-operator"), timeout=5
             )
         assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED  # Execute: only "checkout"
+
+
+def test_the_coordinator_service_dials_participants_by_identity(tmp_path: Path, pg_killable: PostgresServer) -> None:
+    """Under TLS the coordinator service dials each configured participant bound to its
+    `identity`: an impostor holding the wallet's certificate from the same CA on the
+    orders' address gets no Prepare, and the purchase aborts naming the TLS failure."""
+    d = Deployment(tmp_path, pg_killable)
+    fake = ServiceProcess(
+        "tests.apps.impostor",
+        ["--tls-dir", str(d.dir / "certs" / "wallet")],
+        log_path=tmp_path / "impostor.log",
+        port=d.ports["orders"],
+    )
+    try:
+        d.wallet.start()
+        fake.start()
+        d.coordinator.start()
+        env = {**os.environ, **d.env, "WALLET": d.wallet.address, "ORDERS": fake.address}
+        seeding = [sys.executable, str(d.dir / "seed.py"), "alice", "10000", "widget", "10", "1500"]
+        subprocess.run(seeding, env=env, capture_output=True, check=False)  # the wallet part is all it can do
+        out = d.script("checkout.py", "order-x", "alice", "widget", "1", "1500")
+        assert out[1].startswith("aborted orders:") and "TLS" in out[1], out  # the wallet voted yes
+        assert '"served"' not in (tmp_path / "impostor.log").read_text()  # no Prepare reached it
+    finally:
+        fake.stop()
+        d.stop()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from twopc import rpc
 from twopc.coordinator.core import MAX_LOCAL_ID, Coordinator
 from twopc.errors import DuplicateTransactionError, TwoPCError
 from twopc.security import limits
@@ -61,9 +62,11 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
 
     Args:
         coordinator: an entered `Coordinator` (its log read).
-        participants: name -> address of every participant a branch may target; a
-            branch names one by name or by address. Nothing else is dialled, so a
-            caller cannot turn the coordinator against an arbitrary address.
+        participants: name -> target of every participant a branch may target
+            (`host:port`, or `identity@host:port` to dial it bound to its
+            certificate's name); a branch names one by name or by address. Nothing
+            else is dialled, so a caller cannot turn the coordinator against an
+            arbitrary address.
         claims: with a log shared by several instances, where the caller's ids are
             claimed (`twopc.coordinator.claims.PostgresClaims`); None for a log of
             one owner.
@@ -74,7 +77,7 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
     ) -> None:
         self.coordinator = coordinator
         self._claims = claims
-        self._targets = {**{a: a for a in participants.values()}, **participants}
+        self._targets = {**{rpc.split_target(t)[1]: t for t in participants.values()}, **participants}
         self.draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()

@@ -212,8 +212,12 @@ async def run(config: ServiceConfig) -> None:
             claims = PostgresClaims(config.log)
             await claims.open()
             stack.push_async_callback(claims.close)
-        addresses = {n: p.address for n, p in config.participants.items()}
-        service = TransactionsServicer(coordinator, addresses, claims=claims)
+        # Under TLS each participant is dialled bound to its identity: an impostor with
+        # another certificate from the CA on its address fails the handshake.
+        targets = {
+            n: f"{p.identity or n}@{p.address}" if config.tls else p.address for n, p in config.participants.items()
+        }
+        service = TransactionsServicer(coordinator, targets, claims=claims)
         health = Health([COORDINATOR_SERVICE, TRANSACTIONS_SERVICE])
         stack.push_async_callback(health.close)
         health.watch(coordinator.wait_failed)
