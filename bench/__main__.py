@@ -46,6 +46,7 @@ from bench import chart, durable, shop
 from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
+from bench.plain import PlainShop
 from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, SqliteStore
 from twopc.dev import pgserver
 from twopc.observe import Event, EventKind, Observer, Observers, logconfig
@@ -61,6 +62,9 @@ TEXTBOOK = {
     "coordinator_messages_per_txn": "2N requests (4N counting replies)",
 }
 RESULTS = Path(__file__).parent / "results"
+PLAIN = "pg-plain"  # the purchase without twopc on the same PostgreSQL server (bench.plain)
+Db = Callable[[], tuple[int, float]]
+"""The private PostgreSQL server's (statements run, CPU seconds) so far."""
 DISK = "sqlite-commit"  # the disk row: one durable SQLite commit
 STORE = "store-write"  # the same through SqliteStore: with the thread hand-off, and on the idle path
 WIDE_MAX_CONCURRENCY = 64  # above it, only the two-branch cases run (the rest adds minutes, not insight)
@@ -101,6 +105,8 @@ class Row:
     participant_fsyncs_per_txn: float | None = None  # mean over the participants
     messages_per_txn: float | None = None
     cpu_ms_per_txn: float | None = None  # user + system, this process and the servers together
+    db_cpu_ms_per_txn: float | None = None  # the private PostgreSQL server's processes, beside cpu_ms
+    statements_per_txn: float | None = None  # SQL statements the private PostgreSQL server ran
     first_error: str = ""
 
     @classmethod
@@ -125,6 +131,12 @@ class Row:
         if self.committed:
             self.cpu_ms_per_txn = round(1000 * (sum(after) - sum(before)) / self.committed, 3)
 
+    def database(self, before: tuple[int, float], after: tuple[int, float]) -> None:
+        """The private PostgreSQL server's share: (statements, CPU s) before and after."""
+        if self.committed:
+            self.statements_per_txn = round((after[0] - before[0]) / self.committed, 2)
+            self.db_cpu_ms_per_txn = round(1000 * (after[1] - before[1]) / self.committed, 3)
+
     def compare(self, floor: Row) -> None:
         self.tps_ratio = round(self.tps / floor.tps, 3) if floor.tps else None
         self.p50_ratio = round(self.p50_ms / floor.p50_ms, 3) if floor.p50_ms else None
@@ -141,6 +153,7 @@ class Settings:
     log_level: str
     pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
     postgres: bool = True  # the wallet+order rows on a private PostgreSQL server
+    postgres_only: bool = False  # only the floor and the two-branch PostgreSQL rows (and durable, their anchor)
     coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
 
 
@@ -214,6 +227,17 @@ async def store_phases(workdir: Path, s: Settings) -> list[Row]:
     ]
 
 
+async def plain_phase(plain: PlainShop, servers: Sequence[Service], concurrency: int, s: Settings, db: Db) -> Row:
+    """The purchase without twopc: two plain unary RPCs, one PostgreSQL transaction each."""
+    await drive(plain.purchase, concurrency=concurrency, duration_s=s.warmup_s)
+    cpu, counted = _cpu(servers), db()
+    run = await drive(plain.purchase, concurrency=concurrency, duration_s=s.duration_s)
+    row = Row.of(run, concurrency=concurrency, system=PLAIN, branches=2, phase2="-")
+    row.cpu(cpu, _cpu(servers))
+    row.database(counted, db())
+    return row
+
+
 def _cpu(servers: Sequence[Service]) -> list[float]:
     return [cpu_s(), *(cpu_s(x.pid) for x in servers)]
 
@@ -228,9 +252,11 @@ async def twopc_phase(
     log_path: Path | str,
     observers: Sequence[Observer] = (),
     server_syncs: Callable[[], int] | None = None,
+    db: Db | None = None,
 ) -> Row:
     """`server_syncs`: the participants' forced writes, counted at their shared
-    database server (PostgreSQL) rather than in each process."""
+    database server (PostgreSQL) rather than in each process; `db`: that server's
+    statements and CPU so far."""
     config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
     async with Coordinator(
         log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=observers
@@ -244,9 +270,12 @@ async def twopc_phase(
         before = [await p.syncs() for p in participants]
         server_before = server_syncs() if server_syncs else 0
         cpu = _cpu(participants)
+        counted = db() if db else (0, 0.0)
         run = await drive(txn, concurrency=concurrency, duration_s=s.duration_s, drain=drained(coordinator))
         row = Row.of(run, concurrency=concurrency, system=system, branches=len(participants), phase2=phase2)
         row.cpu(cpu, _cpu(participants))
+        if db:
+            row.database(counted, db())
         after = [await p.syncs() for p in participants]
         if server_syncs:
             after, before = [server_syncs()], [server_before]
@@ -302,34 +331,41 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
     n_max = max(s.branches)
     why_no_shop = shop.missing()
     floors = fleet.floors(max(n_max, 2))
-    durables = fleet.durables(n_max)
+    durables = fleet.durables(2 if s.postgres_only else n_max)
     the_shop: shop.Shop | None = None
     shop_services: list[Service] = []
-    if why_no_shop:
-        progress(f"wallet+order: skipped ({why_no_shop})")
+    if why_no_shop or s.postgres_only:
+        progress(f"wallet+order: skipped ({why_no_shop or '--postgres-only'})")
     else:
         shop_services, the_shop = await fleet.shop(max(s.concurrency))
     on_postgres: dict[str, tuple[list[Service], shop.Shop]] = {}
+    plain: PlainShop | None = None
     why_no_postgres = why_no_shop or pgserver.missing() or ("" if s.postgres else "--no-postgres")
     if why_no_postgres:
         progress(f"wallet+order on PostgreSQL: skipped ({why_no_postgres})")
     else:
-        on_postgres = await fleet.on_postgres(max(s.concurrency))
+        on_postgres, plain = await fleet.on_postgres(max(s.concurrency))
+
+    def db() -> tuple[int, float]:
+        return fleet.statements(), fleet.postgres_cpu_s()
+
     progress(f"started {len(fleet.services)} processes in {fleet.workdir}")
 
     why_no_pg = _pg_missing(s.pg_log)
     if why_no_pg:
         progress(f"durable, pg log: skipped ({why_no_pg})")
     pg_schemas: list[str] = []
-    sizes = sorted(set(s.branches) | ({2} if the_shop else set()))
+    sizes = [2] if s.postgres_only else sorted(set(s.branches) | ({2} if the_shop else set()))
     per_size = {
         n: len(s.phase2)
         * ((n in s.branches) + (n == 2) * ((the_shop is not None) + (not why_no_pg) + len(on_postgres)))
         + 1
+        + (n == 2 and plain is not None)
         for n in sizes
     }
     total = sum(sum(per_size.values()) if c <= WIDE_MAX_CONCURRENCY else per_size[2] for c in s.concurrency)
-    total += len(PATHS) + 3 + 3 * (1 in s.concurrency)
+    if not s.postgres_only:
+        total += len(PATHS) + 3 + 3 * (1 in s.concurrency)
     rows: list[Row] = []
     op, ro, no = durable.operation(), durable.operation(vote="read_only"), durable.operation(vote="abort")
 
@@ -345,7 +381,7 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
 
     disk: Row | None = None
     for c in s.concurrency:
-        if c == 1:
+        if c == 1 and not s.postgres_only:
             disk = disk_phase(fleet.workdir, s)
             done(disk)
             for row in await store_phases(fleet.workdir, s):
@@ -354,6 +390,10 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
         for n in sizes if c <= WIDE_MAX_CONCURRENCY else [2]:
             floor = await floor_phase(floors[:n], c, s)
             done(floor)
+            if n == 2 and plain is not None:
+                row = await plain_phase(plain, fleet.plain, c, s, db)
+                row.compare(floor)
+                done(row)
             cases: list[tuple[str, Sequence[Service], Callable[[int], list[Branch]]]] = []
             if n == 2 and the_shop is not None:
                 cases.append(("wallet+order", shop_services, the_shop.purchase))
@@ -369,12 +409,20 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                     if system == "durable+pglog":
                         pg_schemas.append(f"bench_{os.getpid()}_{len(rows)}")
                         log = f"{s.pg_log}?schema={pg_schemas[-1]}"
-                    wal = fleet.wal_syncs if system in on_postgres else None
-                    row = await twopc_phase(system, participants, branches, c, phase2, s, log, server_syncs=wal)
+                    wal, counted = (fleet.wal_syncs, db) if system in on_postgres else (None, None)
+                    row = await twopc_phase(
+                        system, participants, branches, c, phase2, s, log, server_syncs=wal, db=counted
+                    )
                     row.compare(floor)
                     if c == 1 and n == 2 and disk is not None:
                         row.limit_ratio = round(row.p50_ms / limit_ms(floor, disk), 3)
                     done(row)
+    if plain is not None:
+        await plain.close()
+    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg, "wallet+order on PostgreSQL": why_no_postgres}
+    if s.postgres_only:
+        _drop_schemas(s.pg_log, pg_schemas)
+        return {"rows": [asdict(r) for r in rows], "targets": targets_met(rows), "skipped": _skipped(skipped)}
     # The other paths of the protocol, one at a time, for their forced writes and messages.
     for system, participants, branches in (
         ("one-phase", durables[:1], fixed_branches(durables[:1], op)),
@@ -391,13 +439,16 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
         log = fleet.workdir / f"{system}-{i}.db"
         done(await twopc_phase(system, durables[:2], fixed_branches(durables[:2], op), 1, "ack", s, log, observers))
     _drop_schemas(s.pg_log, pg_schemas)
-    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg, "wallet+order on PostgreSQL": why_no_postgres}
     return {
         "rows": [asdict(r) for r in rows],
         "observer": observer_cost(rows[-3], rows[-2], rows[-1], counter),
         "targets": targets_met(rows),
-        "skipped": {k: v for k, v in skipped.items() if v},
+        "skipped": _skipped(skipped),
     }
+
+
+def _skipped(reasons: dict[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in reasons.items() if v}
 
 
 def _pg_missing(url: str) -> str | None:
@@ -460,6 +511,7 @@ def targets_met(rows: list[Row]) -> list[dict[str, Any]]:
             "met": _ok(value, None, 1.3),
         }
     )
+    out += _postgres_targets(find, hi, lo)
     for c in cs:
         two, eight = find("durable", c, 2), find("durable", c, 8)
         if two and eight and two.tps_ratio is not None and eight.tps_ratio is not None:
@@ -471,6 +523,46 @@ def targets_met(rows: list[Row]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def _postgres_targets(find: Callable[..., Row | None], hi: int, lo: int) -> list[dict[str, Any]]:
+    """The PostgreSQL targets: twopc against the same purchase without it (pg-plain)
+    and the floor, and the PostgreSQL decision log against SQLite's."""
+
+    def ratio(a: Row | None, b: Row | None, field: str) -> float | None:
+        x, y = (getattr(r, field) if r else None for r in (a, b))
+        return round(x / y, 3) if x is not None and y and not math.isnan(x) and not math.isnan(y) else None
+
+    plain, plain_lo = find(PLAIN, hi, 2, "-"), find(PLAIN, lo, 2, "-")
+    reserve, adapter, reserve_lo = find("wo-postgres", hi, 2), find("wo-pg-adapter", hi, 2), find("wo-postgres", lo, 2)
+    pglog, durable = find("durable+pglog", hi, 2), find("durable", hi, 2)
+    return [
+        {
+            "target": f"c={hi} wo-postgres txn/s >= 0.8x {PLAIN}",
+            "value": (v := ratio(reserve, plain, "tps")),
+            "met": _ok(v, 0.8, None),
+        },
+        {
+            "target": f"c={hi} wo-postgres txn/s >= 0.6x floor",
+            "value": (v := reserve.tps_ratio if reserve else None),
+            "met": _ok(v, 0.6, None),
+        },
+        {
+            "target": f"c={hi} wo-pg-adapter txn/s >= 0.6x {PLAIN}",
+            "value": (v := ratio(adapter, plain, "tps")),
+            "met": _ok(v, 0.6, None),
+        },
+        {
+            "target": f"c={lo} wo-postgres p50 <= 2.0x {PLAIN} p50",
+            "value": (v := ratio(reserve_lo, plain_lo, "p50_ms")),
+            "met": _ok(v, None, 2.0),
+        },
+        {
+            "target": f"c={hi} durable+pglog txn/s >= 0.9x durable (the SQLite log)",
+            "value": (v := ratio(pglog, durable, "tps")),
+            "met": _ok(v, 0.9, None),
+        },
+    ]
 
 
 def _ok(value: float | None, at_least: float | None, at_most: float | None) -> bool | None:
@@ -488,12 +580,12 @@ def table(result: dict[str, Any]) -> str:
     head = (
         f"{'conc':>4}  {'system':<13}{'N':>2}  {'phase2':<12}{'txn/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'x txn/s':>9}{'x p50':>7}{'x p99':>7}{'x limit':>8}"
-        f"{'coord fsync':>13}{'part fsync':>12}{'msgs':>11}{'cpu ms':>8}{'abort/err':>11}"
+        f"{'coord fsync':>13}{'part fsync':>12}{'msgs':>11}{'cpu ms':>8}{'db cpu':>8}{'stmts':>7}{'abort/err':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in (Row(**x) for x in result["rows"]):
         coord, part, msgs = (f" ({b})" for b in PATHS.get(r.system, (1, 2, 2 * r.branches)))
-        if r.system in ("floor", DISK, STORE):
+        if r.system in ("floor", DISK, STORE, PLAIN):
             coord = part = msgs = ""
         lines.append(
             f"{r.concurrency:>4}  {r.system:<13}{r.branches:>2}  {r.phase2:<12}{r.tps:>9.1f}{num(r.p50_ms, '.2f'):>9}"
@@ -504,6 +596,8 @@ def table(result: dict[str, Any]) -> str:
             f"{num(r.participant_fsyncs_per_txn, '.2f') + part:>12}"
             f"{num(r.messages_per_txn, '.1f') + msgs:>11}"
             f"{num(r.cpu_ms_per_txn, '.2f'):>8}"
+            f"{num(r.db_cpu_ms_per_txn, '.2f'):>8}"
+            f"{num(r.statements_per_txn, '.1f'):>7}"
             f"{f'{r.aborted}/{r.errors}':>11}"
         )
     lines += [
@@ -521,6 +615,11 @@ def table(result: dict[str, Any]) -> str:
         "protocol's other paths at one in flight, with their own textbook figures (participant: the mean of two).",
         "cpu ms: CPU time (user + system) per committed transaction, client or coordinator and servers together;",
         "on a machine short of cores, txn/s ratios follow the inverse ratio of this figure.",
+        "db cpu: CPU ms per committed transaction of the private PostgreSQL server's processes (backends, WAL",
+        "writer...), beside cpu ms; stmts: SQL statements per committed transaction that server ran",
+        "(pg_stat_statements, BEGIN/SAVEPOINT/COMMIT included). Both for the rows on that server.",
+        f"{PLAIN}: the same purchase with no atomicity, two plain unary RPCs of one PostgreSQL transaction each",
+        "(bench.plain), on the same server and tables as wo-postgres and wo-pg-adapter: the price of atomicity.",
         "phase2: ack = run() returns after the Commit acks (default phase2_wait_s, the floor's pattern);",
         "commit-point = phase2_wait_s=0, phase 2 in the background, its drain counted in the elapsed time.",
         "unobserved, observed, unobserved: two durable branches at one in flight, without, with a counting observer,",
@@ -656,6 +755,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-postgres", action="store_true", help="skip wallet+order on PostgreSQL (reservations and the adapter)"
     )
     p.add_argument(
+        "--postgres-only",
+        action="store_true",
+        help=f"only two branches: the floor, {PLAIN}, wo-postgres, wo-pg-adapter, durable and durable+pglog",
+    )
+    p.add_argument(
         "--phase2",
         default="ack,commit-point",
         help="twopc modes: ack (default phase2_wait_s) and/or commit-point (phase2_wait_s=0); default both",
@@ -706,6 +810,7 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
             args.log_level,
             args.pg_log,
             postgres=not args.no_postgres,
+            postgres_only=args.postgres_only,
         )
         result["settings"] = asdict(settings)
         result |= await benchmark(fleet, settings)

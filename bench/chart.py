@@ -1,5 +1,6 @@
-"""The bench's chart: throughput, p50 and p99 against concurrency, for the floor and
-every twopc case with two branches (the cases measured at every concurrency).
+"""The bench's chart: throughput, p50 and p99 against concurrency, for the floor,
+every twopc case with two branches (the cases measured at every concurrency) and
+pg-plain, the same purchase on PostgreSQL without twopc.
 
 matplotlib is a dev dependency used only here; without it the bench still runs and
 says why there is no chart.
@@ -17,6 +18,11 @@ STYLES = {  # (system, phase2): colour, line
     ("wallet+order", "commit-point"): ("tab:blue", "--"),
     ("durable", "ack"): ("tab:orange", "-"),
     ("durable", "commit-point"): ("tab:orange", "--"),
+    ("pg-plain", "-"): ("tab:green", "-"),
+    ("wo-postgres", "ack"): ("tab:red", "-"),
+    ("wo-postgres", "commit-point"): ("tab:red", "--"),
+    ("wo-pg-adapter", "ack"): ("tab:purple", "-"),
+    ("wo-pg-adapter", "commit-point"): ("tab:purple", "--"),
 }
 
 

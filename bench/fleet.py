@@ -18,13 +18,16 @@ from types import FrameType
 from google.protobuf.message import Message
 
 from bench import shop
+from bench.load import cpu_s
+from bench.plain import PlainShop
 from bench.probe import ENV as PROBE_ENV
 from bench.probe import read_stats
 from bench.shop import Shop
-from services.cluster import postgres_stores
 from twopc import Branch
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess
+
+STATEMENTS = "pg_stat_statements"
 
 
 def progress(message: str) -> None:
@@ -73,6 +76,7 @@ class Fleet:
         self.probe = probe
         self.services: list[Service] = []
         self.postgres: PostgresServer | None = None
+        self.plain: list[Service] = []
         self._closing = contextlib.ExitStack()
 
     def start(self, specs: Sequence[tuple[str, str, list[str], bool]]) -> list[Service]:
@@ -119,12 +123,21 @@ class Fleet:
         await the_shop.seed(customers)
         return services, the_shop
 
-    async def on_postgres(self, customers: int) -> dict[str, tuple[list[Service], Shop]]:
-        """wallet and order on a private PostgreSQL server (a schema each), twice over
-        the same tables: the services themselves (reservations, `--db postgresql://`)
-        and their business as prepared transactions (`bench.prepared`)."""
-        self.postgres, urls = self._closing.enter_context(postgres_stores(self.workdir))
+    async def on_postgres(self, customers: int) -> tuple[dict[str, tuple[list[Service], Shop]], PlainShop]:
+        """wallet and order on a private PostgreSQL server (a schema each), three times
+        over the same tables: the services themselves (reservations, `--db
+        postgresql://`), their business as prepared transactions (`bench.prepared`),
+        and as plain unary RPCs with no atomicity (`bench.plain`, the anchor)."""
+        self.postgres = self._closing.enter_context(
+            # pg_stat_statements: the statements per purchase, counted by the server.
+            PostgresServer(log_path=self.workdir / "postgres.log", settings={"shared_preload_libraries": STATEMENTS})
+        )
+        self.postgres.execute(f"CREATE EXTENSION {STATEMENTS}")
         schemas = (("wallet", "wallet"), ("order", "orders"))
+        urls = {}
+        for _, schema in schemas:
+            self.postgres.execute(f'CREATE SCHEMA "{schema}"')
+            urls[schema] = self.postgres.url_of("postgres", search_path=schema)
         level = ["--log-level", self.log_level, "--insecure"]
         reserve = self.start([(f"{n}-pg", f"services.{n}", ["--db", urls[d], *level], False) for n, d in schemas])
         reserve_shop = Shop(reserve[0].address, reserve[1].address)
@@ -133,7 +146,32 @@ class Fleet:
             [(f"{n}-pg2pc", "bench.prepared", ["--service", n, "--db", urls[d], *level], False) for n, d in schemas]
         )
         adapter_shop = Shop(adapter[0].address, adapter[1].address)  # the same customers, already seeded
-        return {"wo-postgres": (reserve, reserve_shop), "wo-pg-adapter": (adapter, adapter_shop)}
+        plain = self.start(
+            [(f"{n}-plain", "bench.plain", ["--service", n, "--db", urls[d]], False) for n, d in schemas]
+        )
+        self.plain = plain
+        plain_shop = PlainShop(plain[0].address, plain[1].address, Shop(reserve[0].address, reserve[1].address))
+        return {"wo-postgres": (reserve, reserve_shop), "wo-pg-adapter": (adapter, adapter_shop)}, plain_shop
+
+    def statements(self) -> int:
+        """Statements the private PostgreSQL server has run so far (pg_stat_statements,
+        utility statements such as BEGIN, SAVEPOINT and COMMIT included)."""
+        import psycopg
+
+        assert self.postgres is not None
+        with psycopg.connect(self.postgres.url, autocommit=True) as conn:
+            row = conn.execute(f"SELECT coalesce(sum(calls), 0) FROM {STATEMENTS}".encode()).fetchone()
+        return int(row[0]) if row else 0
+
+    def postgres_cpu_s(self) -> float:
+        """CPU time the private PostgreSQL server has used: its processes alive now,
+        and the backends that already exited (counted in the postmaster's children)."""
+        if self.postgres is None:
+            return 0.0
+        pids = self.postgres.pids()
+        if not pids:
+            return 0.0
+        return cpu_s(pids[0], children=True) + sum(cpu_s(pid) for pid in pids[1:] if _exists(pid))
 
     def wal_syncs(self) -> int:
         """The PostgreSQL server's WAL fsyncs so far (pg_stat_wal): its forced writes."""
@@ -172,6 +210,10 @@ class Fleet:
         for s in self.services:
             s.proc.stop()
         self._closing.close()
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
 
 
 def fixed_branches(participants: Sequence[Service], operation: Message) -> Callable[[int], list[Branch]]:

@@ -131,8 +131,14 @@ def rss_kb(pid: int | str = "self") -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def cpu_s(pid: int | str = "self") -> float:
-    """CPU time (user + system, all threads) a process has used, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_s(pid: int | str = "self", *, children: bool = False) -> float:
+    """CPU time (user + system, all threads) a process has used, in seconds; with
+    `children`, also that of its children it has waited for (exited ones). A process
+    gone meanwhile counts 0."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
