@@ -255,6 +255,30 @@ async def test_prepares_queued_behind_one_in_flight_share_the_next_message(
     assert sorted(t for m in participant.messages for t in m) == sorted(r.txn_id for r in results)
 
 
+async def test_batches_in_flight_lets_that_many_messages_go_out_before_any_returns(
+    tmp_path: Path, gated: tuple[str, _Gated]
+) -> None:
+    """With batches_in_flight=2 a second Prepare goes out while the first is held at
+    the participant (a lock wait there holds up only its own message), and a third
+    queues until one of them returns, then goes out while the first is still held."""
+    target, participant = gated
+    async with Coordinator(
+        tmp_path / "d.db", credentials=INSECURE, config=replace(TWO_PHASE, batches_in_flight=2)
+    ) as c:
+        first = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
+        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+        second = asyncio.create_task(c.run([Branch(target, op(key="hold2"))]))
+        await eventually(lambda: len(participant.messages) == 2, what="the second Prepare beside the first")
+        third = asyncio.create_task(c.run([Branch(target, op(key="x"))]))
+        await eventually(lambda: queued(c, target) == 1, what="the third queued behind both")
+        participant.gates["hold2"].set()
+        assert (await second).committed and (await third).committed
+        assert not first.done()
+        participant.gates["hold"].set()
+        assert (await first).committed
+    assert participant.messages == [[r.result().txn_id] for r in (first, second, third)]
+
+
 async def test_a_queued_prepare_of_an_aborted_transaction_is_never_sent(
     tmp_path: Path, gated: tuple[str, _Gated], start_kv: Callable[..., Kv]
 ) -> None:

@@ -119,6 +119,11 @@ class CoordinatorConfig:
         max_prepare_batch: the most transactions one PrepareMany carries (at most
             `twopc.security.limits.MAX_PREPARE_MANY`, what participants accept).
         recovery_concurrency: how many logged commits recovery re-drives at once.
+        batches_in_flight: how many batched messages (PrepareMany, CommitMany) may
+            be in flight to one participant at once; what queues meanwhile goes in
+            the next. 1 suits a participant on SQLite (one writer: its batches would
+            queue there anyway); a participant on PostgreSQL runs batches in parallel
+            on its pool, so one waiting on a row lock holds up only its own.
     """
 
     prepare_timeout_s: float = 5.0
@@ -132,12 +137,14 @@ class CoordinatorConfig:
     max_commit_batch: int = 256
     max_prepare_batch: int = 256
     recovery_concurrency: int = 64
+    batches_in_flight: int = 1
 
     def __post_init__(self) -> None:
         _positive(
             max_commit_batch=self.max_commit_batch,
             max_prepare_batch=self.max_prepare_batch,
             recovery_concurrency=self.recovery_concurrency,
+            batches_in_flight=self.batches_in_flight,
             prepare_timeout_s=self.prepare_timeout_s,
             rpc_timeout_s=self.rpc_timeout_s,
             retry_initial_s=self.retry_initial_s,

@@ -35,7 +35,6 @@ from twopc import rpc
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 _log = structlog.get_logger("twopc.coordinator.core")
-_IN_FLIGHT = 1  # messages (Prepare or PrepareMany) in flight to one participant at a time
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -54,7 +53,7 @@ class _Queued:
 
 
 class PrepareBatcher:
-    """The Prepares for one participant: one message in flight at a time.
+    """The Prepares for one participant: `in_flight` messages in flight at a time.
 
     Args:
         target: the participant's address, for the logs.
@@ -62,6 +61,7 @@ class PrepareBatcher:
         limit: the most items one PrepareMany carries; the oldest go first.
         spawn: starts the sender as a background task the owner cancels on close.
         sent: called once for every message sent (the coordinator's count).
+        in_flight: messages (Prepare or PrepareMany) in flight to it at once.
     """
 
     def __init__(
@@ -72,12 +72,14 @@ class PrepareBatcher:
         limit: int,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
         sent: Callable[[], None],
+        in_flight: int = 1,
     ) -> None:
         self._target = target
         self._stub = stub
         self._limit = limit
         self._spawn = spawn
         self._sent = sent
+        self._max_in_flight = in_flight
         self._queue: collections.deque[_Queued] = collections.deque()
         self._in_flight = 0  # messages to this participant now in flight
         self.supported = True  # False once the participant answered UNIMPLEMENTED
@@ -94,7 +96,7 @@ class PrepareBatcher:
         """
         if not self.supported:
             return await self._unary(request, deadline)
-        if self._in_flight < _IN_FLIGHT and not self._queue:
+        if self._in_flight < self._max_in_flight and not self._queue:
             self._in_flight += 1
             try:
                 return await self._unary(request, deadline)
@@ -129,7 +131,7 @@ class PrepareBatcher:
 
     def _next(self) -> None:
         """A message slot is free: what queued goes out now, the oldest first."""
-        while self._queue and self._in_flight < _IN_FLIGHT:
+        while self._queue and self._in_flight < self._max_in_flight:
             now = asyncio.get_running_loop().time()
             batch: list[_Queued] = []
             while self._queue and len(batch) < self._limit:

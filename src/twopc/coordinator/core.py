@@ -817,6 +817,7 @@ class Coordinator:
                 limit=self.config.max_prepare_batch,
                 spawn=self._spawn,
                 sent=self._count_message,
+                in_flight=self.config.batches_in_flight,
             )
         return batcher
 
@@ -835,20 +836,25 @@ class Coordinator:
 
 
 class _CommitBatcher:
-    """Commits bound for one participant, sent as one CommitMany while an earlier
-    batch is in flight. There is no timer: a lone Commit goes out at once (from its
-    caller's task, without a hand-off to the sender), and under load the Commits that
-    queue meanwhile share a message (and the participant's fsync). A participant
-    without CommitMany (UNIMPLEMENTED) gets Commit one by one.
+    """Commits bound for one participant, sent as one CommitMany while earlier
+    batches are in flight (`batches_in_flight` of them at most). There is no timer: a
+    lone Commit goes out at once (from its caller's task, without a hand-off to a
+    sender), and under load the Commits that queue meanwhile share a message (and the
+    participant's fsync). A participant without CommitMany (UNIMPLEMENTED) gets Commit
+    one by one.
     """
 
     def __init__(self, coordinator: Coordinator, target: str) -> None:
         self._coordinator = coordinator
         self._target = target
         self._pending: dict[str, asyncio.Future[None]] = {}
-        self._sender: asyncio.Task[None] | None = None
-        self._direct = False  # a lone Commit is in flight from its caller's task
+        self._senders = 0  # sender tasks running
+        self._direct = 0  # lone Commits in flight from their callers' tasks
+        self._max_in_flight = coordinator.config.batches_in_flight
         self.supported = True
+
+    def _free(self) -> bool:
+        return self._senders + self._direct < self._max_in_flight
 
     async def commit(self, txn_id: str) -> None:
         """Returns once `txn_id` is committed at the participant.
@@ -857,23 +863,26 @@ class _CommitBatcher:
             _RefusedError: the participant refused it.
             grpc.aio.AioRpcError: the batch's message failed.
         """
-        if self._sender is None and not self._direct and not self._pending:
-            # Nothing in flight: this Commit goes out now, from the caller's own task.
-            self._direct = True
+        if self._free() and not self._pending:
+            # A slot is free: this Commit goes out now, from the caller's own task.
+            self._direct += 1
             try:
                 await self._send_one(txn_id)
             finally:
-                self._direct = False
-                if self._pending:  # queued behind this one: the next message
-                    self._sender = self._coordinator._spawn(self._send())
+                self._direct -= 1
+                self._spawn_sender()  # for what queued behind this one
             return
         future = self._pending.get(txn_id)
         if future is None:
             future = self._pending[txn_id] = asyncio.get_running_loop().create_future()
             future.add_done_callback(_consume)
-        if self._sender is None and not self._direct:
-            self._sender = self._coordinator._spawn(self._send())
+        self._spawn_sender()
         await asyncio.shield(future)
+
+    def _spawn_sender(self) -> None:
+        if self._pending and self._free():
+            self._senders += 1
+            self._coordinator._spawn(self._send())
 
     async def _send_one(self, txn_id: str) -> None:
         self._coordinator.messages_sent += 1
@@ -923,9 +932,12 @@ class _CommitBatcher:
                         _settle({txn_id: refused}, _RefusedError(reason))
                 _settle(batch, None)
         finally:
-            self._sender = None
-            for future in (*batch.values(), *self._pending.values()):
-                future.cancel()
+            self._senders -= 1
+            for future in batch.values():
+                future.cancel()  # only if this was cancelled (close): settled ones are done
+            if not self._senders:
+                for future in self._pending.values():
+                    future.cancel()
 
 
 def _settle(futures: dict[str, asyncio.Future[None]], error: BaseException | None) -> None:
