@@ -57,8 +57,8 @@ from twopc.stores.base import (
     Store,
     StoreUnavailableError,
     execute,
+    for_update,
     is_retried,
-    lock_rows,
     open_store,
     schema_for,
 )
@@ -836,8 +836,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 def _state(db: Connection, txn_id: str) -> tuple[str] | None:
     """The transaction's state, its row locked (a concurrent Commit or Abort waits)."""
-    lock_rows(db, "twopc_txn", "txn_id", [txn_id])
-    row = execute(db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
+    sql = for_update(db, "SELECT state FROM twopc_txn WHERE txn_id = :txn_id")
+    row = execute(db, sql, {"txn_id": txn_id}).fetchone()
     return None if row is None else (row[0],)
 
 

@@ -5,8 +5,8 @@
 when used). `open_store` picks one from a path or a URL, and `execute` runs one
 statement on either's connection, so business SQL is written once (see `base`);
 `lock_rows` locks the rows a job's rule reads on PostgreSQL (SQLite's one writer
-needs none); `snapshot` and `query` read a store from outside, as an auditor or
-operator would.
+needs none), and `for_update` reads and locks them in one statement; `snapshot`
+and `query` read a store from outside, as an auditor or operator would.
 """
 
 from twopc.stores.base import (
@@ -15,6 +15,7 @@ from twopc.stores.base import (
     Store,
     StoreUnavailableError,
     execute,
+    for_update,
     lock_rows,
     open_store,
     query,
@@ -30,6 +31,7 @@ __all__ = [
     "StoreStats",
     "StoreUnavailableError",
     "execute",
+    "for_update",
     "lock_rows",
     "open_store",
     "query",

@@ -9,10 +9,12 @@ transaction and returns once that transaction is committed (and, with
 
 Business SQL stays portable by writing it once with named parameters (`:name`) and
 running it through `execute`: SQLite's own driver takes `:name` natively, and
-SQLAlchemy's `text()` compiles the same text for psycopg. Nothing rewrites SQL here;
-each driver reads what it documents. The statements themselves must be in the
-dialects' common subset (standard DML is; DDL often is not, which is why a handler's
-`schema` may be given per dialect).
+SQLAlchemy's `text()` compiles the same text for psycopg, once per text; the
+statement then runs on psycopg directly (`twopc.stores.postgres.run`), since
+SQLAlchemy's execution machinery cost more CPU than the statement. Nothing else
+rewrites SQL here; each driver reads what it documents. The statements themselves
+must be in the dialects' common subset (standard DML is; DDL often is not, which is
+why a handler's `schema` may be given per dialect).
 """
 
 from __future__ import annotations
@@ -131,14 +133,9 @@ def execute(db: Connection, sql: str, params: Mapping[str, Any] | None = None) -
     """
     if isinstance(db, sqlite3.Connection):
         return db.execute(sql, params or {})
-    return db.execute(_text(sql), params or {})
+    from twopc.stores.postgres import run  # the [postgres] extra, only when used
 
-
-@functools.lru_cache(maxsize=512)
-def _text(sql: str) -> Any:
-    import sqlalchemy
-
-    return sqlalchemy.text(sql)
+    return run(db, sql, params)
 
 
 def lock_rows(db: Connection, table: str, column: str, keys: Iterable[Any]) -> None:
@@ -157,6 +154,15 @@ def lock_rows(db: Connection, table: str, column: str, keys: Iterable[Any]) -> N
     sql = f"SELECT 1 FROM {table} WHERE {column} = :key FOR UPDATE"  # identifiers checked above
     for key in sorted(set(keys)):
         execute(db, sql, {"key": key})
+
+
+def for_update(db: Connection, select: str) -> str:
+    """`select` made to lock the rows it reads until the job ends: with `FOR UPDATE`
+    on PostgreSQL (one statement where `lock_rows` and a read are two); as it is on
+    SQLite, whose one writer runs jobs one at a time. Read and lock one table's rows
+    this way, not a join or a subquery: under READ COMMITTED only the locked rows
+    are read again at their latest version once the lock is held."""
+    return select if isinstance(db, sqlite3.Connection) else f"{select} FOR UPDATE"
 
 
 def is_retried(error: BaseException) -> bool:

@@ -35,10 +35,11 @@ its earlier attempt was rolled back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ import sqlalchemy
 import structlog
 from psycopg.pq import TransactionStatus
 from sqlalchemy import event, exc
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
 
 from twopc.errors import ClosedError
@@ -64,6 +66,37 @@ _UNIQUE = "23505"  # unique_violation
 _UNIQUE_RERUNS = 3
 _ISOLATIONS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 _CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # lock_not_available, query_canceled
+
+
+def run(conn: sqlalchemy.Connection, sql: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
+    """Runs `sql` (`:name` parameters) on the psycopg connection under `conn`, in the
+    job's transaction: `twopc.stores.execute` on PostgreSQL.
+
+    SQLAlchemy compiles each text once (`:name` to `%(name)s`, `%` escaped); the
+    statement then goes to psycopg directly (which prepares a statement it sees
+    often), without SQLAlchemy's per-statement execution and result machinery. A
+    driver error is raised as SQLAlchemy would have raised it (`exc.DBAPIError`
+    and its subclasses), so callers and the store's retries see no difference; a
+    connection the error broke is invalidated, so the pool drops it.
+    """
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    try:
+        return raw.execute(_pyformat(sql), params or {})  # type: ignore[no-any-return]
+    except psycopg.Error as e:
+        broken = raw.broken or raw.closed
+        if broken:
+            conn.invalidate(e)
+        raise exc.DBAPIError.instance(sql, params, e, psycopg.Error, connection_invalidated=broken) from e
+
+
+@functools.lru_cache(maxsize=1024)
+def _pyformat(sql: str) -> bytes:
+    """`sql` with psycopg's placeholders, encoded once."""
+    return sqlalchemy.text(sql).compile(dialect=_DIALECT).string.encode()
+
+
+_DIALECT = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
 
 
 def engine_url(url: str) -> sqlalchemy.URL:
