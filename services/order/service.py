@@ -23,7 +23,7 @@ from services.common import (
 from services.order.v1 import order_pb2, order_pb2_grpc
 from twopc import InvalidOperation, NotFound, Participant, Vote, VoteAbort
 from twopc.security import limits
-from twopc.stores import Connection, execute, lock_rows
+from twopc.stores import Connection, execute
 
 # One text for both stores: every type here means the same in SQLite and PostgreSQL.
 SCHEMA = """
@@ -92,19 +92,25 @@ def _items(place: order_pb2.PlaceOrder) -> list[tuple[str, int]]:
     return items
 
 
+# An order with its buyer, in one query: what `_order_of` reads.
+_COLUMNS = "o.order_id, o.account, o.items, o.state, o.txn_id, o.amount, coalesce(b.buyer, '')"
+_JOINED = "orders o LEFT JOIN buyers b ON b.order_id = o.order_id"
+
+
 def _order(db: Connection, order_id: str) -> order_pb2.Order:
     limits.check_id("order_id", order_id)
-    row = execute(
-        db,
-        "SELECT account, items, state, txn_id, amount FROM orders WHERE order_id = :order_id",
-        {"order_id": order_id},
-    ).fetchone()
+    one = f"SELECT {_COLUMNS} FROM {_JOINED} WHERE o.order_id = :order_id"
+    row = execute(db, one, {"order_id": order_id}).fetchone()
     if row is None:
         raise NotFound(f"no order {order_id!r}")
-    account, items, state, txn_id, amount = row
-    bought = execute(db, "SELECT buyer FROM buyers WHERE order_id = :order_id", {"order_id": order_id}).fetchone()
+    return _order_of(row)
+
+
+def _order_of(row: Any) -> order_pb2.Order:
+    """A `_COLUMNS` row as the API's message."""
+    order_id, account, items, state, txn_id, amount, bought = row
     return order_pb2.Order(
-        buyer=bought[0] if bought else "",
+        buyer=bought,
         order_id=order_id,
         account=account,
         items=[order_pb2.Item(sku=s, quantity=q) for s, q in json.loads(items)],
@@ -125,7 +131,33 @@ class OrderHandler:
         place: order_pb2.PlaceOrder = operation
         items = _items(place)
         blob = json.dumps(items)
-        order = {"order_id": place.order_id}
+        # One statement per item reserves it if enough is available. Orders sharing a
+        # product queue on its row (in sku order); PostgreSQL evaluates the condition
+        # again on the row's latest version once it holds the lock, so two buyers of
+        # the last item cannot both reserve it. What a refusal raises rolls it back.
+        short = [
+            sku
+            for sku, quantity in items
+            if execute(
+                db,
+                "UPDATE products SET reserved = reserved + :q WHERE sku = :sku AND on_hand - reserved >= :q",
+                {"q": quantity, "sku": sku},
+            ).rowcount
+            != 1
+        ]
+        order = {
+            "order_id": place.order_id,
+            "account": place.account,
+            "items": blob,
+            "txn_id": txn_id,
+            "at": time.time(),
+            "amount": place.amount,
+        }
+        insert = "INSERT INTO orders VALUES (:order_id, :account, :items, 'PENDING', :txn_id, :at, :amount)"
+        if not short and execute(db, f"{insert} ON CONFLICT (order_id) DO NOTHING", order).rowcount == 1:
+            self._bought(db, place)
+            return Vote.COMMIT
+        # The rare paths: an order id seen before, then short stock or an unknown product.
         known = execute(db, "SELECT account, items, state FROM orders WHERE order_id = :order_id", order).fetchone()
         if known is not None:
             account, old_items, state = known
@@ -133,54 +165,43 @@ class OrderHandler:
                 raise InvalidOperation(f"order {place.order_id!r} exists with other content")
             if state != "CANCELLED":
                 raise VoteAbort(f"order {place.order_id!r} is already {state.lower()}")
-            execute(db, "DELETE FROM orders WHERE order_id = :order_id", order)  # a retry after a cancel
-            execute(db, "DELETE FROM buyers WHERE order_id = :order_id", order)
-        # Orders sharing a product queue here (in sku order); stock is read after the
-        # lock, so two buyers of the last item cannot both see it available.
-        lock_rows(db, "products", "sku", [sku for sku, _ in items])
-        short = []
-        for sku, quantity in items:
-            available = stock(db, sku).available
-            if available < quantity:
-                short.append(f"{sku} available {available}, needed {quantity}")
         if short:
-            raise VoteAbort("out of stock: " + "; ".join(short))
-        for sku, quantity in items:
-            execute(db, "UPDATE products SET reserved = reserved + :q WHERE sku = :sku", {"q": quantity, "sku": sku})
-        execute(
-            db,
-            "INSERT INTO orders VALUES (:order_id, :account, :items, 'PENDING', :txn_id, :at, :amount)",
-            {
-                "order_id": place.order_id,
-                "account": place.account,
-                "items": blob,
-                "txn_id": txn_id,
-                "at": time.time(),
-                "amount": place.amount,
-            },
-        )
-        if place.buyer:
-            execute(db, "INSERT INTO buyers VALUES (:order_id, :buyer)", {**order, "buyer": place.buyer})
+            shortages = []
+            for sku in short:
+                quantity = dict(items)[sku]
+                shortages.append(f"{sku} available {stock(db, sku).available}, needed {quantity}")  # or NotFound
+            raise VoteAbort("out of stock: " + "; ".join(shortages))
+        execute(db, "DELETE FROM orders WHERE order_id = :order_id", order)  # a retry after a cancel
+        execute(db, "DELETE FROM buyers WHERE order_id = :order_id", order)
+        execute(db, insert, order)
+        self._bought(db, place)
         return Vote.COMMIT
 
-    def _items_of(self, db: Connection, txn_id: str) -> list[tuple[str, int]]:
-        (blob,) = execute(db, "SELECT items FROM orders WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
+    @staticmethod
+    def _bought(db: Connection, place: order_pb2.PlaceOrder) -> None:
+        """Records who bought the order (it may read it), if a buyer was named."""
+        if place.buyer:
+            bought = {"order_id": place.order_id, "buyer": place.buyer}
+            execute(db, "INSERT INTO buyers VALUES (:order_id, :buyer)", bought)
+
+    def _decide(self, db: Connection, txn_id: str, state: str) -> list[tuple[str, int]]:
+        """Sets the order's state and returns its items, in one statement."""
+        update = "UPDATE orders SET state = :state WHERE txn_id = :txn_id RETURNING items"
+        ((blob,),) = execute(db, update, {"state": state, "txn_id": txn_id}).fetchall()
         return [(s, q) for s, q in json.loads(blob)]
 
     def commit(self, db: Connection, txn_id: str) -> None:
-        for sku, quantity in self._items_of(db, txn_id):
+        for sku, quantity in self._decide(db, txn_id, "CONFIRMED"):
             execute(
                 db,
                 "UPDATE products SET on_hand = on_hand - :q, reserved = reserved - :q, sold = sold + :q"
                 " WHERE sku = :sku",
                 {"q": quantity, "sku": sku},
             )
-        execute(db, "UPDATE orders SET state = 'CONFIRMED' WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
     def abort(self, db: Connection, txn_id: str) -> None:
-        for sku, quantity in self._items_of(db, txn_id):
+        for sku, quantity in self._decide(db, txn_id, "CANCELLED"):
             execute(db, "UPDATE products SET reserved = reserved - :q WHERE sku = :sku", {"q": quantity, "sku": sku})
-        execute(db, "UPDATE orders SET state = 'CANCELLED' WHERE txn_id = :txn_id", {"txn_id": txn_id})
 
 
 class OrdersApi(order_pb2_grpc.OrdersServicer):
@@ -241,18 +262,19 @@ class OrdersApi(order_pb2_grpc.OrdersServicer):
             if after is not None and (len(after) != 2 or not isinstance(after[0], float | int)):
                 raise InvalidOperation("page_token is not one this list handed out")
             created_at, order_id = after or (float("-inf"), "")
+            # One query for the page, not one per order.
             rows = execute(
                 db,
-                "SELECT created_at, order_id FROM orders WHERE (created_at, order_id) > (:created_at, :order_id)"
-                " AND (:mine = '' OR order_id IN (SELECT order_id FROM buyers WHERE buyer = :mine))"
-                " ORDER BY created_at, order_id LIMIT :limit",
+                f"SELECT o.created_at, {_COLUMNS} FROM {_JOINED}"
+                " WHERE (o.created_at, o.order_id) > (:created_at, :order_id) AND (:mine = '' OR b.buyer = :mine)"
+                " ORDER BY o.created_at, o.order_id LIMIT :limit",
                 {"created_at": created_at, "order_id": order_id, "limit": size + 1, "mine": mine},
             ).fetchall()
             more = len(rows) > size
             rows = rows[:size]
             return order_pb2.ListOrdersResponse(
-                orders=[_order(db, i) for _, i in rows],
-                next_page_token=page_token("orders", *rows[-1]) if more else "",
+                orders=[_order_of(row[1:]) for row in rows],
+                next_page_token=page_token("orders", *rows[-1][:2]) if more else "",
             )
 
         return await api(context, self.store.read(orders))

@@ -105,8 +105,10 @@ class WalletHandler:
         return Vote.COMMIT
 
     def commit(self, db: Connection, txn_id: str) -> None:
-        txn = {"txn_id": txn_id}
-        account, amount = execute(db, "SELECT account, amount FROM holds WHERE txn_id = :txn_id", txn).fetchone()
+        # The hold is taken and read in one statement (RETURNING: both stores have it).
+        ((account, amount),) = execute(
+            db, "DELETE FROM holds WHERE txn_id = :txn_id RETURNING account, amount", {"txn_id": txn_id}
+        ).fetchall()
         execute(
             db,
             "UPDATE accounts SET balance = balance - :amount WHERE account = :account",
@@ -117,7 +119,6 @@ class WalletHandler:
             "INSERT INTO ledger (account, kind, amount, txn_id, at) VALUES (:account, 'debit', :amount, :txn_id, :at)",
             {"account": account, "amount": amount, "txn_id": txn_id, "at": time.time()},
         )
-        execute(db, "DELETE FROM holds WHERE txn_id = :txn_id", txn)
 
     def abort(self, db: Connection, txn_id: str) -> None:
         execute(db, "DELETE FROM holds WHERE txn_id = :txn_id", {"txn_id": txn_id})
