@@ -91,6 +91,26 @@ async def test_fenced_instance_cannot_log_commit(schema: str) -> None:
         assert sql(f"SELECT instance, taken_by, commits FROM {schema}.ownership") == [(a.id, b.id, 1)]
 
 
+async def test_concurrent_commits_are_written_as_one_batch_under_one_fence_check(schema: str) -> None:
+    """COMMIT records written at once share one database transaction (one INSERT: one
+    logged_at, one sync), each lands once and a repeat answers False; a batch of an
+    instance fenced meanwhile writes none of its records."""
+    url = f"{SERVER}?schema={schema}"
+    async with opened(url, lease_s=60) as a, opened(url, lease_s=60) as b:
+        ids = [f"{a.id}:t{i}" for i in range(20)]
+        assert await asyncio.gather(*(a.log_commit(t, ["t1"]) for t in ids)) == [True] * 20
+        assert a.syncs == 1
+        assert sql(f"SELECT count(*), count(DISTINCT logged_at) FROM {schema}.decisions") == [(20, 1)]
+        assert await asyncio.gather(a.log_commit(ids[0], ["t1"]), a.log_commit(f"{a.id}:new", ["t1"])) == [False, True]
+        expire(schema, a.id)
+        await b.take_over()
+        late = await asyncio.gather(
+            *(a.log_commit(f"{a.id}:late{i}", ["t1"]) for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(e, FencedError) for e in late), late
+        assert sql(f"SELECT count(*) FROM {schema}.decisions WHERE txn_id LIKE %s", f"{a.id}:late%") == [(0,)]
+
+
 async def test_outcome_is_pending_until_the_owner_is_taken_over(schema: str) -> None:
     """GetOutcome's rule 4: COMMITTED if logged; PENDING while the owner's row is not
     taken over, even past its expiry; ABORTED once taken over or never known."""

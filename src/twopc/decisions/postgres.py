@@ -28,6 +28,12 @@ transaction belongs to the instance that runs it and its id names that instance
 6. END is not fenced: it is written only after every target acknowledged, and two
    instances delivering one COMMIT send idempotent Commits.
 
+Group commit: COMMIT records of concurrent transactions are written together, one
+batch at a time (those that queue while one is written go in the next): one
+database transaction, one epoch check and one INSERT for the batch, so one WAL
+flush. Rule 2 holds for each record, since each is in a transaction that checked
+the epoch; a batch whose result was not seen is read back record by record (rule 5).
+
 While the database cannot be reached (renewals fail, or the lease ran out by the
 local clock since the last renewal) `check_writable` refuses new transactions;
 phase 2 of logged commits goes on, and END waits for the database.
@@ -43,6 +49,7 @@ import contextlib
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -216,6 +223,8 @@ class PostgresDecisionLog:
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._syncs = 0
         self._closed = False
+        self._commits: list[_Commit] = []  # queued for the next batch
+        self._writing = False  # a batch of COMMIT records is being written
 
     # --- the DecisionLog protocol ----------------------------------------------------
 
@@ -308,26 +317,71 @@ class PostgresDecisionLog:
         """
         if self._fenced is not None:
             raise self._fenced
+        commit = _Commit(txn_id, Jsonb(list(targets)), asyncio.get_running_loop().create_future())
+        commit.written.add_done_callback(_seen)  # its waiter may have been cancelled
+        self._commits.append(commit)
+        if not self._writing:
+            self._writing = True
+            self._spawn(self._write_commits())
+        try:
+            return await asyncio.shield(commit.written)
+        except asyncio.CancelledError:
+            if commit in self._commits:  # not sent yet: withdrawn, never written
+                self._commits.remove(commit)
+            raise
 
-        async def write(cur: Cursor) -> bool:
+    async def _write_commits(self) -> None:
+        """Writes what queued, a batch at a time, until nothing is left."""
+        try:
+            while self._commits:
+                batch, self._commits = self._commits, []
+                await self._write_batch(batch)
+        finally:
+            self._writing = False
+            for commit in self._commits:  # only if this was cancelled (close)
+                commit.written.cancel()
+
+    async def _write_batch(self, batch: list[_Commit]) -> None:
+        async def write(cur: Cursor) -> set[str]:
             await self._check_epoch(cur)
             await cur.execute(
                 f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets) "
-                "VALUES (%s, %s, %s, 'commit', %s) ON CONFLICT DO NOTHING",
-                (txn_id, self._id, self._id, Jsonb(list(targets))),
+                "SELECT txn_id, %s, %s, 'commit', targets FROM unnest(%s::text[], %s::jsonb[]) AS b (txn_id, targets)"
+                " ON CONFLICT DO NOTHING RETURNING txn_id",
+                (self._id, self._id, [c.txn_id for c in batch], [c.targets for c in batch]),
             )
-            return cur.rowcount == 1
+            return {row[0] for row in await cur.fetchall()}
 
         try:
             inserted = await self._run(write)
         except _EpochMovedError:
-            raise self._fence() from None
+            _settle(batch, self._fence())
         except LogUnavailableError as e:
-            _log.warning("decision_write_unseen", txn_id=txn_id, error=str(e))
-            return await self._read_back(txn_id)
-        if inserted:
-            self._syncs += 1
-        return inserted
+            _log.warning("decision_write_unseen", txn_ids=[c.txn_id for c in batch[:8]], error=str(e))
+            await asyncio.gather(*(self._settle_by_reading_back(c) for c in batch))
+        except Exception as e:  # noqa: BLE001 - every waiter hears of it
+            _settle(batch, e)
+        else:
+            if inserted:
+                self._syncs += 1
+            for c in batch:
+                if not c.written.done():
+                    c.written.set_result(c.txn_id in inserted)
+
+    async def _settle_by_reading_back(self, commit: _Commit) -> None:
+        try:
+            logged = await self._read_back(commit.txn_id)
+        except Exception as e:  # noqa: BLE001 - the waiter hears of it
+            _settle([commit], e)
+            return
+        if not commit.written.done():
+            commit.written.set_result(logged)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._abandoned.add(task)  # close() cancels and awaits it with the others
+        task.add_done_callback(self._abandoned.discard)
+        task.add_done_callback(_consume)
 
     async def find(self, txn_id: str) -> CommitRecord | None:
         async def lookup(cur: Cursor) -> tuple[Any, ...] | None:
@@ -599,11 +653,32 @@ class PostgresDecisionLog:
             raise LogUnavailableError(f"the decision log's database is unreachable: {e}") from e
 
 
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """A COMMIT record waiting for its batch."""
+
+    txn_id: str
+    targets: Jsonb
+    written: asyncio.Future[bool]  # True: written now; False: there was one already
+
+
+def _settle(batch: Sequence[_Commit], error: BaseException) -> None:
+    for commit in batch:
+        if not commit.written.done():
+            commit.written.set_exception(error)
+
+
 async def _read_committed(conn: psycopg.AsyncConnection[Any]) -> None:
     """Every rule above reads with a fresh snapshot per statement (the takeover's
     records after its bump, an outcome's record after the epoch): READ COMMITTED,
     whatever the server's default."""
     await conn.set_isolation_level(psycopg.IsolationLevel.READ_COMMITTED)
+
+
+def _seen(future: asyncio.Future[bool]) -> None:
+    """Marks a COMMIT's error as seen."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _consume(task: asyncio.Task[Any]) -> None:
