@@ -279,6 +279,29 @@ async def test_batches_in_flight_lets_that_many_messages_go_out_before_any_retur
     assert participant.messages == [[r.result().txn_id] for r in (first, second, third)]
 
 
+async def test_a_freed_slot_takes_its_share_of_the_prepares_outstanding_not_the_whole_queue(
+    tmp_path: Path, gated: tuple[str, _Gated]
+) -> None:
+    """With two messages in flight, one held and six Prepares queued, the slot that
+    frees takes its share of the seven outstanding (four), not all six; the other
+    two go in the next message."""
+    target, participant = gated
+    async with Coordinator(
+        tmp_path / "d.db", credentials=INSECURE, config=replace(TWO_PHASE, batches_in_flight=2)
+    ) as c:
+        held = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
+        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+        second = asyncio.create_task(c.run([Branch(target, op(key="hold2"))]))
+        await eventually(lambda: len(participant.messages) == 2, what="the second Prepare")
+        rest = [asyncio.create_task(c.run([Branch(target, op(key=f"k{i}"))])) for i in range(6)]
+        await eventually(lambda: queued(c, target) == 6, what="six Prepares queued behind both")
+        participant.gates["hold2"].set()
+        assert all(r.committed for r in await asyncio.gather(second, *rest))
+        participant.gates["hold"].set()
+        assert (await held).committed
+    assert [len(m) for m in participant.messages] == [1, 1, 4, 2]
+
+
 async def test_a_queued_prepare_of_an_aborted_transaction_is_never_sent(
     tmp_path: Path, gated: tuple[str, _Gated], start_kv: Callable[..., Kv]
 ) -> None:

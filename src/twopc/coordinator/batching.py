@@ -82,6 +82,7 @@ class PrepareBatcher:
         self._max_in_flight = in_flight
         self._queue: collections.deque[_Queued] = collections.deque()
         self._in_flight = 0  # messages to this participant now in flight
+        self._items_in_flight = 0  # the Prepares they carry
         self.supported = True  # False once the participant answered UNIMPLEMENTED
 
     async def prepare(
@@ -98,10 +99,12 @@ class PrepareBatcher:
             return await self._unary(request, deadline)
         if self._in_flight < self._max_in_flight and not self._queue:
             self._in_flight += 1
+            self._items_in_flight += 1
             try:
                 return await self._unary(request, deadline)
             finally:
                 self._in_flight -= 1
+                self._items_in_flight -= 1
                 self._next()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[participant_pb2.PrepareResponse] = loop.create_future()
@@ -130,11 +133,19 @@ class PrepareBatcher:
             raise PrepareFailedError(rpc.describe(e)) from e
 
     def _next(self) -> None:
-        """A message slot is free: what queued goes out now, the oldest first."""
+        """A message slot is free: what queued goes out now, the oldest first.
+
+        With several messages in flight, a message carries at most its share of all
+        the Prepares outstanding (queued and in flight, over the slots): otherwise the
+        slot that frees first would take the whole queue, and its items would wait
+        for one long batch while the other slots carry one item each.
+        """
         while self._queue and self._in_flight < self._max_in_flight:
             now = asyncio.get_running_loop().time()
+            share = -(-(len(self._queue) + self._items_in_flight) // self._max_in_flight)
+            limit = min(self._limit, share)
             batch: list[_Queued] = []
-            while self._queue and len(batch) < self._limit:
+            while self._queue and len(batch) < limit:
                 item = self._queue.popleft()
                 if item.future.done():  # withdrawn (decided abort) or expired: never sent
                     continue
@@ -144,6 +155,7 @@ class PrepareBatcher:
                 batch.append(item)
             if batch:
                 self._in_flight += 1
+                self._items_in_flight += len(batch)
                 self._spawn(self._send(batch, now))
 
     async def _send(self, batch: list[_Queued], now: float) -> None:
@@ -151,6 +163,7 @@ class PrepareBatcher:
             await self._send_batch(batch, now)
         finally:
             self._in_flight -= 1
+            self._items_in_flight -= len(batch)
             for item in batch:
                 item.future.cancel()  # only if this was cancelled (close): answered ones are done
             self._next()

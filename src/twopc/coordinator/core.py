@@ -849,6 +849,7 @@ class _CommitBatcher:
         self._target = target
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._senders = 0  # sender tasks running
+        self._sending = 0  # Commits in their messages now in flight
         self._direct = 0  # lone Commits in flight from their callers' tasks
         self._max_in_flight = coordinator.config.batches_in_flight
         self.supported = True
@@ -905,16 +906,22 @@ class _CommitBatcher:
 
     async def _send(self) -> None:
         stub = self._coordinator._stub(self._target)
-        limit = self._coordinator.config.max_commit_batch
         batch: dict[str, asyncio.Future[None]] = {}
         try:
             while self._pending:
+                # Its share of the Commits outstanding, over the messages that may be in
+                # flight (as PrepareBatcher does): no one long batch beside short ones.
+                share = -(-(len(self._pending) + self._sending) // self._max_in_flight)
+                limit = min(self._coordinator.config.max_commit_batch, share)
                 if len(self._pending) <= limit:
                     batch, self._pending = self._pending, {}
                 else:  # the oldest first; the rest wait for the next message
                     batch = {t: self._pending.pop(t) for t in list(itertools.islice(self._pending, limit))}
                 self._coordinator.messages_sent += 1
                 request = participant_pb2.CommitManyRequest(txn_ids=list(batch))
+                sending = len(batch)
+                self._sending += sending
+                self._spawn_sender()  # what is left goes out beside this one, if a slot is free
                 try:
                     reply = await stub.CommitMany(
                         request, timeout=self._coordinator.config.rpc_timeout_s, wait_for_ready=True
@@ -926,6 +933,8 @@ class _CommitBatcher:
                 except Exception as e:  # noqa: BLE001 - every waiter hears of it
                     _settle(batch, e)
                     continue
+                finally:
+                    self._sending -= sending
                 for txn_id, reason in reply.refused.items():
                     refused = batch.pop(txn_id, None)
                     if refused is not None:
