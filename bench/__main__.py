@@ -154,6 +154,7 @@ class Settings:
     pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
     postgres: bool = True  # the wallet+order rows on a private PostgreSQL server
     postgres_only: bool = False  # only the floor and the two-branch PostgreSQL rows (and durable, their anchor)
+    pg_batches_in_flight: int = 8  # CoordinatorConfig.batches_in_flight for participants on PostgreSQL
     coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
 
 
@@ -253,11 +254,12 @@ async def twopc_phase(
     observers: Sequence[Observer] = (),
     server_syncs: Callable[[], int] | None = None,
     db: Db | None = None,
+    batches_in_flight: int = 1,
 ) -> Row:
     """`server_syncs`: the participants' forced writes, counted at their shared
     database server (PostgreSQL) rather than in each process; `db`: that server's
     statements and CPU so far."""
-    config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2])
+    config = CoordinatorConfig(phase2_wait_s=PHASE2_WAIT_S[phase2], batches_in_flight=batches_in_flight)
     async with Coordinator(
         log_path, credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=observers
     ) as coordinator:
@@ -409,9 +411,18 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                     if system == "durable+pglog":
                         pg_schemas.append(f"bench_{os.getpid()}_{len(rows)}")
                         log = f"{s.pg_log}?schema={pg_schemas[-1]}"
-                    wal, counted = (fleet.wal_syncs, db) if system in on_postgres else (None, None)
+                    on_pg = system in on_postgres
                     row = await twopc_phase(
-                        system, participants, branches, c, phase2, s, log, server_syncs=wal, db=counted
+                        system,
+                        participants,
+                        branches,
+                        c,
+                        phase2,
+                        s,
+                        log,
+                        server_syncs=fleet.wal_syncs if on_pg else None,
+                        db=db if on_pg else None,
+                        batches_in_flight=s.pg_batches_in_flight if on_pg else 1,
                     )
                     row.compare(floor)
                     if c == 1 and n == 2 and disk is not None:
@@ -760,6 +771,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"only two branches: the floor, {PLAIN}, wo-postgres, wo-pg-adapter, durable and durable+pglog",
     )
     p.add_argument(
+        "--pg-batches-in-flight",
+        type=int,
+        default=Settings.pg_batches_in_flight,
+        help="batches in flight to each participant on PostgreSQL (CoordinatorConfig.batches_in_flight;"
+        " default %(default)s)",
+    )
+    p.add_argument(
         "--phase2",
         default="ack,commit-point",
         help="twopc modes: ack (default phase2_wait_s) and/or commit-point (phase2_wait_s=0); default both",
@@ -811,6 +829,7 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
             args.pg_log,
             postgres=not args.no_postgres,
             postgres_only=args.postgres_only,
+            pg_batches_in_flight=args.pg_batches_in_flight,
         )
         result["settings"] = asdict(settings)
         result |= await benchmark(fleet, settings)

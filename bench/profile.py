@@ -33,6 +33,8 @@ from twopc.observe import logconfig
 
 AREAS = (  # first match wins: the path fragment py-spy shows, and the area it belongs to
     ("twopc/store", "twopc store"),
+    ("sqlalchemy/", "sqlalchemy"),
+    ("psycopg", "psycopg"),
     ("twopc/", "twopc"),
     ("services/", "services"),
     ("bench/", "bench"),
@@ -100,6 +102,9 @@ async def profile(args: argparse.Namespace, fleet: Fleet, out: Path) -> None:
     if args.system == "wallet+order":
         participants, the_shop = await fleet.shop(c)
         branches = the_shop.purchase
+    elif args.system in ("wo-postgres", "wo-pg-adapter"):
+        participants, the_shop = (await fleet.on_postgres(c))[0][args.system]
+        branches = the_shop.purchase
     elif args.system == "floor":
         participants = fleet.floors(args.branches)
         branches = fixed_branches(participants, durable.operation())
@@ -149,7 +154,8 @@ def main() -> None:
     p = argparse.ArgumentParser(
         prog="python -m bench.profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--system", choices=["wallet+order", "durable", "floor"], default="wallet+order")
+    systems = ["wallet+order", "wo-postgres", "wo-pg-adapter", "durable", "floor"]
+    p.add_argument("--system", choices=systems, default="wallet+order")
     p.add_argument("--branches", type=int, default=2, help="participants for durable and floor (default 2)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--phase2", choices=["ack", "commit-point"], default="ack")
