@@ -112,7 +112,8 @@ async def profile(args: argparse.Namespace, fleet: Fleet, out: Path) -> None:
         participants = fleet.durables(args.branches)
         branches = fixed_branches(participants, durable.operation())
     config = CoordinatorConfig(
-        phase2_wait_s=0.0 if args.phase2 == "commit-point" else CoordinatorConfig().phase2_wait_s
+        phase2_wait_s=0.0 if args.phase2 == "commit-point" else CoordinatorConfig().phase2_wait_s,
+        batches_in_flight=args.batches_in_flight,
     )
     async with Coordinator(
         fleet.workdir / "decisions.db", credentials=Credentials.insecure(), listen="127.0.0.1:0", config=config
@@ -156,6 +157,7 @@ def main() -> None:
     )
     systems = ["wallet+order", "wo-postgres", "wo-pg-adapter", "durable", "floor"]
     p.add_argument("--system", choices=systems, default="wallet+order")
+    p.add_argument("--batches-in-flight", type=int, default=1, help="CoordinatorConfig.batches_in_flight")
     p.add_argument("--branches", type=int, default=2, help="participants for durable and floor (default 2)")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--phase2", choices=["ack", "commit-point"], default="ack")
