@@ -654,12 +654,26 @@ def table(result: dict[str, Any]) -> str:
 # --- memory ----------------------------------------------------------------------------
 
 
-async def memory(fleet: Fleet, *, txns: int, baseline: int, concurrency: int) -> dict[str, Any]:
+async def memory(
+    fleet: Fleet,
+    *,
+    txns: int,
+    baseline: int,
+    concurrency: int,
+    system: str = "wallet+order",
+    batches_in_flight: int = 1,
+) -> dict[str, Any]:
     """Runs `txns` transactions; RSS of the coordinator (this process) and of each
-    participant after `baseline` transactions and after all, sampled every `baseline`."""
+    participant after `baseline` transactions and after all, sampled every `baseline`.
+    `system` "wo-postgres" runs the wallet and order services on a private PostgreSQL
+    server (its processes' RSS is reported, not judged: shared buffers fill as they
+    are touched)."""
     why_no_shop = shop.missing()
     branches: Callable[[int], list[Branch]]
-    if why_no_shop:
+    if system == "wo-postgres":
+        participants, the_shop = (await fleet.on_postgres(concurrency))[0][system]
+        branches = the_shop.purchase
+    elif why_no_shop:
         progress(f"memory: wallet+order {why_no_shop}; using 2 durable participants")
         participants = fleet.durables(2)
         branches = fixed_branches(participants, durable.operation())
@@ -674,9 +688,14 @@ async def memory(fleet: Fleet, *, txns: int, baseline: int, concurrency: int) ->
     async def sample(done: int) -> None:
         rss = {"coordinator": rss_kb()} | {p.name: rss_kb(p.pid) for p in participants}
         samples.append({"txns": done, "elapsed_s": round(time.perf_counter() - started, 1), "rss_kb": rss})
+        if fleet.postgres is not None:
+            samples[-1]["postgres_rss_kb"] = sum(rss_kb(pid) for pid in fleet.postgres.pids())
         progress(f"memory: {done} txns, {samples[-1]['elapsed_s']} s, RSS KiB {rss}")
 
-    async with Coordinator(fleet.workdir / "decisions-memory.db", credentials=INSECURE, listen="127.0.0.1:0") as coord:
+    config = CoordinatorConfig(batches_in_flight=batches_in_flight)
+    async with Coordinator(
+        fleet.workdir / "decisions-memory.db", credentials=INSECURE, listen="127.0.0.1:0", config=config
+    ) as coord:
 
         async def txn(i: int) -> bool:
             return (await coord.run(branches(i))).committed
@@ -797,6 +816,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     m.add_argument("--memory-txns", type=int, default=100_000, help="transactions in all (default 100000)")
     m.add_argument("--memory-baseline", type=int, default=10_000, help="RSS baseline after this many (default 10000)")
     m.add_argument("--memory-concurrency", type=int, default=64, help="callers in flight (default 64)")
+    m.add_argument(
+        "--memory-system",
+        choices=["wallet+order", "wo-postgres"],
+        default="wallet+order",
+        help="the services on SQLite (default) or on a private PostgreSQL server",
+    )
     args = p.parse_args(argv)
     args.phase2 = [x.strip() for x in args.phase2.split(",") if x.strip()]
     if not args.phase2 or set(args.phase2) - set(PHASE2_WAIT_S):
@@ -814,9 +839,15 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
     if (load := result["machine"]["loadavg_at_start"][0]) > 1.0:
         progress(f"note: load average {load:.1f} before starting: other work on this machine will skew the figures")
     if args.memory:
-        result["settings"] = {k: getattr(args, k) for k in ("memory_txns", "memory_baseline", "memory_concurrency")}
+        keys = ("memory_txns", "memory_baseline", "memory_concurrency", "memory_system")
+        result["settings"] = {k: getattr(args, k) for k in keys}
         result["memory"] = await memory(
-            fleet, txns=args.memory_txns, baseline=args.memory_baseline, concurrency=args.memory_concurrency
+            fleet,
+            txns=args.memory_txns,
+            baseline=args.memory_baseline,
+            concurrency=args.memory_concurrency,
+            system=args.memory_system,
+            batches_in_flight=args.pg_batches_in_flight if args.memory_system == "wo-postgres" else 1,
         )
     else:
         settings = Settings(
@@ -847,6 +878,8 @@ def memory_report(m: dict[str, Any]) -> str:
     ]
     for name, growth in m["growth"].items():
         lines.append(f"{name:<14}{first['rss_kb'][name]:>18}{last['rss_kb'][name]:>18}{growth:>9.1%}")
+    if "postgres_rss_kb" in last:
+        lines.append(f"{'postgres':<14}{first['postgres_rss_kb']:>18}{last['postgres_rss_kb']:>18}  (not judged)")
     lines.append(f"within 10%: {'yes' if m['within_10_percent'] else 'NO'}")
     return "\n".join(lines)
 
