@@ -154,7 +154,7 @@ class Settings:
     pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
     postgres: bool = True  # the wallet+order rows on a private PostgreSQL server
     postgres_only: bool = False  # only the floor and the two-branch PostgreSQL rows (and durable, their anchor)
-    pg_batches_in_flight: int = 8  # CoordinatorConfig.batches_in_flight for participants on PostgreSQL
+    pg_batches_in_flight: int = 4  # CoordinatorConfig.batches_in_flight for participants on PostgreSQL
     coordinator_config: dict[str, Any] = field(default_factory=lambda: asdict(CoordinatorConfig()))
 
 

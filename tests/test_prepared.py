@@ -119,6 +119,20 @@ async def test_a_row_held_by_a_prepared_transaction_makes_others_vote_abort(loca
     assert local.balance() == 60 and local.prepared() == []
 
 
+async def test_commit_many_spread_over_connections_commits_each_and_reports_every_refusal(local: Local) -> None:
+    """A CommitMany's COMMIT PREPAREDs run on several connections at once: the prepared
+    one commits, and the refusals of every lane come back (an aborted one, one never
+    prepared), each with its reason."""
+    await local.stub.Abort(participant_pb2.AbortRequest(txn_id="t0"), timeout=5)
+    await local.stub.Prepare(debit("t1", 30), timeout=5)
+    reply = await local.stub.CommitMany(participant_pb2.CommitManyRequest(txn_ids=["t0", "t1", "never"]), timeout=5)
+    assert dict(reply.refused) == {
+        "t0": "cannot commit t0: already aborted",
+        "never": "cannot commit never: never prepared here",
+    }
+    assert local.balance() == 70 and local.prepared() == []
+
+
 async def test_in_doubt_prepared_transactions_are_resolved_by_asking(pg_url: str, coordinator: Coordinator) -> None:
     """A prepared transaction left undecided is found in pg_prepared_xacts (and
     reported to observers), the coordinator is asked (unknown there: ABORTED) and it is rolled back."""

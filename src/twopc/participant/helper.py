@@ -531,10 +531,7 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
         await rpc.validate(context, lambda: _check_commit_many(request.txn_ids))
         crash_point("participant.before_commit")
         try:
-            refused = await self.store.write(
-                functools.partial(self._commit_many_tx, list(request.txn_ids)),
-                inline_if_idle=len(request.txn_ids) <= INLINE_MAX_ITEMS,
-            )
+            refused = await self._commit_many(list(request.txn_ids))
         except (DurabilityError, StoreUnavailableError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"participant store failed: {e}")
         except Exception as e:  # noqa: BLE001 - a business commit that raises; loud, never UNKNOWN
@@ -544,6 +541,13 @@ class Participant(participant_pb2_grpc.ParticipantServicer):
             for txn_id in set(request.txn_ids).difference(refused):
                 self.observers.emit(EventKind.APPLIED, txn_id, outcome=Outcome.COMMITTED)
         return participant_pb2.CommitManyResponse(refused=refused)
+
+    async def _commit_many(self, txn_ids: list[str]) -> dict[str, str]:
+        """Commits a CommitMany's transactions; returns the refused ones, with why.
+        Here in one local transaction: one fsync for the batch."""
+        job = functools.partial(self._commit_many_tx, txn_ids)
+        refused: dict[str, str] = await self.store.write(job, inline_if_idle=len(txn_ids) <= INLINE_MAX_ITEMS)
+        return refused
 
     async def Abort(  # noqa: N802 - the RPC's name
         self, request: participant_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
