@@ -380,7 +380,8 @@ async def run(opts: Options) -> Result:
                 workdir,
                 settings,
                 hosts=hosts,
-                shop_args=["--net-faults", net_faults],
+                # On PostgreSQL the participants' pools take several batches at once.
+                shop_args=["--net-faults", net_faults, *(["--batches-in-flight", "4"] if stores else [])],
                 wallet_module=opts.wallet_module,
                 tls=opts.tls,
                 log_url=log_url,

@@ -291,7 +291,11 @@ async def serve(args: Any) -> None:
         | grant(args.purchasers, "shop.v1.Shop", "Purchase", "GetPurchase")
         | operations_rules(args.purchasers)  # health and reflection
     )
-    config = CoordinatorConfig(prepare_timeout_s=args.prepare_timeout_s, phase2_wait_s=args.phase2_wait_s)
+    config = CoordinatorConfig(
+        prepare_timeout_s=args.prepare_timeout_s,
+        phase2_wait_s=args.phase2_wait_s,
+        batches_in_flight=args.batches_in_flight,
+    )
     # Under TLS each participant is an identity at an address: a bare address means
     # the service's usual name, so an impostor there fails the handshake.
     wallet, orders = (
@@ -369,6 +373,13 @@ def main() -> None:
     p.add_argument("--prepare-timeout-s", type=float, default=2.0, help="phase-1 deadline (default %(default)s)")
     p.add_argument(
         "--phase2-wait-s", type=float, default=5.0, help="wait this long for Commit acks (default %(default)s)"
+    )
+    p.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=1,
+        help="PrepareMany/CommitMany messages in flight to each service at once; 4 when they are on PostgreSQL"
+        " (default %(default)s)",
     )
     g = p.add_argument_group("authorization (client certificate names; comma-separated; '*' = any)")
     g.add_argument(
