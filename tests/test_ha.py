@@ -93,14 +93,16 @@ async def test_fenced_instance_cannot_log_commit(schema: str) -> None:
 
 async def test_concurrent_commits_are_written_as_one_batch_under_one_fence_check(schema: str) -> None:
     """COMMIT records written at once share one database transaction (one INSERT: one
-    logged_at, one sync), each lands once and a repeat answers False; a batch of an
-    instance fenced meanwhile writes none of its records."""
+    logged_at, one sync), and so do their ENDs; each lands once and a repeat answers
+    False; a batch of an instance fenced meanwhile writes none of its records."""
     url = f"{SERVER}?schema={schema}"
     async with opened(url, lease_s=60) as a, opened(url, lease_s=60) as b:
         ids = [f"{a.id}:t{i}" for i in range(20)]
         assert await asyncio.gather(*(a.log_commit(t, ["t1"]) for t in ids)) == [True] * 20
         assert a.syncs == 1
         assert sql(f"SELECT count(*), count(DISTINCT logged_at) FROM {schema}.decisions") == [(20, 1)]
+        await asyncio.gather(*(a.log_end(t) for t in ids))  # ENDs too: one UPDATE
+        assert sql(f"SELECT count(*), count(DISTINCT ended_at) FROM {schema}.decisions") == [(20, 1)]
         again = await asyncio.gather(a.log_commit(ids[0], ["t1"]), a.log_commit(f"{a.id}:new", ["t1"]))
         assert list(again) == [False, True]
         expire(schema, a.id)

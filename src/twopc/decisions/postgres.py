@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -225,6 +226,8 @@ class PostgresDecisionLog:
         self._closed = False
         self._commits: list[_Commit] = []  # queued for the next batch
         self._writing = False  # a batch of COMMIT records is being written
+        self._ends: list[tuple[str, asyncio.Future[bool]]] = []  # ENDs queued for the next batch
+        self._ending = False  # a batch of ENDs is being written
 
     # --- the DecisionLog protocol ----------------------------------------------------
 
@@ -397,21 +400,49 @@ class PostgresDecisionLog:
 
     async def log_end(self, txn_id: str) -> None:
         """Marks the record ended, waiting (with backoff) for the database if it is
-        down: phase 2 is done, and nobody waits for END."""
+        down: phase 2 is done, and nobody waits for END.
 
-        async def end(cur: Cursor) -> None:
-            await cur.execute(
-                f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = %s", (txn_id,)
-            )
+        ENDs that queue while one batch is written go together in the next: one
+        transaction per batch, not forced (as on SQLite: a lost END only means the
+        Commits are sent again, idempotent). One transaction each held the pool's
+        connections from the COMMIT writes: with ENDs the log made a tenth of the
+        commits a second it made without.
+        """
+        ended = asyncio.get_running_loop().create_future()
+        ended.add_done_callback(_seen)
+        self._ends.append((txn_id, ended))
+        if not self._ending:
+            self._ending = True
+            self._spawn(self._write_ends())
+        await asyncio.shield(ended)
 
-        delay = 0.05
-        while True:
-            try:
-                await self._run(end)
-                return
-            except LogUnavailableError:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 2.0)
+    async def _write_ends(self) -> None:
+        batch: list[tuple[str, asyncio.Future[bool]]] = []
+        try:
+            while self._ends:
+                batch, self._ends = self._ends, []
+                end = functools.partial(self._end, [txn_id for txn_id, _ in batch])
+                delay = 0.05
+                while True:
+                    try:
+                        await self._run(end)
+                        break
+                    except LogUnavailableError:
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                        delay = min(delay * 2, 2.0)
+                for _, ended in batch:
+                    if not ended.done():
+                        ended.set_result(True)
+        finally:
+            self._ending = False
+            for _, ended in (*batch, *self._ends):  # only if this was cancelled (close)
+                ended.cancel()
+
+    async def _end(self, txn_ids: list[str], cur: Cursor) -> None:
+        await cur.execute("SET LOCAL synchronous_commit = off")
+        await cur.execute(
+            f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = ANY(%s)", (txn_ids,)
+        )
 
     async def outcome(self, txn_id: str) -> Outcome:
         owner = txn_id.split(":", 1)[0] if ":" in txn_id else ""
