@@ -134,12 +134,19 @@ class PlainShop:
             await channel.close(None)
 
 
-async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def service_parser(description: str | None) -> argparse.ArgumentParser:
+    """The command line of a bench server for the wallet's or the order service's
+    business on PostgreSQL (this one and `bench.prepared`)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--service", choices=["wallet", "order"], required=True)
     p.add_argument("--db", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    return p
+
+
+async def main() -> None:
+    p = service_parser(__doc__)
     p.add_argument("--pool-size", type=int, default=16, help="connections (default %(default)s, as PostgresStore)")
     args = p.parse_args()
     import psycopg_pool

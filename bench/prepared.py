@@ -9,12 +9,12 @@ as they are and ended by PREPARE TRANSACTION. For the benchmark's adapter rows.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
 from typing import Any
 
+from bench.plain import service_parser
 from services.order.v1 import order_pb2
 from services.wallet.v1 import wallet_pb2
 from twopc import Credentials, Vote, VoteAbort
@@ -75,11 +75,7 @@ class Orders:
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--service", choices=["wallet", "order"], required=True)
-    p.add_argument("--db", required=True)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
+    p = service_parser(__doc__)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--insecure", action="store_true", help="plaintext (the benchmark's loopback)")
     args = p.parse_args()

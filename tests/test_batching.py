@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from tests.apps.kv import KV
 from tests.conftest import FAST, INSECURE, Kv, eventually, listening, op, txn_state
-from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog
+from twopc import Branch, Coordinator, Outcome, Participant, ParticipantConfig, SqliteDecisionLog, TransactionResult
 from twopc.dev.testing import query
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
@@ -255,6 +255,18 @@ async def test_prepares_queued_behind_one_in_flight_share_the_next_message(
     assert sorted(t for m in participant.messages for t in m) == sorted(r.txn_id for r in results)
 
 
+async def two_held(
+    c: Coordinator, target: str, participant: _Gated
+) -> tuple[asyncio.Task[TransactionResult], asyncio.Task[TransactionResult]]:
+    """Two transactions whose Prepares are both at the participant, held at the
+    gates "hold" and "hold2" (two messages in flight)."""
+    first = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
+    await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
+    second = asyncio.create_task(c.run([Branch(target, op(key="hold2"))]))
+    await eventually(lambda: len(participant.messages) == 2, what="the second Prepare beside the first")
+    return first, second
+
+
 async def test_batches_in_flight_lets_that_many_messages_go_out_before_any_returns(
     tmp_path: Path, gated: tuple[str, _Gated]
 ) -> None:
@@ -265,10 +277,7 @@ async def test_batches_in_flight_lets_that_many_messages_go_out_before_any_retur
     async with Coordinator(
         tmp_path / "d.db", credentials=INSECURE, config=replace(TWO_PHASE, batches_in_flight=2)
     ) as c:
-        first = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
-        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
-        second = asyncio.create_task(c.run([Branch(target, op(key="hold2"))]))
-        await eventually(lambda: len(participant.messages) == 2, what="the second Prepare beside the first")
+        first, second = await two_held(c, target, participant)
         third = asyncio.create_task(c.run([Branch(target, op(key="x"))]))
         await eventually(lambda: queued(c, target) == 1, what="the third queued behind both")
         participant.gates["hold2"].set()
@@ -289,10 +298,7 @@ async def test_a_freed_slot_takes_its_share_of_the_prepares_outstanding_not_the_
     async with Coordinator(
         tmp_path / "d.db", credentials=INSECURE, config=replace(TWO_PHASE, batches_in_flight=2)
     ) as c:
-        held = asyncio.create_task(c.run([Branch(target, op(key="hold"))]))
-        await eventually(lambda: len(participant.messages) == 1, what="the first Prepare")
-        second = asyncio.create_task(c.run([Branch(target, op(key="hold2"))]))
-        await eventually(lambda: len(participant.messages) == 2, what="the second Prepare")
+        held, second = await two_held(c, target, participant)
         rest = [asyncio.create_task(c.run([Branch(target, op(key=f"k{i}"))])) for i in range(6)]
         await eventually(lambda: queued(c, target) == 6, what="six Prepares queued behind both")
         participant.gates["hold2"].set()
