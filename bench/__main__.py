@@ -228,14 +228,18 @@ async def store_phases(workdir: Path, s: Settings) -> list[Row]:
     ]
 
 
-async def plain_phase(plain: PlainShop, servers: Sequence[Service], concurrency: int, s: Settings, db: Db) -> Row:
+async def plain_phase(
+    plain: PlainShop, servers: Sequence[Service], concurrency: int, s: Settings, db: Db, wal_syncs: Callable[[], int]
+) -> Row:
     """The purchase without twopc: two plain unary RPCs, one PostgreSQL transaction each."""
     await drive(plain.purchase, concurrency=concurrency, duration_s=s.warmup_s)
-    cpu, counted = _cpu(servers), db()
+    cpu, counted, syncs = _cpu(servers), db(), wal_syncs()
     run = await drive(plain.purchase, concurrency=concurrency, duration_s=s.duration_s)
     row = Row.of(run, concurrency=concurrency, system=PLAIN, branches=2, phase2="-")
     row.cpu(cpu, _cpu(servers))
     row.database(counted, db())
+    if run.committed:  # the server's WAL flushes, per service (as for the twopc rows on it)
+        row.participant_fsyncs_per_txn = round((wal_syncs() - syncs) / run.committed / 2, 3)
     return row
 
 
@@ -393,7 +397,7 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
             floor = await floor_phase(floors[:n], c, s)
             done(floor)
             if n == 2 and plain is not None:
-                row = await plain_phase(plain, fleet.plain, c, s, db)
+                row = await plain_phase(plain, fleet.plain, c, s, db, fleet.wal_syncs)
                 row.compare(floor)
                 done(row)
             cases: list[tuple[str, Sequence[Service], Callable[[int], list[Branch]]]] = []
