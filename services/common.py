@@ -23,6 +23,7 @@ from twopc import (
     ParticipantConfig,
     ParticipantHandler,
 )
+from twopc.errors import ClosedError
 from twopc.observe import JsonLines, Observers
 from twopc.observe.health import PARTICIPANT_SERVICE, Health
 from twopc.observe.logconfig import configure as configure_logs
@@ -30,7 +31,7 @@ from twopc.observe.tracing import Tracing
 from twopc.ops import metrics
 from twopc.security import limits
 from twopc.security.auth import ANYONE, Policy, operations_rules, participant_rules, peer_identities
-from twopc.stores import ConflictError, StoreUnavailableError
+from twopc.stores import ConflictError, StoreSetupError, StoreUnavailableError
 
 _log = structlog.get_logger("services")
 
@@ -320,24 +321,26 @@ def run_participant(
     )
 
     async def serve() -> None:
-        async with participant(handler, args.db, credentials=creds, config=config) as p:
-            health = Health([PARTICIPANT_SERVICE, *services])
-            health.watch(p.store.wait_failed)
-            metrics.ParticipantMetrics(p)
-            observe(p.observers, args, health=health)
-            traced = tracing(args)
-            await p.serve(
-                f"{args.host}:{args.port}",
-                services=[lambda server: add_api(server, p, Readers(args.readers, creds.secure))],
-                grace_s=args.grace_s,
-                health=health,
-                interceptors=[traced.server_interceptor()] if traced else [],
-                policy=policy(creds, rules),
-            )
+        # Not entered: `serve` opens the store itself, and waits (NOT_SERVING) for a
+        # PostgreSQL that is down or still starting.
+        p = participant(handler, args.db, credentials=creds, config=config)
+        health = Health([PARTICIPANT_SERVICE, *services])
+        health.watch(p.wait_failed)
+        metrics.ParticipantMetrics(p)
+        observe(p.observers, args, health=health)
+        traced = tracing(args)
+        await p.serve(
+            f"{args.host}:{args.port}",
+            services=[lambda server: add_api(server, p, Readers(args.readers, creds.secure))],
+            grace_s=args.grace_s,
+            health=health,
+            interceptors=[traced.server_interceptor()] if traced else [],
+            policy=policy(creds, rules),
+        )
 
     try:
         asyncio.run(serve())
-    except (ValueError, StoreUnavailableError) as e:  # a bad --db URL, a server out of reach: one line
+    except (ValueError, StoreSetupError, StoreUnavailableError) as e:  # a bad --db URL, refused for good: one line
         raise SystemExit(f"error: {e}") from None
 
 
@@ -351,6 +354,7 @@ _STATUS = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     ConflictError: grpc.StatusCode.ABORTED,  # PostgreSQL: kept losing to concurrent calls; retry
     StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,  # PostgreSQL: unreachable, or the outcome unknown
+    ClosedError: grpc.StatusCode.UNAVAILABLE,  # the store is not open yet (its database is starting)
 }
 
 

@@ -18,10 +18,11 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 import twopc
-from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, Participant, rpc
+from twopc import Branch, Coordinator, CoordinatorConfig, Credentials, rpc
 from twopc.dev import pgserver
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, query, wait_until
+from twopc.participant import ParticipantBase
 from twopc.v1 import participant_pb2, participant_pb2_grpc
 
 # Every level, so that tests can capture the hot path's debug events (capture_logs).
@@ -134,7 +135,7 @@ class Served:
     """A participant served in this process on port 0, a stub to call it, and the URL
     (or path) of its store, to read it as an auditor would."""
 
-    participant: Participant
+    participant: ParticipantBase
     stub: participant_pb2_grpc.ParticipantAsyncStub
     url: str
 
@@ -160,7 +161,7 @@ async def listening(add: Callable[[grpc.aio.Server], object], interceptors: Sequ
 
 
 @contextlib.asynccontextmanager
-async def serve(participant: Participant, url: str, kind: type[S]) -> AsyncIterator[S]:
+async def serve(participant: ParticipantBase, url: str, kind: type[S]) -> AsyncIterator[S]:
     """Opens `participant`, serves it on a gRPC server on port 0, and yields `kind`."""
     async with (
         participant,

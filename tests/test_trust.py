@@ -118,10 +118,14 @@ async def test_undecided_prepares_per_coordinator_are_capped(tmp_path: Path, wal
 
 
 def test_the_caller_s_own_name_is_a_trusted_coordinator() -> None:
-    """Under mutual TLS a coordinator may name itself; no one else, and no one without a name."""
+    """Under mutual TLS with no coordinator configured, a coordinator may name itself;
+    no one else, and no one without a name. A configured list is the whole list: the
+    caller's own name outside it is refused."""
+    trust.admit(ParticipantConfig(trusted_coordinators=frozenset()), "shop:7000", False, ["shop"])
     config = ParticipantConfig(trusted_coordinators=frozenset({"10.0.0.1:7000"}))
     trust.admit(config, "10.0.0.1:7000", False, [])
-    trust.admit(config, "shop:7000", False, ["shop"])
+    with pytest.raises(trust.Refused, match="does not trust"):
+        trust.admit(config, "shop:7000", False, ["shop"])
     trust.admit(config, "", True, [])  # one-phase: decided at once, nobody to ask
     with pytest.raises(trust.Refused, match="does not trust"):
         trust.admit(config, "evil:7000", False, ["shop"])

@@ -179,15 +179,18 @@ class ParticipantConfig:
         trusted_coordinators: the coordinators a Prepare may name, each an
             identity at an address ("shop@host:port"; a bare "host:port" takes the
             mutually authenticated caller's name). A Prepare naming another address
-            is refused (PERMISSION_DENIED), unless its host is the caller's own
-            name. The resolver believes only a server holding that identity's
+            is refused (PERMISSION_DENIED), even one whose host is the caller's own
+            name: a configured list is the whole list. The resolver believes only a server holding that identity's
             certificate at that address (`twopc.participant.trust`). None: under
             TLS, any address the caller names, bound to the caller's identity;
             under plaintext, every address (tests and loopback demos only).
         allow_no_coordinator: accept a two-phase Prepare with no coordinator
             address (nobody to ask if it is left in doubt). Refused by default.
         max_undecided_per_coordinator: prepared, undecided transactions one
-            coordinator may hold here; past it Prepare answers RESOURCE_EXHAUSTED.
+            coordinator may hold here, counted per its authenticated identity
+            under mutual TLS (its certificate's name, whatever addresses it
+            names), per the address it names otherwise; past it Prepare answers
+            RESOURCE_EXHAUSTED.
         resolve_concurrency: coordinators asked at once by the in-doubt resolver.
         resolve_backoff_max_s: ceiling of the per-coordinator backoff while a
             coordinator does not answer (it starts at `resolve_interval_s`).

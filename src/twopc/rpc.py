@@ -318,6 +318,7 @@ async def serve(
     services: Sequence[Callable[[grpc.aio.Server], None]],
     *,
     failed: Callable[[], Awaitable[BaseException]] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
     on_bound: Callable[[str], None] | None = None,
     grace_s: float = 1.0,
     health: Health | None = None,
@@ -337,6 +338,10 @@ async def serve(
     refuses new work while work in progress finishes, then the server stops; all
     within `grace_s`, after which RPCs still in flight are cancelled.
 
+    With `ready` (a participant whose database is not up yet), the server answers
+    at once, `health` says NOT_SERVING until `ready()` returns, then SERVING; if
+    `ready()` raises, the server stops and its error is raised.
+
     `interceptors` are server interceptors (tracing...). With a `policy`, every call
     passes `twopc.security.auth.Authorizer` first (mutual TLS), before any other interceptor.
     """
@@ -350,10 +355,16 @@ async def serve(
     if on_bound is not None:
         on_bound(where)
     await srv.start()
-    if health is not None:
-        await health.serving()
+    signalled = asyncio.ensure_future(until_signalled())
+    waits: set[asyncio.Future[Any]] = {signalled}
+    opening: asyncio.Future[None] | None = None
+    if ready is None:
+        if health is not None:
+            await health.serving()
+    else:
+        opening = asyncio.ensure_future(_serving_once(ready, health))
+        waits.add(opening)
     announce_ready(where)
-    waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(until_signalled())}
     failure: asyncio.Future[BaseException] | None = None
     if failed is not None:
         failure = asyncio.ensure_future(failed())
@@ -362,7 +373,7 @@ async def serve(
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         stopping = time.monotonic()
-        if failure is None or not failure.done():
+        if signalled.done():
             await _drain(health, drain, grace_s)
     finally:
         for w in waits:
@@ -371,6 +382,16 @@ async def serve(
         await srv.stop(grace=max(0.0, grace_s - (time.monotonic() - stopping)))
     if failure is not None and failure.done() and not failure.cancelled():
         raise failure.result()
+    if opening is not None and opening.done() and not opening.cancelled():
+        opening.result()  # `ready` raised (what a restart does not fix): raised here
+
+
+async def _serving_once(ready: Callable[[], Awaitable[None]], health: Health | None) -> None:
+    """Awaits `ready`, turns `health` SERVING, then waits for the end of serving."""
+    await ready()
+    if health is not None:
+        await health.serving()
+    await asyncio.Event().wait()
 
 
 async def _drain(health: Health | None, drain: Drain | None, grace_s: float) -> None:

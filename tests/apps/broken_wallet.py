@@ -26,14 +26,13 @@ GIVE_UP_AFTER_S = 0.3
 class ImpatientParticipant(Participant):
     """Aborts prepared transactions on its own: what 2PC forbids."""
 
-    async def __aenter__(self) -> ImpatientParticipant:
-        await super().__aenter__()
+    async def open(self) -> None:
+        await super().open()
         self._rogue = asyncio.create_task(self._give_up_forever())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def close(self) -> None:
         self._rogue.cancel()
-        await super().__aexit__(*exc)
+        await super().close()
 
     async def _give_up_forever(self) -> None:
         while True:

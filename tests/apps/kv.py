@@ -28,6 +28,7 @@ from twopc import Credentials, InvalidOperation, Participant, ParticipantConfig,
 from twopc.observe.health import PARTICIPANT_SERVICE, Health
 from twopc.observe.logconfig import configure as configure_logs
 from twopc.ops import metrics
+from twopc.participant import ParticipantBase
 from twopc.stores import Connection, execute
 
 
@@ -95,7 +96,7 @@ async def main() -> None:
         await serve(participant, args)
 
 
-async def serve(participant: Participant, args: argparse.Namespace) -> None:
+async def serve(participant: ParticipantBase, args: argparse.Namespace) -> None:
     """Serves `participant` as the command line says; with `--metrics-port`, the HTTP
     probes read the same health service as gRPC."""
     health = None

@@ -79,6 +79,12 @@ class Health:
             self._start(self._checks.pop()())
         await self._update()
 
+    async def starting(self) -> None:
+        """NOT_SERVING until `serving()`, said outright (gRPC's health servicer answers
+        SERVING overall until told otherwise): `serve` says it while a participant
+        waits for its database."""
+        await self._update()
+
     async def not_serving(self) -> None:
         """NOT_SERVING for every service, for good (e.g. its store failed)."""
         self._failed = True

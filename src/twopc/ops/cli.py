@@ -9,6 +9,7 @@ A decision log or a participant's store is a SQLite file or a PostgreSQL URL
 was given to `--db`), read in one read-only snapshot.
     twopc outcome TXN --coordinator ADDR    what the coordinator's GetOutcome says
     twopc resolve TXN --db wallet.db --handler services.wallet.service:WalletHandler --abort
+    twopc resolve TXN --db postgresql://... --abort   (the PREPARE TRANSACTION adapter)
     twopc coordinator --config coordinator.toml   the coordinator as a service (Transactions/Execute)
 
 Tables for people by default, `--json` for scripts. An error is one line on standard
@@ -17,10 +18,11 @@ error and a non-zero exit status. Needs the `ops` extra (`pip install twopc[ops]
 `resolve` is the heuristic decision of last resort, for the day a coordinator's log
 is lost: it applies COMMIT or ABORT to one prepared transaction at one participant,
 running that participant's own handler in the same local transaction as the state
-change, and records it in the participant's `twopc_heuristic` table (and the log)
-so that invariant checkers report it as heuristic. It refuses while the coordinator
-still answers COMMITTED or PENDING (it will deliver the decision itself) unless
-`--force`, and asks for confirmation unless `--yes`.
+change (for the adapter: COMMIT or ROLLBACK PREPARED, as the adapter does), and
+records it in the participant's `twopc_heuristic` table (and the log) so that
+invariant checkers report it as heuristic. It refuses while the coordinator still
+answers COMMITTED or PENDING (it will deliver the decision itself) unless `--force`,
+and asks for confirmation unless `--yes`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from twopc import stores
 from twopc.config import Credentials
 from twopc.errors import TwoPCError
 from twopc.observe.logconfig import configure as configure_logs
-from twopc.participant.helper import ABORTED, COMMITTED, PREPARED
+from twopc.participant import table
+from twopc.participant.admission import DecisionRefused
+from twopc.participant.table import ABORTED, COMMITTED, PREPARED
 from twopc.stores.base import POSTGRES_SCHEMES
 from twopc.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -225,16 +229,30 @@ def participant_group() -> None:
 @click.option("--older-than-s", type=float, default=0.0, show_default=True, help="only those prepared this long ago")
 @_json_option
 def in_doubt(store: str, older_than_s: float, as_json: bool) -> None:
-    """Transactions prepared here and not yet decided, oldest first."""
+    """Transactions prepared here and not yet decided, oldest first: reservations
+    (the helper) and PostgreSQL prepared transactions (the adapter) alike."""
     now = time.time()
-    found = _read(
-        store,
-        "SELECT txn_id, coordinator, prepared_at FROM twopc_txn WHERE state = :state AND prepared_at <= :cutoff"
-        " ORDER BY prepared_at",
-        {"state": PREPARED, "cutoff": now - older_than_s},
-    )
-    rows = [{"txn_id": t, "age_s": round(now - at, 3), "coordinator": c} for t, c, at in found]
+    found = _in_doubt(store, now - older_than_s)
+    rows = [
+        {"txn_id": x.txn_id, "age_s": round(now - x.prepared_at, 3), "coordinator": x.coordinator, "gid": x.gid}
+        for x in found
+    ]
     emit(rows, ("txn_id", "age_s", "coordinator"), as_json, empty="nothing in doubt")
+
+
+def _in_doubt(store: str, cutoff: float) -> list[table.InDoubt]:
+    """The participant's own in-doubt query (`twopc.participant.table.in_doubt`), on
+    a read-only snapshot of its store, errors as one line."""
+    if not store.startswith(POSTGRES_SCHEMES):
+        with _open(store) as db:
+            return table.in_doubt(db, cutoff)
+    try:
+        with stores.snapshot(store) as db:
+            return table.in_doubt(db, cutoff)
+    except ImportError:
+        fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+    except Exception as e:  # noqa: BLE001 - a driver's error, said in one line
+        fail(f"{store.split('@')[-1]}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 # --- twopc outcome ---------------------------------------------------------------------
@@ -432,11 +450,61 @@ def apply_heuristic(
         db.execute("COMMIT")
 
 
+def apply_prepared_heuristic(store: str, txn_id: str, decision: str, coordinator_said: str, *, forced: bool) -> None:
+    """Applies `decision` to a transaction the PREPARE TRANSACTION adapter holds:
+    COMMIT PREPARED or ROLLBACK PREPARED with the adapter's own code
+    (`twopc.participant.prepared`: the outcome row travels with the work; an abort
+    leaves its tombstone), then the heuristic record."""
+    operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
+
+    def decide(db: Any) -> None:
+        from twopc.participant import prepared
+
+        settle = prepared.commit_prepared if decision == COMMITTED else prepared.rollback_prepared
+        try:
+            changed = settle(db, txn_id)
+        except DecisionRefused as e:
+            fail(str(e))
+        if not changed:
+            fail(f"{txn_id} was decided meanwhile ({decision} already): nothing to resolve")
+        db.exec_driver_sql("BEGIN")
+        stores.execute(
+            db,
+            "INSERT INTO twopc_heuristic VALUES (:t, :decision, :said, :forced, :operator, :now)",
+            {
+                "t": txn_id,
+                "decision": decision,
+                "said": coordinator_said,
+                "forced": int(forced),
+                "operator": operator,
+                "now": time.time(),
+            },
+        )
+        db.exec_driver_sql("COMMIT")
+
+    async def on_postgres() -> None:
+        from twopc.stores.postgres import PostgresStore
+
+        pg = PostgresStore(store, HEURISTIC_SCHEMA, autocommit=True)
+        await pg.open()
+        try:
+            await pg.write(decide)
+        finally:
+            await pg.close()
+
+    try:
+        asyncio.run(on_postgres())
+    except ImportError:
+        fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+
+
 @cli.command()
 @click.argument("txn_id", metavar="TXN")
 @click.option("--db", "store", required=True, metavar="STORE", help="the participant's SQLite file or PostgreSQL URL")
 @click.option(
-    "--handler", required=True, metavar="MODULE:CLASS", help="the participant's handler, whose commit/abort runs"
+    "--handler",
+    metavar="MODULE:CLASS",
+    help="the helper participant's handler, whose commit/abort runs (not for the PREPARE TRANSACTION adapter)",
 )
 @click.option("--commit", "decision", flag_value=COMMITTED, help="apply the reservation")
 @click.option("--abort", "decision", flag_value=ABORTED, help="release the reservation")
@@ -448,7 +516,7 @@ def apply_heuristic(
 def resolve(
     txn_id: str,
     store: str,
-    handler: str,
+    handler: str | None,
     decision: str | None,
     coordinator: str | None,
     force: bool,
@@ -469,11 +537,14 @@ def resolve(
 
     if decision is None:
         fail("say --commit or --abort")
-    found = _read(store, "SELECT state, coordinator FROM twopc_txn WHERE txn_id = :t", {"t": txn_id})
-    row = found[0] if found else None
-    if row is None or row[0] != PREPARED:
-        fail(f"{txn_id} is {'unknown' if row is None else row[0]} at {store}, not PREPARED: nothing to resolve")
-    address = coordinator or row[1]
+    held = next((x for x in _in_doubt(store, time.time() + 86_400.0) if x.txn_id == txn_id), None)
+    if held is None:
+        found = _read(store, "SELECT state FROM twopc_txn WHERE txn_id = :t", {"t": txn_id})
+        state = found[0][0] if found else "unknown"
+        fail(f"{txn_id} is {state} at {store}, not {PREPARED}: nothing to resolve")
+    if held.gid is None and handler is None:
+        fail("--handler is required for a helper participant: its handler's commit or abort runs")
+    address = coordinator or (held.coordinator.split() or [""])[0]
     if not address:
         said = "no coordinator recorded"
     else:
@@ -494,7 +565,11 @@ def resolve(
     click.echo(f"{txn_id}: PREPARED at {store}; coordinator {address or '-'}: {said}")
     if not yes and not click.confirm(f"Heuristically {verb} {txn_id} here? This cannot be undone", default=False):
         fail("not confirmed; nothing changed")
-    apply_heuristic(store, load_handler(handler), txn_id, decision, said, forced=force)
+    if held.gid is None:
+        assert handler is not None
+        apply_heuristic(store, load_handler(handler), txn_id, decision, said, forced=force)
+    else:  # a PostgreSQL prepared transaction: the adapter's own COMMIT/ROLLBACK PREPARED
+        apply_prepared_heuristic(store, txn_id, decision, said, forced=force)
     _log.warning("heuristic_decision", txn_id=txn_id, decision=decision, store=store, coordinator=said, forced=force)
     click.echo(f"{txn_id}: heuristically {decision} at {store} (recorded in twopc_heuristic)")
 

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from twopc.coordinator.core import Coordinator
 from twopc.observe import Event, EventKind
-from twopc.participant.helper import Participant
+from twopc.participant.base import ParticipantBase
 from twopc.types import Outcome, Vote
 
 # Latency buckets from a fsync on a fast disk to a phase-1 deadline of several seconds.
@@ -236,7 +236,7 @@ class ParticipantMetrics:
         registry: where the metrics live; the default registry unless given.
     """
 
-    def __init__(self, participant: Participant, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, participant: ParticipantBase, *, registry: CollectorRegistry | None = None) -> None:
         r = registry or prometheus_client.REGISTRY
         c = prometheus_client
         self.prepares = c.Counter(

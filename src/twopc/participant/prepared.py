@@ -29,6 +29,18 @@ How the protocol's rules are kept (rules 1, 6 and 7 of docs/design.md):
   each prepared transaction it finds in `pg_prepared_xacts`: the in-doubt resolver
   asks GetOutcome and commits or rolls back accordingly.
 
+Admission (trust, the cap of undecided transactions per coordinator, limits, the
+repeated-Prepare digest) and the per-item loop of PrepareMany are `ParticipantBase`'s
+(`twopc.participant.base`), shared with the reservation helper: this module is only
+the kind's hooks. Each item of a batch is its own prepared transaction (one cannot
+be a savepoint of another): an item that fails is rolled back alone and votes ABORT,
+and when the store gives a batch up to run it again, the items it had already
+prepared are rolled back first (`abandon`).
+
+`commit_prepared` and `rollback_prepared` settle one transaction by its txn id on
+any connection to the database: the adapter's Commit and Abort, and the operator's
+`twopc resolve`, are the same code.
+
 The server must allow prepared transactions: `max_prepared_transactions` > 0 (it is
 0 by default). Opening the participant on a server where it is 0 raises
 `PreparedTransactionsDisabledError` naming the setting.
@@ -66,32 +78,27 @@ from sqlalchemy import exc
 
 from twopc.config import Credentials, ParticipantConfig
 from twopc.errors import TwoPCError
-from twopc.observe import EventKind, Observer
-from twopc.participant.helper import (
-    ABORTED,
-    COMMITTED,
-    PREPARED,
-    Participant,
-    _Item,
-    _ItemError,
-    _refusal,
-    _RefusedError,
-    _repeated,
-)
-from twopc.stores.base import execute, is_retried
+from twopc.observe import Observer
+from twopc.participant.admission import DecisionRefused, Item
+from twopc.participant.base import ParticipantBase, execute_purge
+from twopc.participant.table import ABORTED, COMMITTED, PREPARED, RECENT_S
+from twopc.stores.base import Connection, execute
 from twopc.stores.postgres import PostgresStore
 from twopc.types import Vote
 
 _log = structlog.get_logger("twopc.participant.prepared")
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS twopc_prepared (
     gid          TEXT PRIMARY KEY,
     txn_id       TEXT NOT NULL,
     coordinator  TEXT NOT NULL,
     digest       TEXT NOT NULL,
-    prepared_at  DOUBLE PRECISION NOT NULL
+    prepared_at  DOUBLE PRECISION NOT NULL,
+    holder       TEXT NOT NULL DEFAULT ''
 );
+ALTER TABLE twopc_prepared ADD COLUMN IF NOT EXISTS holder TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS twopc_prepared_txn ON twopc_prepared (txn_id);
 """
 
 _UNDEFINED_OBJECT = "42704"  # COMMIT/ROLLBACK PREPARED of a gid that is not prepared
@@ -122,25 +129,7 @@ class PreparedHandler(Protocol):
         ...
 
 
-class _Adapted:
-    """A `PreparedHandler` seen as a `ParticipantHandler`: phase 2 is PostgreSQL's."""
-
-    def __init__(self, handler: PreparedHandler) -> None:
-        self.inner = handler
-        self.operations = handler.operations
-        self.schema = _SCHEMA + str(getattr(handler, "schema", ""))
-
-    def prepare(self, db: Any, txn_id: str, operation: Any) -> Vote:
-        return self.inner.prepare(db, txn_id, operation)
-
-    def commit(self, db: Any, txn_id: str) -> None:
-        raise AssertionError("COMMIT PREPARED applies a prepared transaction")
-
-    def abort(self, db: Any, txn_id: str) -> None:
-        raise AssertionError("ROLLBACK PREPARED releases a prepared transaction")
-
-
-class PreparedParticipant(Participant):
+class PreparedParticipant(ParticipantBase):
     """A twopc participant over PostgreSQL prepared transactions.
 
     Args:
@@ -171,48 +160,46 @@ class PreparedParticipant(Participant):
         if isolation not in ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"):
             raise ValueError(f"unknown isolation level {isolation!r}")
         store = PostgresStore(url, pool_size=pool_size, lock_timeout_s=lock_timeout_s, autocommit=True)
-        super().__init__(_Adapted(handler), store, credentials=credentials, config=config, observers=observers)
+        schema = SCHEMA + str(getattr(handler, "schema", ""))
+        super().__init__(
+            store, handler.operations, schema=schema, credentials=credentials, config=config, observers=observers
+        )
+        self.handler = handler
         self.pg: PostgresStore = store
         self.isolation = isolation
         self._namespace = ""
 
-    async def __aenter__(self) -> PreparedParticipant:
-        await super().__aenter__()
-        try:
-            setting, namespace = await self.pg.read(_server_facts)
-            if int(setting) == 0:
-                raise PreparedTransactionsDisabledError(
-                    f"PostgreSQL at {self.pg.path} has max_prepared_transactions = 0, which disables"
-                    " PREPARE TRANSACTION: set max_prepared_transactions (for example to max_connections)"
-                    " in postgresql.conf and restart the server"
-                )
-        except BaseException:
-            await super().__aexit__(None, None, None)
-            raise
+    async def opened(self) -> None:
+        setting, namespace = await self.pg.read(_server_facts)
+        if int(setting) == 0:
+            raise PreparedTransactionsDisabledError(
+                f"PostgreSQL at {self.pg.path} has max_prepared_transactions = 0, which disables"
+                " PREPARE TRANSACTION: set max_prepared_transactions (for example to max_connections)"
+                " in postgresql.conf and restart the server"
+            )
         self._namespace = namespace
-        return self
 
     def gid(self, txn_id: str) -> str:
         """The prepared transaction's global id for `txn_id` in this database and schema."""
         return "twopc_" + hashlib.sha256(f"{self._namespace}\0{txn_id}".encode()).hexdigest()[:40]
 
-    # --- the store jobs (autocommit connections: each runs its own transactions) ----
+    # --- the hooks (twopc.participant.base): autocommit connections, own transactions ----
 
-    def _prepare_tx(self, item: _Item, db: Any) -> tuple[Vote, str, bool]:
-        txn_id, digest = item.txn_id, item.digest
-        gid = self.gid(txn_id)
+    def recorded(self, db: Connection, txn_id: str) -> tuple[str, str] | None:
         known = _row(db, txn_id)
         if known is not None:  # decided: committed (its row) or aborted (a tombstone)
-            return _repeated(*known, item)
+            return known
         pending = execute(
             db,
             "SELECT t.digest FROM pg_prepared_xacts p JOIN twopc_prepared t USING (gid) WHERE p.gid = :gid",
-            {"gid": gid},
+            {"gid": self.gid(txn_id)},
         ).fetchone()
-        if pending is not None:  # prepared already: a repeat
-            return _repeated(PREPARED, pending[0], item)
-        if item.deadline is not None and time.monotonic() >= item.deadline:
-            return Vote.ABORT, "deadline passed before prepare", False
+        return None if pending is None else (PREPARED, pending[0])
+
+    def prepare_item(self, db: Connection, item: Item) -> Vote:
+        """The business SQL in a transaction of its own, ended by PREPARE TRANSACTION
+        (or COMMIT, one-phase), after a committed `twopc_prepared` row saying whom to ask."""
+        txn_id, gid = item.txn_id, self.gid(item.txn_id)
         now = time.time()
         # Whom to ask (every instance), should the service restart with this transaction
         # prepared. Unforced: PREPARE TRANSACTION flushes the WAL up to itself.
@@ -221,127 +208,129 @@ class PreparedParticipant(Participant):
         db.exec_driver_sql("SET LOCAL synchronous_commit = off")
         execute(
             db,
-            "INSERT INTO twopc_prepared VALUES (:gid, :txn_id, :coordinator, :digest, :now)"
+            "INSERT INTO twopc_prepared (gid, txn_id, coordinator, digest, prepared_at, holder)"
+            " VALUES (:gid, :txn_id, :coordinator, :digest, :now, :holder)"
             " ON CONFLICT (gid) DO UPDATE SET coordinator = excluded.coordinator, digest = excluded.digest,"
-            " prepared_at = excluded.prepared_at",
-            {"gid": gid, "txn_id": txn_id, "coordinator": ask, "digest": digest, "now": now},
+            " prepared_at = excluded.prepared_at, holder = excluded.holder",
+            {
+                "gid": gid,
+                "txn_id": txn_id,
+                "coordinator": ask,
+                "digest": item.digest,
+                "now": now,
+                "holder": item.holder,
+            },
         )
         db.exec_driver_sql("COMMIT")
         db.exec_driver_sql(f"BEGIN ISOLATION LEVEL {self.isolation}")
         vote = self.handler.prepare(db, txn_id, item.operation)
-        if vote is Vote.READ_ONLY:
-            db.exec_driver_sql("ROLLBACK")
-            return vote, "", False
         if vote is not Vote.COMMIT:
-            raise TypeError(f"prepare must return Vote.COMMIT or Vote.READ_ONLY, got {vote!r}")
+            db.exec_driver_sql("ROLLBACK")
+            _forget(db, gid)
+            return vote
         # The outcome travels with the work: visible exactly when the work is.
         execute(
             db,
             "INSERT INTO twopc_txn (txn_id, state, coordinator, prepared_at, decided_at, digest)"
             " VALUES (:txn_id, :state, :coordinator, :now, :now, :digest)",
-            {"txn_id": txn_id, "state": COMMITTED, "coordinator": item.coordinator, "now": now, "digest": digest},
+            {"txn_id": txn_id, "state": COMMITTED, "coordinator": item.coordinator, "now": now, "digest": item.digest},
         )
         if item.one_phase:
             db.exec_driver_sql("COMMIT")
+            _forget(db, gid)
         else:
             db.exec_driver_sql(f"PREPARE TRANSACTION '{gid}'")
-        return vote, "", False
+        return vote
 
-    def _prepare_many_tx(self, items: list[_Item], db: Any) -> list[tuple[Vote, str, bool] | _ItemError]:
-        """Each item its own prepared transaction, one after the other (a prepared
-        transaction cannot be a savepoint of another); a refused one is rolled back."""
-        outcomes: list[tuple[Vote, str, bool] | _ItemError] = []
+    def rollback_item(self, db: Connection, item: Item) -> None:
+        db.exec_driver_sql("ROLLBACK")  # outside a transaction only a warning
+        _forget(db, self.gid(item.txn_id))  # it never reached PREPARE TRANSACTION: no one need ask
+
+    def abandon(self, db: Connection, items: Sequence[Item]) -> None:
+        db.exec_driver_sql("ROLLBACK")  # the failed item's transaction, if it is still open
         for item in items:
-            try:
-                outcomes.append(self._prepare_tx(item, db))
-            except Exception as e:
-                if is_retried(e):
-                    raise
-                db.exec_driver_sql("ROLLBACK")  # outside a transaction only a warning
-                failure = _refusal(e)
-                outcomes.append((Vote.ABORT, failure, False) if isinstance(failure, str) else failure)
-        return outcomes
+            # No tombstone: the job runs again, or its items vote ABORT.
+            rollback_prepared(db, item.txn_id, self.gid(item.txn_id), tombstone=False)
 
-    def _commit_tx(self, txn_id: str, db: Any) -> bool:
-        gid = self.gid(txn_id)
-        if _finish(db, "COMMIT PREPARED", gid):
-            _forget(db, gid)
-            return True
-        known = _row(db, txn_id)
-        if known is None:
-            raise _RefusedError(f"cannot commit {txn_id}: never prepared here")
-        if known[0] == ABORTED:
-            raise _RefusedError(f"cannot commit {txn_id}: already aborted")
-        return False
+    def commit_txn(self, db: Connection, txn_id: str) -> bool:
+        return commit_prepared(db, txn_id, self.gid(txn_id))
 
-    async def _commit_many(self, txn_ids: list[str]) -> dict[str, str]:
+    async def commit_many(self, txn_ids: list[str]) -> dict[str, str]:
         """Each COMMIT PREPARED is a transaction, and a WAL flush, of its own: run one
         after another on one connection they flush one at a time. Spread over half
         the pool's connections, PostgreSQL's group commit shares the flushes."""
         lanes = min(len(txn_ids), max(1, self.pg.pool_size // 2))
         done = await asyncio.gather(
-            *(self.pg.write(functools.partial(self._commit_many_tx, txn_ids[i::lanes])) for i in range(lanes))
+            *(self.pg.write(functools.partial(self.commit_each, txn_ids=txn_ids[i::lanes])) for i in range(lanes))
         )
         return {txn_id: why for refused in done for txn_id, why in refused.items()}
 
-    def _abort_tx(self, txn_id: str, db: Any) -> bool:
-        gid = self.gid(txn_id)
-        rolled_back = _finish(db, "ROLLBACK PREPARED", gid)
-        known = _row(db, txn_id)
-        if known is not None and known[0] == COMMITTED:
-            raise _RefusedError(f"cannot abort {txn_id}: already committed")
-        if known is None:  # the tombstone: a late Prepare for it is refused
-            execute(
-                db,
-                "INSERT INTO twopc_txn (txn_id, state, coordinator, decided_at) VALUES (:txn_id, :state, '', :now)"
-                " ON CONFLICT (txn_id) DO NOTHING",
-                {"txn_id": txn_id, "state": ABORTED, "now": time.time()},
-            )
+    def abort_txn(self, db: Connection, txn_id: str) -> bool:
+        return rollback_prepared(db, txn_id, self.gid(txn_id))
+
+    def purge_decided(self, db: Connection, cutoff: float) -> None:
+        execute_purge(db, cutoff)
+        # Rows of prepares that never reached PREPARE TRANSACTION (the process died).
+        execute(
+            db,
+            "DELETE FROM twopc_prepared t WHERE prepared_at < :cutoff"
+            " AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid)",
+            {"cutoff": time.time() - max(RECENT_S, 3600.0)},
+        )
+
+
+def _gid_of(db: Connection, txn_id: str) -> str | None:
+    row = execute(db, "SELECT gid FROM twopc_prepared WHERE txn_id = :txn_id", {"txn_id": txn_id}).fetchone()
+    return None if row is None else str(row[0])
+
+
+def commit_prepared(db: Connection, txn_id: str, gid: str | None = None) -> bool:
+    """COMMIT PREPARED of `txn_id`'s prepared transaction, on an autocommit connection
+    to the adapter's database: True if it committed it, False if it was committed
+    already. `gid` defaults to the one its `twopc_prepared` row records.
+
+    Raises:
+        DecisionRefused: it was aborted, or never prepared here.
+    """
+    gid = gid or _gid_of(db, txn_id)
+    if gid is not None and _finish(db, "COMMIT PREPARED", gid):
         _forget(db, gid)
-        return rolled_back or known is None
+        return True
+    known = _row(db, txn_id)
+    if known is None:
+        raise DecisionRefused(f"cannot commit {txn_id}: never prepared here")
+    if known[0] == ABORTED:
+        raise DecisionRefused(f"cannot commit {txn_id}: already aborted")
+    return False
 
-    # --- in doubt and retention -----------------------------------------------------
 
-    async def in_doubt(self, older_than_s: float = 0.0) -> list[tuple[str, str]]:
-        """Prepared transactions of this service (txn id, coordinator) older than
-        `older_than_s`, as PostgreSQL lists them."""
-        rows = await self.pg.read(
-            lambda db: execute(
-                db,
-                "SELECT t.txn_id, t.coordinator FROM pg_prepared_xacts p JOIN twopc_prepared t USING (gid)"
-                " WHERE p.database = current_database() AND p.prepared <= now() - make_interval(secs => :age)"
-                " ORDER BY p.prepared",
-                {"age": older_than_s},
-            ).fetchall()
+def rollback_prepared(db: Connection, txn_id: str, gid: str | None = None, *, tombstone: bool = True) -> bool:
+    """ROLLBACK PREPARED of `txn_id`'s prepared transaction, on an autocommit
+    connection, leaving a tombstone (a late Prepare of it votes ABORT): True if it
+    changed something. `gid` defaults to the one its `twopc_prepared` row records.
+
+    Raises:
+        DecisionRefused: it was committed.
+    """
+    gid = gid or _gid_of(db, txn_id)
+    rolled_back = gid is not None and _finish(db, "ROLLBACK PREPARED", gid)
+    if not tombstone:
+        if gid is not None:
+            _forget(db, gid)
+        return rolled_back
+    known = _row(db, txn_id)
+    if known is not None and known[0] == COMMITTED:
+        raise DecisionRefused(f"cannot abort {txn_id}: already committed")
+    if known is None:  # the tombstone: a late Prepare for it is refused
+        execute(
+            db,
+            "INSERT INTO twopc_txn (txn_id, state, coordinator, decided_at) VALUES (:txn_id, :state, '', :now)"
+            " ON CONFLICT (txn_id) DO NOTHING",
+            {"txn_id": txn_id, "state": ABORTED, "now": time.time()},
         )
-        return [(t, c) for t, c in rows]
-
-    async def report_in_doubt(self) -> None:
-        """Tells the observers how many of this service's transactions PostgreSQL holds
-        prepared, and the age of the oldest (IN_DOUBT_SCANNED)."""
-        count, oldest = await self.pg.read(
-            lambda db: execute(
-                db,
-                "SELECT count(*), extract(epoch FROM now() - min(p.prepared)) FROM pg_prepared_xacts p"
-                " JOIN twopc_prepared t USING (gid) WHERE p.database = current_database()",
-            ).fetchone()
-        )
-        self.observers.emit(EventKind.IN_DOUBT_SCANNED, "", count=count, duration_s=float(oldest or 0.0))
-
-    async def _purge(self) -> None:
-        cutoff = time.time() - self.config.retention_s
-
-        def purge(db: Any) -> None:
-            execute(db, "DELETE FROM twopc_txn WHERE decided_at < :cutoff", {"cutoff": cutoff})
-            # Rows of prepares that never reached PREPARE TRANSACTION.
-            execute(
-                db,
-                "DELETE FROM twopc_prepared t WHERE prepared_at < :cutoff"
-                " AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = t.gid)",
-                {"cutoff": time.time() - 3600.0},
-            )
-
-        await self.pg.write(purge, durable=False)
+    if gid is not None:
+        _forget(db, gid)
+    return rolled_back or known is None
 
 
 def _server_facts(db: Any) -> tuple[str, str]:
@@ -367,7 +356,13 @@ def _finish(db: Any, command: str, gid: str) -> bool:
 
 
 def _forget(db: Any, gid: str) -> None:
+    """Drops `gid`'s row saying whom to ask, unless it is (still) prepared."""
     db.exec_driver_sql("BEGIN")
     db.exec_driver_sql("SET LOCAL synchronous_commit = off")
-    execute(db, "DELETE FROM twopc_prepared WHERE gid = :gid", {"gid": gid})
+    execute(
+        db,
+        "DELETE FROM twopc_prepared WHERE gid = :gid"
+        " AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = :gid)",
+        {"gid": gid},
+    )
     db.exec_driver_sql("COMMIT")

@@ -70,8 +70,10 @@ def admit(config: ParticipantConfig, coordinator: str, one_phase: bool, caller: 
     host = coordinator.rsplit(":", 1)[0]
     if coordinator in configured:
         name = configured[coordinator] or (caller[0] if caller else "")
-    elif caller and (not configured or host in caller):
+    elif caller and not configured:
         # No list: the coordinator that sent the Prepare answers for it, under its own name.
+        # A configured list is the whole list: a caller cannot add `shop:2`, `shop:3`...
+        # that nobody serves (and that would hold transactions the resolver never settles).
         name = host if host in caller else caller[0]
     else:
         raise Refused("PERMISSION_DENIED", "this participant does not trust the coordinator named in the Prepare")

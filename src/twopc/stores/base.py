@@ -71,6 +71,12 @@ class ConflictError(StoreUnavailableError):
     votes ABORT with this reason."""
 
 
+class StoreSetupError(TwoPCError):
+    """The store refuses to open for a reason that a restart does not fix: a bad URL,
+    authentication, a database that does not exist, a schema that does not apply.
+    (A database that is down or still starting is `StoreUnavailableError`: retry.)"""
+
+
 class Store(Protocol):
     """A participant's store.
 
@@ -165,12 +171,50 @@ def for_update(db: Connection, select: str) -> str:
     return select if isinstance(db, sqlite3.Connection) else f"{select} FOR UPDATE"
 
 
+_RERUN = ("40001", "40P01")  # serialization_failure, deadlock_detected: the job runs again
+_ITEM_CONFLICTS = {
+    "55P03": "lock wait timed out",  # lock_not_available: waited past lock_timeout_s
+    "57014": "statement timed out",  # query_canceled: statement_timeout
+    "23505": "unique violation",
+    "23514": "check violation",
+    "23503": "foreign key violation",
+    "23502": "not-null violation",
+    "23P01": "exclusion violation",
+}
+
+
+def _sqlstate(error: BaseException) -> str:
+    return str(getattr(getattr(error, "orig", None), "sqlstate", None) or getattr(error, "sqlstate", None) or "")
+
+
 def is_retried(error: BaseException) -> bool:
-    """True for a database error the store handles by running the whole job again
-    (PostgreSQL's: a serialization failure, a broken connection): a job that catches
-    errors of its own must let these through. Never true on SQLite."""
+    """True for a database error after which the store runs the whole job again on a
+    fresh snapshot (PostgreSQL's: a serialization failure, a deadlock, a lost
+    connection): a job that catches errors of its own must let these through. Never
+    true on SQLite. The errors of one statement (a lock wait past `lock_timeout_s`, a
+    constraint) are not: see `item_conflict`."""
     exc = sys.modules.get("sqlalchemy.exc")  # loaded only where PostgreSQL is used
-    return exc is not None and isinstance(error, exc.DBAPIError)
+    if exc is None or not isinstance(error, exc.DBAPIError):
+        return False
+    state = _sqlstate(error)
+    if state in _RERUN or state.startswith(("08", "57P")) or error.connection_invalidated:
+        return True
+    return isinstance(error, exc.OperationalError) and not state  # the connection broke: no server answer
+
+
+def item_conflict(error: BaseException) -> str | None:
+    """Why one statement of a job lost to the database, for people ("lock wait timed
+    out", "unique violation on accounts_pkey"), if that is what `error` is: the job
+    may roll back to a savepoint and go on (a batch votes ABORT for that item). None
+    for anything else."""
+    exc = sys.modules.get("sqlalchemy.exc")
+    if exc is None or not isinstance(error, exc.DBAPIError):
+        return None
+    what = _ITEM_CONFLICTS.get(_sqlstate(error))
+    if what is None:
+        return None
+    constraint = getattr(getattr(error.orig, "diag", None), "constraint_name", None)
+    return f"{what} on {constraint}" if constraint else what
 
 
 def schema_for(schema: str | Mapping[str, str], dialect: str) -> str:

@@ -52,7 +52,7 @@ from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
 
 from twopc.errors import ClosedError
-from twopc.stores.base import ConflictError, StoreUnavailableError, url_schema
+from twopc.stores.base import ConflictError, StoreSetupError, StoreUnavailableError, url_schema
 from twopc.stores.sqlite import StoreStats
 
 T = TypeVar("T")
@@ -97,6 +97,19 @@ def _pyformat(sql: str) -> bytes:
 
 
 _DIALECT = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
+# What a server says while it cannot take connections yet, or for now: worth retrying.
+_NOT_YET = ("starting up", "shutting down", "in recovery", "not yet accepting", "too many", "connection slots")
+
+
+def _refused_for_good(error: BaseException) -> bool:
+    """True if the server answered a connection with a refusal that waiting does not
+    change (authentication, an unknown role or database): psycopg gives no SQLSTATE
+    for a failed connection, so the server's FATAL message is what tells. No answer at
+    all (refused, unreachable, a name that does not resolve yet) is worth retrying."""
+    message = str(error)
+    return "FATAL" in message and not any(phrase in message for phrase in _NOT_YET)
 
 
 def engine_url(url: str) -> sqlalchemy.URL:
@@ -201,7 +214,9 @@ class PostgresStore:
 
         Raises:
             RuntimeError: it is open already.
-            StoreUnavailableError: the server cannot be reached.
+            StoreUnavailableError: the server cannot be reached, or is starting: retry.
+            StoreSetupError: the server refused for good (authentication, no such
+                database or role); a schema that does not apply raises the driver's error.
         """
         if self.is_open:
             raise RuntimeError(f"store {self.path} is open already")
@@ -239,6 +254,8 @@ class PostgresStore:
         try:
             raw = self.engine.raw_connection()
         except exc.DBAPIError as e:
+            if _refused_for_good(e.orig or e):
+                raise StoreSetupError(f"{self.path} refused the connection: {e.orig}") from e
             raise StoreUnavailableError(f"cannot connect to {self.path}: {e.orig}") from e
         try:
             conn = raw.driver_connection
