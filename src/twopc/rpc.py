@@ -304,6 +304,8 @@ class Health(Protocol):
 
     async def serving(self) -> None: ...
 
+    async def not_serving(self) -> None: ...
+
     async def shutdown(self) -> None: ...
 
 
@@ -362,6 +364,8 @@ async def serve(
         if health is not None:
             await health.serving()
     else:
+        if health is not None:  # said outright: gRPC's health service starts SERVING overall
+            await health.not_serving()
         opening = asyncio.ensure_future(_serving_once(ready, health))
         waits.add(opening)
     announce_ready(where)

@@ -253,10 +253,11 @@ class PostgresStore:
         assert self.engine is not None
         try:
             raw = self.engine.raw_connection()
-        except exc.DBAPIError as e:
-            if _refused_for_good(e.orig or e):
-                raise StoreSetupError(f"{self.path} refused the connection: {e.orig}") from e
-            raise StoreUnavailableError(f"cannot connect to {self.path}: {e.orig}") from e
+        except (exc.DBAPIError, psycopg.OperationalError) as e:  # the pool raises the driver's own
+            cause = getattr(e, "orig", None) or e
+            if _refused_for_good(cause):
+                raise StoreSetupError(f"{self.path} refused the connection: {cause}") from e
+            raise StoreUnavailableError(f"cannot connect to {self.path}: {cause}") from e
         try:
             conn = raw.driver_connection
             assert conn is not None
