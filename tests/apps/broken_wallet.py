@@ -31,7 +31,9 @@ class ImpatientParticipant(Participant):
         self._rogue = asyncio.create_task(self._give_up_forever())
 
     async def close(self) -> None:
-        self._rogue.cancel()
+        rogue = getattr(self, "_rogue", None)  # None if the store never opened
+        if rogue is not None:
+            rogue.cancel()
         await super().close()
 
     async def _give_up_forever(self) -> None:

@@ -388,6 +388,41 @@ def load_handler(spec: str) -> Any:
         fail(f"cannot load handler {spec}: {e}")
 
 
+def _record_heuristic(db: Any, txn_id: str, decision: str, coordinator_said: str, *, forced: bool) -> None:
+    """Inserts the heuristic decision's record (who, when, what the coordinator said)."""
+    stores.execute(
+        db,
+        "INSERT INTO twopc_heuristic VALUES (:t, :decision, :said, :forced, :operator, :now)",
+        {
+            "t": txn_id,
+            "decision": decision,
+            "said": coordinator_said,
+            "forced": int(forced),
+            "operator": os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid()),
+            "now": time.time(),
+        },
+    )
+
+
+def _on_postgres(store: str, job: Callable[[Any], None], *, autocommit: bool = False) -> None:
+    """Runs `job` once on a `PostgresStore` of `store` with the heuristic table."""
+
+    async def run() -> None:
+        from twopc.stores.postgres import PostgresStore
+
+        pg = PostgresStore(store, HEURISTIC_SCHEMA, autocommit=autocommit)
+        await pg.open()
+        try:
+            await pg.write(job)
+        finally:
+            await pg.close()
+
+    try:
+        asyncio.run(run())
+    except ImportError:
+        fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+
+
 def apply_heuristic(
     store: str, handler: Any, txn_id: str, decision: str, coordinator_said: str, *, forced: bool
 ) -> None:
@@ -395,7 +430,6 @@ def apply_heuristic(
     handler's commit or abort, the state change, and the heuristic record. The same
     SQL on a SQLite file (written beside a running participant: SQLite's lock
     serializes the two) and on a PostgreSQL store (through `PostgresStore`)."""
-    operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
     def decide(db: Any) -> None:
         stores.lock_rows(db, "twopc_txn", "txn_id", [txn_id])  # a running participant's Commit/Abort waits
@@ -403,40 +437,15 @@ def apply_heuristic(
         if row is None or row[0] != PREPARED:
             fail(f"{txn_id} is {'unknown' if row is None else row[0]} here, not PREPARED: nothing to resolve")
         (handler.commit if decision == COMMITTED else handler.abort)(db, txn_id)
-        now = time.time()
         stores.execute(
             db,
             "UPDATE twopc_txn SET state = :state, decided_at = :now WHERE txn_id = :t",
-            {"state": decision, "now": now, "t": txn_id},
+            {"state": decision, "now": time.time(), "t": txn_id},
         )
-        stores.execute(
-            db,
-            "INSERT INTO twopc_heuristic VALUES (:t, :decision, :said, :forced, :operator, :now)",
-            {
-                "t": txn_id,
-                "decision": decision,
-                "said": coordinator_said,
-                "forced": int(forced),
-                "operator": operator,
-                "now": now,
-            },
-        )
+        _record_heuristic(db, txn_id, decision, coordinator_said, forced=forced)
 
     if store.startswith(POSTGRES_SCHEMES):
-
-        async def on_postgres() -> None:
-            pg = stores.open_store(store)
-            pg.schema = HEURISTIC_SCHEMA
-            await pg.open()
-            try:
-                await pg.write(decide)
-            finally:
-                await pg.close()
-
-        try:
-            asyncio.run(on_postgres())
-        except ImportError:
-            fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+        _on_postgres(store, decide)
         return
     with _open(store, write=True) as db:
         db.execute("PRAGMA synchronous=FULL")
@@ -455,7 +464,6 @@ def apply_prepared_heuristic(store: str, txn_id: str, decision: str, coordinator
     COMMIT PREPARED or ROLLBACK PREPARED with the adapter's own code
     (`twopc.participant.prepared`: the outcome row travels with the work; an abort
     leaves its tombstone), then the heuristic record."""
-    operator = os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
     def decide(db: Any) -> None:
         from twopc.participant import prepared
@@ -468,34 +476,10 @@ def apply_prepared_heuristic(store: str, txn_id: str, decision: str, coordinator
         if not changed:
             fail(f"{txn_id} was decided meanwhile ({decision} already): nothing to resolve")
         db.exec_driver_sql("BEGIN")
-        stores.execute(
-            db,
-            "INSERT INTO twopc_heuristic VALUES (:t, :decision, :said, :forced, :operator, :now)",
-            {
-                "t": txn_id,
-                "decision": decision,
-                "said": coordinator_said,
-                "forced": int(forced),
-                "operator": operator,
-                "now": time.time(),
-            },
-        )
+        _record_heuristic(db, txn_id, decision, coordinator_said, forced=forced)
         db.exec_driver_sql("COMMIT")
 
-    async def on_postgres() -> None:
-        from twopc.stores.postgres import PostgresStore
-
-        pg = PostgresStore(store, HEURISTIC_SCHEMA, autocommit=True)
-        await pg.open()
-        try:
-            await pg.write(decide)
-        finally:
-            await pg.close()
-
-    try:
-        asyncio.run(on_postgres())
-    except ImportError:
-        fail("PostgreSQL needs the postgres extra: pip install 'twopc[postgres]'")
+    _on_postgres(store, decide, autocommit=True)
 
 
 @cli.command()
