@@ -72,7 +72,7 @@ from twopc.participant.admission import (
     report,
 )
 from twopc.participant.resolver import Resolver
-from twopc.participant.table import ABORTED, COMMITTED, PREPARED
+from twopc.participant.table import ABORTED, COMMITTED
 from twopc.security import auth, limits
 from twopc.stores.base import ConflictError, Connection, Store, StoreUnavailableError, execute, is_retried
 from twopc.types import Outcome, Vote
@@ -641,4 +641,4 @@ def execute_purge(db: Connection, cutoff: float) -> None:
     execute(db, "DELETE FROM twopc_txn WHERE decided_at < :cutoff", {"cutoff": cutoff})
 
 
-__all__ = ["PREPARED", "DecisionRefused", "Item", "ParticipantBase", "StatusError", "Voted"]
+__all__ = ["OPEN_RETRY_INITIAL_S", "OPEN_RETRY_MAX_S", "ParticipantBase", "Voted", "execute_purge"]

@@ -275,6 +275,9 @@ class PostgresStore:
                 conn.execute(b"INSERT INTO twopc_schema VALUES (%s)", (digest,))
             conn.commit()
         except psycopg.OperationalError as e:
+            if e.sqlstate == "55P03":  # a new schema text waits on a table a prepared transaction holds
+                hint = "; a prepared transaction holds a table: settle it (twopc participant in-doubt, twopc resolve)"
+                raise StoreUnavailableError(f"cannot set up {self.path}: {e}{hint}") from e
             raise StoreUnavailableError(f"cannot set up {self.path}: {e}") from e
         finally:
             raw.close()
