@@ -353,9 +353,10 @@ async def test_the_cap_counts_per_caller_identity_not_per_named_address(
 
 
 async def test_a_slow_business_prepare_does_not_hold_the_event_loop(tmp_path: Path) -> None:
-    """A handler whose prepare takes 1 s, on a SQLite store whose idle path is open to
-    it, delays no other coroutine of the process by more than a fraction of that: the
-    business step runs on the store's thread, not on the event loop."""
+    """A handler whose prepare takes 2 s, on a SQLite store whose idle path is open to
+    it, delays no other coroutine of the process by more than half of that (a bound
+    loose enough for a loaded machine): the business step runs on the store's thread,
+    not on the event loop."""
     db = tmp_path / "kv.db"
     store = SqliteStore(db, idle_path_max_s=10.0)  # the idle path is always on offer
     async with serve(Participant(KV(), store, credentials=INSECURE, config=BY_HAND), str(db), Served) as local:
@@ -373,11 +374,11 @@ async def test_a_slow_business_prepare_does_not_hold_the_event_loop(tmp_path: Pa
         ticking = asyncio.create_task(ticker())
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        assert (await local.stub.Prepare(_kv("slow", delay_s=1.0), timeout=10)).vote == participant_pb2.VOTE_COMMIT
-        assert time.monotonic() - started >= 1.0
+        assert (await local.stub.Prepare(_kv("slow", delay_s=2.0), timeout=10)).vote == participant_pb2.VOTE_COMMIT
+        assert time.monotonic() - started >= 2.0
         stop.set()
         await ticking
-    assert lag < 0.5, f"the event loop stalled for {lag:.2f} s"
+    assert lag < 1.0, f"the event loop stalled for {lag:.2f} s"
 
 
 def _kv(txn_id: str, **fields: Any) -> participant_pb2.PrepareRequest:
