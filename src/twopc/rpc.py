@@ -304,7 +304,7 @@ class Health(Protocol):
 
     async def serving(self) -> None: ...
 
-    async def not_serving(self) -> None: ...
+    async def starting(self) -> None: ...
 
     async def shutdown(self) -> None: ...
 
@@ -365,7 +365,7 @@ async def serve(
             await health.serving()
     else:
         if health is not None:  # said outright: gRPC's health service starts SERVING overall
-            await health.not_serving()
+            await health.starting()
         opening = asyncio.ensure_future(_serving_once(ready, health))
         waits.add(opening)
     announce_ready(where)
