@@ -151,7 +151,10 @@ async def run(
         else:
             assert cut is not None
             cut()
-        await asyncio.sleep(lease_s * 3)  # a fault longer than the lease is the point
+        await asyncio.sleep(lease_s * 3)  # a fault longer than the lease is the point,
+        # and held until the other instance has taken over: healed before that (a slow
+        # machine), the instance renews its lease, unfenced, and rightly so.
+        await wait_until(lambda: asyncio.to_thread(_taken_over, c, report.instance), settle_timeout_s, interval_s=0.1)
         if fault == "pause":
             c.shop.resume()
         else:
@@ -168,7 +171,10 @@ async def run(
     report.violations += result.violations
     report.purchases = dict(Counter(p.seen for p in history))
     report.taken_over_commits, report.logged_after_takeover = _takeover_facts(c, report.instance)
-    report.fenced = "instance_fenced" in c.shop.log_path.read_text(errors="replace")
+    if fault != "kill":  # healed, it learns of the takeover at its next renewal, which may
+        # first have to time out on a connection the partition broke
+        log = c.shop.log_path
+        report.fenced = await wait_until(lambda: "instance_fenced" in log.read_text(errors="replace"), settle_timeout_s)
     return report
 
 
@@ -177,13 +183,18 @@ async def _settled(c: Cluster, instance: str, timeout_s: float) -> float | None:
     doubt any more (monotonic time), or None if not within `timeout_s`."""
 
     def done() -> bool:
-        conninfo, schema = connection_info(str(c.log))
-        with psycopg.connect(conninfo, connect_timeout=5) as conn:
-            row = conn.execute(f"SELECT taken_at FROM {schema}.instances WHERE id = %s", (instance,)).fetchone()
-        return row is not None and row[0] is not None and in_doubt(c, instance) == 0
+        return _taken_over(c, instance) and in_doubt(c, instance) == 0
 
     ok = await wait_until(lambda: asyncio.to_thread(done), timeout_s, interval_s=0.1)
     return time.monotonic() if ok else None
+
+
+def _taken_over(c: Cluster, instance: str) -> bool:
+    """Whether another instance has taken `instance` over (its epoch bumped)."""
+    conninfo, schema = connection_info(str(c.log))
+    with psycopg.connect(conninfo, connect_timeout=5) as conn:
+        row = conn.execute(f"SELECT taken_at FROM {schema}.instances WHERE id = %s", (instance,)).fetchone()
+    return row is not None and row[0] is not None
 
 
 def _takeover_facts(c: Cluster, instance: str) -> tuple[int, list[str]]:
