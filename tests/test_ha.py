@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from structlog.testing import capture_logs
 
 from services.chaos import Network
 from services.cluster import Cluster, Settings
-from tests.conftest import FAST, INSECURE, Kv, eventually, txn_state
+from tests.conftest import FAST, INSECURE, Kv, eventually, op, txn_state
 from tests.test_crash import txn_of
 from tests.test_trust import FakeCoordinator, debit, seeded, status
-from twopc import ClosedError, Coordinator, Outcome, rpc
-from twopc.dev.testing import ServiceProcess, TcpProxy
+from twopc import Branch, ClosedError, Coordinator, DuplicateTransactionError, ForeignPeerError, Outcome, rpc
+from twopc.dev.testing import ServiceProcess, TcpProxy, free_port
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
+from twopc.observe import EventKind, Recorder
 from twopc.v1 import coordinator_pb2_grpc, participant_pb2
 
 psycopg = pytest.importorskip("psycopg", reason="needs psycopg (pip install 'twopc[postgres]')")
@@ -115,24 +117,27 @@ async def test_concurrent_commits_are_written_as_one_batch_under_one_fence_check
 
 
 async def test_outcome_is_pending_until_the_owner_is_taken_over(schema: str) -> None:
-    """GetOutcome's rule 4: COMMITTED if logged; PENDING while the owner's row is not
-    taken over, even past its expiry; ABORTED once taken over or never known."""
+    """GetOutcome's rule 4: COMMITTED if logged; from another instance PENDING while
+    the owner's row is not taken over, even past its expiry, and ABORTED once taken
+    over; from the owner, ABORTED for its own unlogged ids; PENDING for an owner the
+    log never knew (another log's id: rule 12)."""
     url = f"{SERVER}?schema={schema}"
     async with opened(url, lease_s=60) as a, opened(url, lease_s=60) as b:
         await a.log_commit(f"{a.id}:logged", ["t1"])
         assert await b.outcome(f"{a.id}:logged") is Outcome.COMMITTED
         assert await b.outcome(f"{a.id}:running") is Outcome.PENDING
+        assert await a.outcome(f"{a.id}:running") is Outcome.ABORTED  # the owner: its only writer
         expire(schema, a.id)
         assert await b.outcome(f"{a.id}:running") is Outcome.PENDING  # expired, not fenced: it may still write
         await b.take_over()
         assert await b.outcome(f"{a.id}:running") is Outcome.ABORTED
         assert await b.outcome(f"{a.id}:logged") is Outcome.COMMITTED
-        assert await b.outcome("0123456789abcdef:never") is Outcome.ABORTED
+        assert await b.outcome("0123456789abcdef:never") is Outcome.PENDING
 
 
 async def test_purge_keeps_what_an_answer_needs(schema: str) -> None:
-    """Purging drops ended records and taken-over instances past retention, keeps
-    open records and live instances, and changes no outcome."""
+    """Purging drops ended records past retention, keeps open records and every
+    instance row (a taken-over one is the tombstone that keeps its ids ABORTED)."""
     url = f"{SERVER}?schema={schema}"
     async with opened(url, lease_s=60, retention_s=0.0) as a, opened(url, lease_s=60, retention_s=0.0) as b:
         await a.log_commit(f"{a.id}:ended", ["t1"])
@@ -142,9 +147,10 @@ async def test_purge_keeps_what_an_answer_needs(schema: str) -> None:
         await b.take_over()
         await b.purge()
         assert decisions(schema) == {f"{a.id}:open": ("commit", False)}  # b delivers it now
-        assert [i for (i,) in sql(f"SELECT id FROM {schema}.instances")] == [b.id]
+        assert sorted(i for (i,) in sql(f"SELECT id FROM {schema}.instances")) == sorted([a.id, b.id])
         assert await b.outcome(f"{a.id}:open") is Outcome.COMMITTED
         assert await b.outcome(f"{a.id}:other") is Outcome.ABORTED
+        assert await b.outcome("0123456789abcdef:other") is Outcome.PENDING  # never known: not purged
 
 
 async def test_takeover_waits_for_a_commit_being_written(schema: str) -> None:
@@ -483,3 +489,156 @@ async def test_participant_asks_the_next_instance_and_trusts_only_trusted_ones(t
         strict.stop()
         both.stop()
         await server.stop(None)
+
+
+# --- rule 12: whose ABORTED counts, and an abort that ends ---------------------------
+
+
+def foreign_log(kind: str, schema: str, tmp_path: Path) -> str:
+    """A decision log that is not the test's own: a mistyped schema, or a file."""
+    return f"{SERVER}?schema={schema}_typo" if kind == "schema" else str(tmp_path / "foreign.db")
+
+
+@pytest.fixture
+def typo_schema(schema: str) -> Iterator[None]:
+    """Drops the mistyped schema a test's foreign instance creates."""
+    yield
+    with psycopg.connect(SERVER, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema}_typo CASCADE")
+
+
+@pytest.mark.usefixtures("typo_schema")
+@pytest.mark.parametrize("kind", ["schema", "sqlite"])
+async def test_an_alternate_on_another_log_never_aborts_what_the_owner_commits(
+    schema: str, tmp_path: Path, start_kv: Callable[..., Kv], kind: str
+) -> None:
+    """The issue's setup: B, listed in A's peers, runs on its own log (a mistyped
+    ?schema=, or a SQLite file) and starts after A, so A cannot refuse it. A's phase
+    1 outlasts a participant's in_doubt_after_s; the participant asks A, then B: B
+    answers PENDING (an owner its log never knew), and both participants commit."""
+    quick = start_kv("a", args=["--in-doubt-after-s", "0.2", "--resolve-interval-s", "0.1"])
+    slow = start_kv("b")
+    b_address = f"127.0.0.1:{free_port()}"
+    url = f"{SERVER}?schema={schema}"
+    seen = Recorder()
+    foreign = Coordinator(foreign_log(kind, schema, tmp_path), credentials=INSECURE, listen=b_address, observers=[seen])
+    owner = Coordinator(url, credentials=INSECURE, listen="127.0.0.1:0", config=FAST, peers=[b_address])
+    # A first, while nothing listens at B's address: A cannot check B, and names it.
+    async with owner as a, foreign:
+        result = await a.run([quick.branch(), slow.branch(delay_s=2.5)], timeout_s=10)
+        asked = [e.outcome for e in seen.of(result.txn_id) if e.kind is EventKind.OUTCOME_ANSWERED]
+    assert result.outcome is Outcome.COMMITTED
+    assert asked and set(asked) == {Outcome.PENDING}, "the participant asked B, which could not tell"
+    await eventually(lambda: quick.state(result.txn_id) == slow.state(result.txn_id) == "COMMITTED", what="both")
+
+
+@pytest.mark.usefixtures("typo_schema")
+@pytest.mark.parametrize("kind", ["schema", "sqlite"])
+async def test_peers_on_another_log_are_refused_at_start(schema: str, tmp_path: Path, kind: str) -> None:
+    """An instance whose peer answers from another log (a mistyped schema, a SQLite
+    file) refuses to start (ForeignPeerError); a peer on the same log is accepted;
+    a file log refuses peers outright."""
+    url = f"{SERVER}?schema={schema}"
+    async with Coordinator(foreign_log(kind, schema, tmp_path), credentials=INSECURE, listen="127.0.0.1:0") as b:
+        with pytest.raises(ForeignPeerError, match="answers from decision log"):
+            async with Coordinator(url, credentials=INSECURE, listen="127.0.0.1:0", peers=[b.address]):
+                pass
+    async with Coordinator(url, credentials=INSECURE, listen="127.0.0.1:0") as a:
+        with capture_logs() as events:
+            async with Coordinator(url, credentials=INSECURE, listen="127.0.0.1:0", peers=[a.address]) as a2:
+                assert a2.id != a.id
+        assert any(e["event"] == "peer_verified" for e in events)
+    with pytest.raises(ValueError, match="shared decision log"):
+        Coordinator(tmp_path / "alone.db", credentials=INSECURE, peers=["127.0.0.1:1"])
+
+
+async def test_a_live_owner_answers_aborted_for_an_abort_it_never_logged(
+    schema: str, start_kv: Callable[..., Kv]
+) -> None:
+    """Rule 12 on PostgreSQL: a participant cut off until the Abort's retries are
+    over asks the owner, which is alive and never logged the abort: ABORTED (not
+    PENDING for as long as the owner lives), and the participant releases its hold."""
+    fast, cut_off = start_kv("a"), start_kv("b")
+    proxy = await TcpProxy("127.0.0.1", int(cut_off.target.rsplit(":", 1)[1])).start()
+    seen = Recorder()
+    config = replace(FAST, abort_retry_s=0.5)
+    try:
+        async with Coordinator(
+            f"{SERVER}?schema={schema}", credentials=INSECURE, listen="127.0.0.1:0", config=config, observers=[seen]
+        ) as owner:
+            via_proxy = Branch(f"127.0.0.1:{proxy.port}", op(key="k", amount=1), name="b")
+            run = asyncio.create_task(owner.run([via_proxy, fast.branch(delay_s=4)], timeout_s=2))
+            await eventually(lambda: len(cut_off.reserved()) == 1, what="b prepared")
+            proxy.cut()  # the Abort never reaches b
+            result = await run
+            assert result.outcome is Outcome.ABORTED
+            await eventually(lambda: cut_off.state(result.txn_id) == "ABORTED", what="b asks and aborts")
+            answers = [e.outcome for e in seen.of(result.txn_id) if e.kind is EventKind.OUTCOME_ANSWERED]
+            acked = [e.target for e in seen.of(result.txn_id) if e.kind is EventKind.ACKNOWLEDGED]
+        assert answers[-1] is Outcome.ABORTED and via_proxy.target not in acked
+        assert cut_off.reserved() == []
+    finally:
+        await proxy.close()
+
+
+async def test_an_id_settled_by_an_abort_marker_is_not_run_again(schema: str, start_kv: Callable[..., Kv]) -> None:
+    """An id whose COMMIT write was settled by an abort marker is refused before any
+    message (DuplicateTransactionError "aborted"); a COMMIT write that meets such a
+    marker aborts the transaction (NotLoggedError), never "committed"."""
+    kv1, kv2 = start_kv("a"), start_kv("b")
+    url = f"{SERVER}?schema={schema}"
+    async with Coordinator(url, credentials=INSECURE, config=FAST) as c:
+        gid = c.global_id("reused")
+        sql(
+            f"INSERT INTO {schema}.decisions (txn_id, owner, driver, decision, targets, ended_at)"
+            " VALUES (%s, %s, %s, 'abort', '[]', now())",
+            gid,
+            c.id,
+            c.id,
+        )
+        sent = c.messages_sent
+        with pytest.raises(DuplicateTransactionError, match="aborted"):
+            await c.run([kv1.branch(), kv2.branch()], txn_id="reused")
+        assert c.messages_sent == sent
+    async with opened(url, lease_s=60) as log:
+        marked = f"{log.id}:marked"
+        sql(
+            f"INSERT INTO {schema}.decisions (txn_id, owner, driver, decision, targets, ended_at)"
+            " VALUES (%s, %s, %s, 'abort', '[]', now())",
+            marked,
+            log.id,
+            log.id,
+        )
+        with pytest.raises(NotLoggedError, match="abort marker"):
+            await log.log_commit(marked, ["t1"])
+
+
+def test_a_lease_that_one_slow_renewal_would_lose_is_refused() -> None:
+    """lease_s must outlast a renewal that times out and the next one: lease_s=2 with
+    op_timeout_s=2 is refused; without op_timeout_s, a short lease gets a shorter
+    bound on a database round."""
+    with pytest.raises(ValueError, match="too short"):
+        PostgresDecisionLog(f"{SERVER}?lease_s=2&op_timeout_s=2")
+    assert PostgresDecisionLog(f"{SERVER}?lease_s=2").op_timeout_s < 2 - 2 * 0.5
+    assert PostgresDecisionLog(SERVER).op_timeout_s == 2.0
+
+
+async def test_lease_renewal_outlives_an_unexpected_database_error(schema: str) -> None:
+    """A renewal round that fails with an error other than unreachability (here the
+    lease table renamed away) is logged and retried; once the table is back the
+    lease is renewed again instead of lapsing for ever."""
+    url = f"{SERVER}?schema={schema}"
+    async with opened(url, lease_s=1.2, renew_every_s=0.1, op_timeout_s=0.5) as log:
+        failures: list[BaseException] = []
+        log.watch(adopt=lambda records: None, fail=failures.append)
+
+        def renewed_by() -> Any:
+            return sql(f"SELECT expires_at FROM {schema}.instances WHERE id = %s", log.id)[0][0]
+
+        with capture_logs() as events:
+            sql(f"ALTER TABLE {schema}.instances RENAME TO instances_away")
+            await eventually(lambda: any(e["event"] == "lease_renewal_error" for e in events), what="an error")
+            sql(f"ALTER TABLE {schema}.instances_away RENAME TO instances")
+        before = renewed_by()
+        await eventually(lambda: renewed_by() > before, what="renewals resume")
+        assert failures == []

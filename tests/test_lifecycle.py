@@ -203,3 +203,52 @@ async def test_refused_abort_in_two_phase_commit_is_an_error_event(tmp_path: Pat
         refused = [e for e in events if e["event"] == "abort_refused"]
         assert refused[0]["log_level"] == "error" and refused[0]["branch"] == "a-0"
         assert not [e for e in events if e["event"] == "one_phase_already_committed"]
+
+
+class _GatedLog(SqliteDecisionLog):
+    """The real file log, whose duplicate-id read returns only once the test opens a
+    gate: it holds `run` in the await before it registers the id, where close() may
+    come."""
+
+    reading: asyncio.Event
+    gate: asyncio.Event
+
+    async def decided(self, txn_id: str) -> Outcome | None:
+        found = await super().decided(txn_id)
+        self.reading.set()
+        await self.gate.wait()  # the read is done; its answer is on its way back
+        return found
+
+
+async def test_close_during_the_duplicate_id_check_sends_nothing(tmp_path: Path, start_kv: Callable[..., Kv]) -> None:
+    """close() that comes while run(txn_id=...) reads the log for a duplicate id
+    finds nothing in flight and closes; the run then refuses (ClosedError) instead
+    of preparing both branches with no decision and no Abort to follow."""
+    a, b = start_kv("a"), start_kv("b")
+    log = _GatedLog(tmp_path / "d.db")
+    log.reading, log.gate = asyncio.Event(), asyncio.Event()
+    c = Coordinator(log, credentials=INSECURE, config=FAST)
+    await c.__aenter__()
+    run = asyncio.create_task(c.run([a.branch(), b.branch()], txn_id="mine"))
+    await log.reading.wait()
+    await c.close()
+    log.gate.set()
+    with pytest.raises(ClosedError):
+        await run
+    assert c.messages_sent == 0
+    assert a.reserved() == b.reserved() == []
+
+
+async def test_a_second_close_waits_like_the_first(tmp_path: Path, start_kv: Callable[..., Kv]) -> None:
+    """Two close() calls while a transaction is in phase 1: neither returns before
+    that transaction decided."""
+    a, b = start_kv("a"), start_kv("b")
+    c = Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST)
+    await c.__aenter__()
+    run = asyncio.create_task(c.run([a.branch(), b.branch(delay_s=1)]))
+    await eventually(lambda: len(a.reserved()) == 1, what="phase 1 under way")
+    first = asyncio.create_task(c.close())
+    await asyncio.sleep(0)  # the first close has begun
+    await c.close()
+    assert run.done() and (await run).outcome is Outcome.COMMITTED
+    await first

@@ -204,14 +204,15 @@ async def test_broken_connection_before_commit_is_retried_on_a_new_one(local: Lo
 
 async def test_in_doubt_resolver_and_purge(pg_url: str, coordinator: Coordinator) -> None:
     """A transaction prepared too long is resolved by asking the coordinator's
-    GetOutcome (unknown there: ABORTED, rule 6); decided rows past their retention
-    are purged."""
+    GetOutcome (one of its ids it never logged: ABORTED, rules 6 and 12); decided
+    rows past their retention are purged."""
     config = ParticipantConfig(in_doubt_after_s=0.2, resolve_interval_s=0.1, retention_s=0.5)
     async with serve(Participant(KV(), pg_url, credentials=INSECURE, config=config), pg_url, Local) as local:
-        request = prepare_request("t-doubt")
+        gid = coordinator.global_id("t-doubt")
+        request = prepare_request(gid)
         request.coordinator = coordinator.address
         assert (await local.stub.Prepare(request, timeout=5)).vote == participant_pb2.VOTE_COMMIT
-        await eventually(lambda: local.txns() == [("t-doubt", "ABORTED")], what="the resolver to abort")
+        await eventually(lambda: local.txns() == [(gid, "ABORTED")], what="the resolver to abort")
         assert local.reserved() == []
         await eventually(lambda: local.txns() == [], what="the purge of the decided row")
 

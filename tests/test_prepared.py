@@ -135,18 +135,20 @@ async def test_commit_many_spread_over_connections_commits_each_and_reports_ever
 
 async def test_in_doubt_prepared_transactions_are_resolved_by_asking(pg_url: str, coordinator: Coordinator) -> None:
     """A prepared transaction left undecided is found in pg_prepared_xacts (and
-    reported to observers), the coordinator is asked (unknown there: ABORTED) and it is rolled back."""
+    reported to observers), the coordinator is asked (its own id, never logged: ABORTED)
+    and it is rolled back."""
     seed(pg_url)
     config = ParticipantConfig(in_doubt_after_s=0.2, resolve_interval_s=0.1)
     recorder = Recorder()
+    gid = coordinator.global_id("t-doubt")
     async with serve(adapter(pg_url, config=config, observers=[recorder]), pg_url, Local) as local:
-        await local.stub.Prepare(debit("t-doubt", 30, coordinator.address), timeout=5)
-        assert await local.adapter.in_doubt() == [("t-doubt", coordinator.address)]
+        await local.stub.Prepare(debit(gid, 30, coordinator.address), timeout=5)
+        assert await local.adapter.in_doubt() == [(gid, coordinator.address)]
         await local.adapter.report_in_doubt()
         scanned = [e for e in recorder.events if e.kind is EventKind.IN_DOUBT_SCANNED]
         assert scanned and scanned[-1].count == 1
         await eventually(lambda: local.prepared() == [], what="the resolver to roll back")
-        assert local.txns() == [("t-doubt", "ABORTED")] and local.balance() == 100
+        assert local.txns() == [(gid, "ABORTED")] and local.balance() == 100
 
 
 async def test_prepared_transaction_survives_a_postgres_crash(pg_killable: PostgresServer) -> None:

@@ -61,6 +61,13 @@ class ServiceError(TwoPCError):
         self.status = status
 
 
+class ForeignPeerError(TwoPCError):
+    """A coordinator's `peers` do not share its decision log: a peer answered with
+    another log's identity (a mistyped `?schema=`, another database), or the log
+    is a file of one owner. Such a peer cannot know this coordinator's outcomes,
+    so the coordinator refuses to start rather than name it in its Prepares."""
+
+
 class NotLoggedError(TwoPCError):
     """The COMMIT decision was certainly not logged and never can be: the
     transaction aborts (its result says why). Not raised to `run`'s caller."""

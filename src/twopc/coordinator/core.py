@@ -12,8 +12,9 @@ protocol is presumed-abort 2PC (docs/design.md):
   exponential backoff and jitter; Commits are retried without end, across restarts.
 * On start, every COMMIT in the log without END is delivered again (recovery).
 * `GetOutcome` answers participants in doubt: COMMITTED for a logged decision,
-  PENDING while the transaction is still in phase 1 here, ABORTED otherwise; and
-  UNAVAILABLE until the log is read.
+  PENDING while the transaction is still in phase 1 here, ABORTED for its own
+  ids otherwise; PENDING for an id of another log (rule 12); and UNAVAILABLE
+  until the log is read. Every answer names the log it comes from.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from twopc.errors import (
     DuplicateTransactionError,
     DurabilityError,
     FencedError,
+    ForeignPeerError,
     NotLoggedError,
     OutcomeUnknownError,
     TwoPCError,
@@ -118,7 +120,9 @@ class Coordinator:
         peers: GetOutcome addresses of the other instances sharing this
             coordinator's log (or one service address in front of them all): sent
             in every Prepare, so a participant in doubt asks them when this
-            instance is gone.
+            instance is gone. Only a shared log has peers (ValueError on a file
+            log); at start each peer that answers is asked for its log's identity,
+            and one on another log is refused (ForeignPeerError).
         policy: who may ask GetOutcome on the `listen` server (`twopc.security.auth`,
             e.g. `Policy(coordinator_rules(["wallet", "orders"]))`); `serve` takes
             its own. Without one, anyone who reaches the port may ask.
@@ -146,6 +150,9 @@ class Coordinator:
         else:
             self._log = SqliteDecisionLog(log) if isinstance(log, str | os.PathLike) else log
         self._peers = tuple(p for p in peers if p)
+        if self._peers and not self._log.shared:
+            # A file log has one owner: another coordinator cannot answer for it.
+            raise ValueError("peers need a shared decision log (PostgreSQL); a file log has one coordinator")
         self._credentials = credentials
         self._interceptors = tuple(interceptors)
         self._listen = listen
@@ -164,6 +171,7 @@ class Coordinator:
         self._quiet = asyncio.Event()  # set by close() once nothing is in phase 1 or deciding
         self._open = False  # the log is read: GetOutcome may answer
         self._closing = False  # close() has begun: run() refuses
+        self._closed: asyncio.Task[None] | None = None  # close()'s work, awaited by every caller
         self._stopped = False  # background work is cancelled: nothing new may start
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
@@ -216,7 +224,10 @@ class Coordinator:
                 await self._server.start()
                 if not self._advertise:
                     self._advertise = f"{self._listen.rsplit(':', 1)[0]}:{port}"
+            await self._check_peers()
         except BaseException:
+            if self._server is not None:
+                await self._server.stop(grace=None)
             await self._log.close()
             raise
         self._open = True
@@ -227,6 +238,33 @@ class Coordinator:
             self._spawn(self._recover(pending))
         _log.info("coordinator_started", id=self.id, address=self._advertise, recovering=len(pending))
         return self
+
+    async def _check_peers(self) -> None:
+        """Rule 12: asks each peer which log it answers from, and refuses one on
+        another log. A peer that does not answer now (not started yet, or not
+        letting coordinators ask) is named anyway: participants check the log of
+        every answer they take."""
+        probe = coordinator_pb2.GetOutcomeRequest(txn_id=f"{self.id}:peer-check")
+
+        async def ask(peer: str) -> str | None:
+            try:
+                async with rpc.channel(peer, self._credentials, self._interceptors) as channel:
+                    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+                    reply = await stub.GetOutcome(probe, timeout=self.config.rpc_timeout_s)
+            except grpc.aio.AioRpcError as e:
+                _log.warning("peer_unverified", peer=peer, error=rpc.describe(e))
+                return None
+            return reply.log_id
+
+        for peer, log_id in zip(self._peers, await asyncio.gather(*(ask(p) for p in self._peers)), strict=True):
+            if log_id is None:
+                continue
+            if log_id != self._log.log_id:
+                raise ForeignPeerError(
+                    f"peer {peer} answers from decision log {log_id or '(unnamed: an older twopc)'}, this"
+                    f" coordinator's is {self._log.log_id}: check the peer's log URL (its ?schema=)"
+                )
+            _log.info("peer_verified", peer=peer, log_id=log_id)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Serves GetOutcome on the caller's own server (instead of `listen`); pass
@@ -304,9 +342,14 @@ class Coordinator:
         cancelled (logged commits resume on the next start). GetOutcome is served
         to the end; then channels and the log close.
         """
-        if self._closing:
-            return
-        self._closing = True
+        if self._closed is None:
+            self._closing = True  # at once: run() refuses from here on
+            self._closed = asyncio.create_task(self._close())
+        # Every caller waits for the same work: a second close() returns when the
+        # first one's does, not at once while phase 1 is still finishing.
+        await asyncio.shield(self._closed)
+
+    async def _close(self) -> None:
         if self._in_flight:
             await self._quiet.wait()
         if self._tasks:
@@ -385,9 +428,16 @@ class Coordinator:
             limits.check_id("txn_id", txn_id, max_len=MAX_LOCAL_ID)
             gid = self.global_id(txn_id)
             # A caller's own id may be a retry: refuse it before any message if it
-            # was committed here (the record stays on disk for the log's retention).
-            if gid not in self._in_flight and gid not in self._committed and await self._logged(gid):
-                raise DuplicateTransactionError(gid, "committed")
+            # was decided here (the record stays on disk for the log's retention):
+            # a COMMIT, or a shared log's abort marker.
+            if gid not in self._in_flight and gid not in self._committed:
+                decided = await self._decided(gid)
+                if decided is not None:
+                    raise DuplicateTransactionError(gid, decided.value)
+                if self._closing:
+                    # close() began during that read and saw nothing in flight: it
+                    # may have closed the log and the channels already.
+                    raise ClosedError("the coordinator is closed")
         if gid in self._in_flight or gid in self._uncertain:
             raise DuplicateTransactionError(gid, "running")
         if gid in self._committed:
@@ -439,9 +489,11 @@ class Coordinator:
             acknowledged). PENDING while it is in phase 1 here, or while a failed
             decision write leaves only the disk knowing (ask after a restart).
             With a shared log, also PENDING while another instance that owns it
-            may still log its COMMIT (its lease is not taken over).
-            ABORTED otherwise: decided abort, never seen, or a commit whose record
-            is past retention (presumed abort).
+            may still log its COMMIT (its lease is not taken over). PENDING for an
+            id whose owner the log does not know (another log's: it cannot tell).
+            ABORTED otherwise: decided abort (this coordinator's own, whether or
+            not it was logged), never seen, or a commit whose record is past
+            retention (presumed abort).
 
         Raises:
             CoordinatorFailedError: the decision log failed; restart to ask again.
@@ -461,10 +513,11 @@ class Coordinator:
             self._fail(e)
             raise CoordinatorFailedError(f"decision log failed: {e}") from e
 
-    async def _logged(self, gid: str) -> bool:
-        """Whether the log holds a COMMIT for `gid`, ended or not."""
+    async def _decided(self, gid: str) -> Outcome | None:
+        """The decision the log holds for `gid` (a COMMIT, ended or not, or an abort
+        marker), or None."""
         try:
-            return await self._log.find(gid) is not None
+            return await self._log.decided(gid)
         except DurabilityError as e:
             self._fail(e)
             raise CoordinatorFailedError(f"decision log failed: {e}") from e
@@ -607,7 +660,12 @@ class Coordinator:
             operation = any_pb2.Any()
             operation.Pack(branch.operation)
         request = participant_pb2.PrepareRequest(
-            txn_id=gid, coordinator=self._advertise, operation=operation, one_phase=one_phase, coordinators=self._peers
+            txn_id=gid,
+            coordinator=self._advertise,
+            operation=operation,
+            one_phase=one_phase,
+            coordinators=self._peers,
+            coordinator_log=self._log.log_id,
         )
         try:
             reply = await self._prepare_batcher(branch.target).prepare(request, deadline)
@@ -981,4 +1039,4 @@ class _OutcomeServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the decision log cannot be read: {e}")
         _log.info("outcome_asked", txn_id=request.txn_id, outcome=coordinator_pb2.Outcome.Name(outcome))
         self._coordinator.observers.emit(EventKind.OUTCOME_ANSWERED, request.txn_id, outcome=_ANSWERED[outcome])
-        return coordinator_pb2.GetOutcomeResponse(outcome=outcome)
+        return coordinator_pb2.GetOutcomeResponse(outcome=outcome, log_id=self._coordinator._log.log_id)

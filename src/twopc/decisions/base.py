@@ -43,7 +43,22 @@ class DecisionLog(Protocol):
 
     @property
     def id(self) -> str:
-        """The log's id (set by `open`): stable for the life of the log."""
+        """The id of this coordinator on the log (set by `open`): the prefix of its
+        transaction ids. A file log's is the log's own id, stable for the life of
+        the log; a shared log's names one instance (one process)."""
+        ...
+
+    @property
+    def log_id(self) -> str:
+        """The log's identity (set by `open`), the same for every instance that
+        shares it and stable for the life of the log: GetOutcome answers carry it,
+        and participants believe a decided answer only from the owner's log."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """Whether several coordinator instances may share this log (and so name
+        each other as `peers`)."""
         ...
 
     async def log_commit(self, txn_id: str, targets: Sequence[str]) -> bool:
@@ -55,15 +70,24 @@ class DecisionLog(Protocol):
         """The logged COMMIT of `txn_id`, ended or not, while it is retained."""
         ...
 
+    async def decided(self, txn_id: str) -> Outcome | None:
+        """The decision recorded under `txn_id` while it is retained: COMMITTED, ABORTED
+        (a shared log's abort marker, rule 5 of `twopc.decisions.postgres`), or None
+        if nothing is. `run` refuses a caller's id that has either."""
+        ...
+
     async def log_end(self, txn_id: str) -> None:
         """Records that every participant acknowledged; the record may be forgotten."""
         ...
 
     async def outcome(self, txn_id: str) -> Outcome:
         """What the log says of `txn_id` (GetOutcome for a transaction the
-        coordinator does not hold in memory): COMMITTED if a COMMIT is logged;
-        PENDING while its owner may still log one (a shared log: the owner's lease
-        is not taken over); ABORTED once nobody can.
+        coordinator does not hold in memory; rules 11 and 12 of docs/design.md):
+        COMMITTED if a COMMIT is logged; PENDING while its owner may still log one
+        (a shared log: another instance's lease is not taken over), and for an id
+        whose owner this log does not know (it cannot tell); ABORTED once nobody
+        can log it. The caller's own ids (prefix `id`) that it does not hold in
+        flight are ABORTED: it is their only writer.
 
         Raises:
             LogUnavailableError: the log cannot be read now; ask again.

@@ -18,8 +18,13 @@ transaction belongs to the instance that runs it and its id names that instance
    Ownership changes are written to `ownership` and logged.
 4. Outcome, from any instance: COMMITTED if a COMMIT record exists; PENDING while
    the owner's row has its first epoch (the owner may still write: expired but not
-   taken over counts as live); ABORTED once the epoch moved, or for an owner the
-   database never knew.
+   taken over counts as live); ABORTED once the epoch moved. The owner itself
+   answers ABORTED for its own ids it holds neither in flight nor uncertain (the
+   coordinator answers those from memory first): it is their only writer, so an
+   abort it never logged does not read PENDING for as long as it lives. An owner
+   the database never knew is PENDING: the id is another log's (a peer on another
+   schema, or on a file), and this log cannot tell. Instance rows are never
+   deleted (a taken-over row is the tombstone), so "never knew" is never "purged".
 5. A COMMIT write whose result was not seen (connection lost, timeout) is neither
    success nor failure: `log_commit` reads it back before returning. The read-back
    inserts an *abort marker* for the txn id if there is no record, so a write still
@@ -39,7 +44,9 @@ local clock since the last renewal) `check_writable` refuses new transactions;
 phase 2 of logged commits goes on, and END waits for the database.
 
 The schema lives in its own PostgreSQL schema (`twopc` by default; `?schema=` in
-the URL) and carries its version in `meta`; `open` creates or checks it.
+the URL) and carries its version and the log's identity (`log_id`, made once at
+random) in `meta`; `open` creates or checks it. Instances that name each other as
+peers compare that identity (`Coordinator`), so a mistyped schema is refused.
 """
 
 from __future__ import annotations
@@ -134,6 +141,34 @@ def read_commits(url: str) -> dict[str, bool]:
     return {str(t): bool(e) for t, e in rows}
 
 
+def lease_timeout(lease_s: float, renew_every_s: float, op_timeout_s: float | None) -> float:
+    """Checks a lease's timing and returns the database round's bound.
+
+    A renewal that times out is followed by another `renew_every_s` later; both
+    must fit in the lease, or one slow round loses it (a false takeover of a live
+    instance). So `2 * renew_every_s + op_timeout_s < lease_s`. Without an
+    explicit `op_timeout_s`, 2 s or 80% of what the lease leaves, if less.
+
+    Raises:
+        ValueError: a value is not positive, or the lease cannot outlast one
+            failed renewal.
+    """
+    if not (lease_s > 0 and renew_every_s > 0 and (op_timeout_s is None or op_timeout_s > 0)):
+        raise ValueError("lease_s, renew_every_s and op_timeout_s must be > 0")
+    room = lease_s - 2 * renew_every_s
+    if op_timeout_s is None:
+        if room <= 0:
+            raise ValueError(f"renew_every_s={renew_every_s} leaves no room in lease_s={lease_s} for a renewal")
+        return min(2.0, 0.8 * room)
+    if op_timeout_s >= room:
+        raise ValueError(
+            f"lease_s={lease_s} is too short for op_timeout_s={op_timeout_s} with renew_every_s={renew_every_s}:"
+            f" one renewal that times out would let the lease expire; give lease_s >"
+            f" {2 * renew_every_s + op_timeout_s:g}, or a shorter op_timeout_s"
+        )
+    return op_timeout_s
+
+
 class _EpochMovedError(Exception):
     """Inside a database transaction: this instance's epoch moved."""
 
@@ -155,7 +190,10 @@ class PostgresDecisionLog:
         renew_every_s: how often the lease is renewed (lease_s / 4 by default).
         takeover_every_s: how often to look for expired leases (lease_s / 2).
         op_timeout_s: the bound on one database round (connect, statement, commit);
-            past it the database counts as unreachable.
+            past it the database counts as unreachable. One renewal that times
+            out must leave time for the next: `2 * renew_every_s + op_timeout_s`
+            must be below `lease_s` (else ValueError). By default 2 s, or less
+            when the lease is short enough to need it (0.4 s at `lease_s=1`).
         decision_wait_s: how long a COMMIT write whose result was lost is read back
             before the coordinator gives up (DurabilityError; restart).
         pool_size: connections; concurrent COMMITs share WAL flushes.
@@ -170,16 +208,18 @@ class PostgresDecisionLog:
         lease_s: float = 5.0,
         renew_every_s: float | None = None,
         takeover_every_s: float | None = None,
-        op_timeout_s: float = 2.0,
+        op_timeout_s: float | None = None,
         decision_wait_s: float = 30.0,
         pool_size: int = 8,
         retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
         parts, query, schema = _split(url)
         lease_s = float(query.pop("lease_s", lease_s))
-        op_timeout_s = float(query.pop("op_timeout_s", op_timeout_s))
-        if not (lease_s > 0 and op_timeout_s > 0 and decision_wait_s > 0 and pool_size > 0):
-            raise ValueError("lease_s, op_timeout_s, decision_wait_s and pool_size must be > 0")
+        given = query.pop("op_timeout_s", op_timeout_s)
+        renew_every_s = renew_every_s or lease_s / 4
+        op_timeout_s = lease_timeout(lease_s, renew_every_s, None if given is None else float(given))
+        if not (decision_wait_s > 0 and pool_size > 0):
+            raise ValueError("decision_wait_s and pool_size must be > 0")
         # A partition must surface as an error, not a socket that waits for ever.
         timeout_ms = str(int(op_timeout_s * 1000))
         query.setdefault("connect_timeout", str(max(1, round(op_timeout_s))))
@@ -199,7 +239,7 @@ class PostgresDecisionLog:
         self.schema = schema
         self.address = address
         self.lease_s = lease_s
-        self.renew_every_s = renew_every_s or lease_s / 4
+        self.renew_every_s = renew_every_s
         self.takeover_every_s = takeover_every_s or lease_s / 2
         self.op_timeout_s = op_timeout_s
         self.decision_wait_s = decision_wait_s
@@ -214,6 +254,7 @@ class PostgresDecisionLog:
             configure=_read_committed,
         )
         self._id = ""
+        self._log_id = ""
         self._epoch = 0
         self._renewed_at = 0.0  # loop time a successful renewal was sent
         self._unreachable = ""  # why the last round failed, or ""
@@ -236,6 +277,14 @@ class PostgresDecisionLog:
         return self._id
 
     @property
+    def log_id(self) -> str:
+        return self._log_id
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    @property
     def syncs(self) -> int:
         return self._syncs
 
@@ -256,7 +305,7 @@ class PostgresDecisionLog:
             raise LogUnavailableError(f"cannot reach the decision log's database: {e}") from e
         new_id = secrets.token_hex(8)
 
-        async def create(cur: Cursor) -> None:
+        async def create(cur: Cursor) -> str:
             # One creator at a time: concurrent CREATE IF NOT EXISTS can collide.
             await cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twopc-schema:{self.schema}",))
             await cur.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
@@ -272,6 +321,14 @@ class PostgresDecisionLog:
                 raise DurabilityError(
                     f"the decision log's schema is version {version}; this twopc knows {SCHEMA_VERSION}: upgrade"
                 )
+            # The log's identity, made once: every instance of this log reads the same.
+            await cur.execute(
+                f"INSERT INTO {self.schema}.meta VALUES ('log_id', %s) ON CONFLICT DO NOTHING", (secrets.token_hex(8),)
+            )
+            await cur.execute(f"SELECT value FROM {self.schema}.meta WHERE key = 'log_id'")
+            row = await cur.fetchone()
+            assert row is not None  # inserted just above, or before
+            return str(row[0])
 
         async def register(cur: Cursor) -> None:
             await cur.execute(
@@ -281,19 +338,31 @@ class PostgresDecisionLog:
             )
 
         try:
-            await self._run(create)
+            log_id = await self._run(create)
             sent = loop.time()
             await self._run(register)
         except BaseException:
             await self._pool.close()
             raise
-        self._id, self._renewed_at = new_id, sent
-        _log.info("instance_registered", instance=new_id, schema=self.schema, lease_s=self.lease_s)
+        self._id, self._log_id, self._renewed_at = new_id, log_id, sent
+        _log.info("instance_registered", instance=new_id, log_id=log_id, schema=self.schema, lease_s=self.lease_s)
         return []
 
     def watch(self, *, adopt: Callable[[Sequence[CommitRecord]], None], fail: Callable[[BaseException], None]) -> None:
         self._adopt, self._fail = adopt, fail
         self._tasks = [asyncio.create_task(self._renew_forever()), asyncio.create_task(self._take_over_forever())]
+        for task in self._tasks:
+            task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """A background loop ended: fenced (it said so), closed, or by an error no
+        loop catches. The last must stop the coordinator visibly, not leave it
+        refusing every run with nobody told."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        _log.critical("lease_task_died", instance=self._id, error=repr(error))
+        self._fail(DurabilityError(f"the decision log's lease work stopped: {error!r}"))
 
     def check_writable(self) -> None:
         if self._fenced is not None:
@@ -315,7 +384,8 @@ class PostgresDecisionLog:
             FencedError: the epoch moved: nothing was written, and this instance is
                 done deciding.
             NotLoggedError: the write's result was lost and the read-back found
-                nothing (and made sure nothing can land): the transaction aborts.
+                nothing (and made sure nothing can land), or an abort marker holds
+                the id already: the transaction aborts.
             DurabilityError: the result stayed unknown for `decision_wait_s`.
         """
         if self._fenced is not None:
@@ -345,7 +415,7 @@ class PostgresDecisionLog:
                 commit.written.cancel()
 
     async def _write_batch(self, batch: list[_Commit]) -> None:
-        async def write(cur: Cursor) -> set[str]:
+        async def write(cur: Cursor) -> tuple[set[str], set[str]]:
             await self._check_epoch(cur)
             await cur.execute(
                 f"INSERT INTO {self.schema}.decisions (txn_id, owner, driver, decision, targets) "
@@ -353,10 +423,17 @@ class PostgresDecisionLog:
                 " ON CONFLICT DO NOTHING RETURNING txn_id",
                 (self._id, self._id, [c.txn_id for c in batch], [c.targets for c in batch]),
             )
-            return {row[0] for row in await cur.fetchall()}
+            inserted = {row[0] for row in await cur.fetchall()}
+            # An id already held by an abort marker (an earlier attempt settled as
+            # aborted, rule 5): that decision stands, and this one aborts too.
+            await cur.execute(
+                f"SELECT txn_id FROM {self.schema}.decisions WHERE txn_id = ANY(%s) AND decision = 'abort'",
+                ([c.txn_id for c in batch if c.txn_id not in inserted],),
+            )
+            return inserted, {row[0] for row in await cur.fetchall()}
 
         try:
-            inserted = await self._run(write)
+            found = await self._run(write)
         except _EpochMovedError:
             _settle(batch, self._fence())
         except LogUnavailableError as e:
@@ -365,10 +442,13 @@ class PostgresDecisionLog:
         except Exception as e:  # noqa: BLE001 - every waiter hears of it
             _settle(batch, e)
         else:
+            inserted, aborted = found
             if inserted:
                 self._syncs += 1
             for c in batch:
-                if not c.written.done():
+                if c.txn_id in aborted:
+                    _settle([c], NotLoggedError(f"{c.txn_id} was decided ABORT already (an abort marker holds its id)"))
+                elif not c.written.done():
                     c.written.set_result(c.txn_id in inserted)
 
     async def _settle_by_reading_back(self, commit: _Commit) -> None:
@@ -397,6 +477,14 @@ class PostgresDecisionLog:
 
         row = await self._run(lookup)
         return None if row is None else CommitRecord(txn_id, tuple(row[0]), bool(row[1]))
+
+    async def decided(self, txn_id: str) -> Outcome | None:
+        async def lookup(cur: Cursor) -> tuple[Any, ...] | None:
+            await cur.execute(f"SELECT decision FROM {self.schema}.decisions WHERE txn_id = %s", (txn_id,))
+            return await cur.fetchone()
+
+        row = await self._run(lookup)
+        return None if row is None else Outcome.COMMITTED if row[0] == "commit" else Outcome.ABORTED
 
     async def log_end(self, txn_id: str) -> None:
         """Marks the record ended, waiting (with backoff) for the database if it is
@@ -459,8 +547,17 @@ class PostgresDecisionLog:
             row = await cur.fetchone()
             if row is not None:
                 return Outcome.COMMITTED if row[0] == "commit" else Outcome.ABORTED
+            if owner == self._id:
+                # Our own id, and the coordinator holds it neither in flight nor
+                # uncertain (it asks its memory first): we are its only writer,
+                # and will never log it.
+                return Outcome.ABORTED
+            if lease is None:
+                # An owner this database never knew (rows are never deleted): the
+                # id is another log's, and this one cannot tell (rule 12).
+                return Outcome.PENDING
             # Rule 4: the owner may still write while its row has its first epoch.
-            return Outcome.PENDING if lease is not None and lease[0] == 0 else Outcome.ABORTED
+            return Outcome.PENDING if lease[0] == 0 else Outcome.ABORTED
 
         return await self._run(read)
 
@@ -512,6 +609,13 @@ class PostgresDecisionLog:
                     _log.warning("lease_renewal_failed", instance=self._id, error=str(e))
                 self._unreachable = str(e)
                 continue
+            except Exception as e:  # noqa: BLE001 - the lease must outlive any one bad round
+                # Not the network: a dropped table, a permission, a bug. Counted as
+                # a failed renewal (so new runs are refused once the lease lapses),
+                # logged loudly, and tried again; the lease itself decides the rest.
+                _log.error("lease_renewal_error", instance=self._id, error=repr(e), exc_info=True)
+                self._unreachable = repr(e)
+                continue
             if not held:
                 self._fence()
                 return
@@ -534,23 +638,21 @@ class PostgresDecisionLog:
             except _EpochMovedError:
                 self._fence()
                 return
+            except Exception as e:  # noqa: BLE001 - a dead instance's commits wait on this loop
+                _log.error("takeover_error", instance=self._id, error=repr(e), exc_info=True)
+                continue
 
     async def purge(self) -> None:
-        """Deletes ended records past `retention_s`, and the rows of instances taken
-        over that long ago with nothing left to deliver. Neither changes an answer:
-        an unknown owner is ABORTED, as a taken-over one is."""
+        """Deletes ended records past `retention_s` (a commit past retention reads
+        ABORTED, as presumed abort says). Instance rows stay, however old: a
+        taken-over row is the tombstone that keeps its ids ABORTED, where an
+        owner the log never knew is PENDING (rule 4). A row is a few dozen bytes
+        per process start."""
 
         async def purge(cur: Cursor) -> None:
             await cur.execute(
                 f"DELETE FROM {self.schema}.decisions"
                 " WHERE ended_at < statement_timestamp() - %s * interval '1 second'",
-                (self.retention_s,),
-            )
-            await cur.execute(
-                f"DELETE FROM {self.schema}.instances i"
-                " WHERE i.taken_at < statement_timestamp() - %s * interval '1 second'"
-                f" AND NOT EXISTS (SELECT 1 FROM {self.schema}.decisions d"
-                " WHERE d.driver = i.id AND d.ended_at IS NULL)",
                 (self.retention_s,),
             )
 

@@ -64,6 +64,14 @@ class SqliteDecisionLog:
     def id(self) -> str:
         return self._id
 
+    @property
+    def log_id(self) -> str:
+        return self._id  # one owner: the coordinator is the log
+
+    @property
+    def shared(self) -> bool:
+        return False
+
     async def open(self) -> list[CommitRecord]:
         await self.store.open()
         cutoff = time.time() - self.retention_s
@@ -111,9 +119,16 @@ class SqliteDecisionLog:
 
         await self.store.write(end, durable=False)
 
+    async def decided(self, txn_id: str) -> Outcome | None:
+        return Outcome.COMMITTED if await self.find(txn_id) is not None else None
+
     async def outcome(self, txn_id: str) -> Outcome:
-        # One owner: what it has not logged it aborted (presumed abort).
-        return Outcome.COMMITTED if await self.find(txn_id) is not None else Outcome.ABORTED
+        if await self.find(txn_id) is not None:
+            return Outcome.COMMITTED
+        # One owner: what it has not logged it aborted (presumed abort). But only
+        # its own ids: another coordinator's transaction (this one listed by
+        # mistake as its peer) is not this log's to answer (rule 12).
+        return Outcome.ABORTED if txn_id.startswith(f"{self._id}:") else Outcome.PENDING
 
     def check_writable(self) -> None:
         """Always writable: a failed write is fatal (DurabilityError), not passing."""

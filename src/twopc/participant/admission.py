@@ -98,6 +98,7 @@ def check_prepare(request: participant_pb2.PrepareRequest) -> None:
     limits.check_count("coordinators", len(request.coordinators), limits.MAX_COORDINATORS)
     for address in request.coordinators:
         limits.check_address("each of coordinators", address)
+    limits.check_id("coordinator_log", request.coordinator_log, required=False)
 
 
 def check_commit_many(txn_ids: Sequence[str]) -> None:
@@ -169,6 +170,7 @@ class Admission:
             raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "operation does not parse")
         # Several coordinator instances sharing a log: any of them can answer.
         alternates = " ".join(dict.fromkeys(a for a in others if a != coordinator))
+        alternates = trust.with_log(alternates, request.coordinator_log)  # rule 12: whose answer counts
         return Item(
             txn_id=request.txn_id,
             coordinator=coordinator,

@@ -72,11 +72,11 @@ class Resolver:
         until one answers COMMITTED or ABORTED; an address that gave no answer is not
         asked again this time, and once none is left it stops. Returns (how many
         resolved, whether any answered)."""
-        if not coordinator:
+        addresses, owner_log = trust.whom_to_ask(coordinator)
+        if not addresses:
             for txn_id in txn_ids:
                 _log.warning("in_doubt_no_coordinator", txn_id=txn_id)
             return 0, True  # nobody to ask; only with allow_no_coordinator
-        addresses = coordinator.split()
         resolved, answered = 0, False
         for txn_id in txn_ids:
             outcome = None
@@ -99,7 +99,11 @@ class Resolver:
                 self.observers.emit(
                     EventKind.IN_DOUBT_ASKED, txn_id, target=address, outcome=_ANSWERED.get(reply.outcome)
                 )
-                if reply.outcome in _DECIDED:
+                if reply.outcome in _DECIDED and not trust.believed(owner_log, reply.log_id):
+                    # Another log's instance (a mistyped schema, a file of its own):
+                    # it cannot know this outcome; ask the next.
+                    log.error("in_doubt_foreign_log", answer_log=limits.clip(reply.log_id), owner_log=owner_log)
+                elif reply.outcome in _DECIDED:
                     outcome = _DECIDED[reply.outcome]
                     break
             if not addresses:

@@ -142,3 +142,28 @@ class Outreach:
         for c in [c for c in self._delay if c not in current]:
             self._delay.pop(c, None)
             self._next_try.pop(c, None)
+
+
+LOG_TAG = "log="
+"""Marks the owner's log identity among the addresses a prepared row keeps to ask
+(`PrepareRequest.coordinator_log`): kept beside them, so every kind of participant
+stores it with its row without a column of its own."""
+
+
+def with_log(addresses: str, log_id: str) -> str:
+    """The addresses to ask ("a:1 b:1"), with the owner's log identity kept beside them."""
+    return f"{addresses} {LOG_TAG}{log_id}".strip() if log_id else addresses
+
+
+def whom_to_ask(kept: str) -> tuple[list[str], str]:
+    """What `with_log` kept, as (the addresses in order, the owner's log identity or
+    "" from a coordinator that predates it)."""
+    words = kept.split()
+    log_id = next((w.removeprefix(LOG_TAG) for w in words if w.startswith(LOG_TAG)), "")
+    return [w for w in words if not w.startswith(LOG_TAG)], log_id
+
+
+def believed(owner_log: str, answer_log: str) -> bool:
+    """Rule 12: a decided answer counts only if it was read from the owner's log. An
+    instance on another log (a mistyped schema, a file of its own) cannot know."""
+    return not owner_log or answer_log == owner_log

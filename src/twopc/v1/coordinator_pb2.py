@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc/v1/coordinator.proto\x12\x08twopc.v1\"#\n\x11GetOutcomeRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"8\n\x12GetOutcomeResponse\x12\"\n\x07outcome\x18\x01 \x01(\x0e\x32\x11.twopc.v1.Outcome*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x13\n\x0fOUTCOME_PENDING\x10\x03\x32V\n\x0b\x43oordinator\x12G\n\nGetOutcome\x12\x1b.twopc.v1.GetOutcomeRequest\x1a\x1c.twopc.v1.GetOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc/v1/coordinator.proto\x12\x08twopc.v1\"#\n\x11GetOutcomeRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"H\n\x12GetOutcomeResponse\x12\"\n\x07outcome\x18\x01 \x01(\x0e\x32\x11.twopc.v1.Outcome\x12\x0e\n\x06log_id\x18\x02 \x01(\t*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x13\n\x0fOUTCOME_PENDING\x10\x03\x32V\n\x0b\x43oordinator\x12G\n\nGetOutcome\x12\x1b.twopc.v1.GetOutcomeRequest\x1a\x1c.twopc.v1.GetOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twopc.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=135
-  _globals['_OUTCOME']._serialized_end=234
+  _globals['_OUTCOME']._serialized_start=151
+  _globals['_OUTCOME']._serialized_end=250
   _globals['_GETOUTCOMEREQUEST']._serialized_start=40
   _globals['_GETOUTCOMEREQUEST']._serialized_end=75
   _globals['_GETOUTCOMERESPONSE']._serialized_start=77
-  _globals['_GETOUTCOMERESPONSE']._serialized_end=133
-  _globals['_COORDINATOR']._serialized_start=236
-  _globals['_COORDINATOR']._serialized_end=322
+  _globals['_GETOUTCOMERESPONSE']._serialized_end=149
+  _globals['_COORDINATOR']._serialized_start=252
+  _globals['_COORDINATOR']._serialized_end=338
 # @@protoc_insertion_point(module_scope)

@@ -75,15 +75,23 @@ class GetOutcomeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOME_FIELD_NUMBER: _builtins.int
+    LOG_ID_FIELD_NUMBER: _builtins.int
     outcome: Global___Outcome.ValueType
+    log_id: _builtins.str
+    """The identity of the decision log this answer was read from (rule 12): a
+    participant compares it with the Prepare's `coordinator_log` and takes a
+    COMMITTED or ABORTED answer only from the owner's log. Empty from a
+    coordinator that predates it.
+    """
     def __init__(
         self,
         *,
         outcome: Global___Outcome.ValueType = ...,
+        log_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_id", b"log_id", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

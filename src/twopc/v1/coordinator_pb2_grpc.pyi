@@ -46,19 +46,25 @@ class CoordinatorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CoordinatorAsyncStub: ...
     GetOutcome: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetOutcomeRequest, _coordinator_pb2.GetOutcomeResponse]
-    """The outcome of a transaction, as this coordinator knows it (presumed abort):
+    """The outcome of a transaction, as this coordinator knows it (presumed abort).
+    Every answer carries the identity of the log it was read from (log_id).
       COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
                  COMMITTED after every participant acknowledged, for as long as the
                  coordinator keeps the record (its retention, 7 days by default).
       PENDING    the transaction is still in phase 1 in this coordinator, or the
                  coordinator cannot tell yet (its decision write failed and only a
                  restart can read the disk): keep the reservation and ask again.
-                 With a shared log: also while the instance that owns the
-                 transaction holds its lease (it may still log COMMIT).
-      ABORTED    anything else: decided abort, never seen (with a shared log: the
-                 owner was taken over, so it can never log COMMIT), or a commit whose record
-                 was purged after its retention (every participant had acknowledged
-                 its Commit, so none can still be in doubt about it).
+                 With a shared log: also, from an instance other than the owner,
+                 while the owner holds its lease (it may still log COMMIT). And
+                 for an id whose owner this log does not know (another
+                 coordinator's transaction): it cannot tell, so ask the others.
+      ABORTED    only for an id this log owns: from the owner itself, any of its
+                 ids not in flight, committed or uncertain (it is their only
+                 writer of COMMIT, so a decided abort never reads PENDING); from
+                 another instance of a shared log, once the owner was taken over
+                 (it can never log COMMIT); or a commit whose record was purged
+                 after its retention (every participant had acknowledged its
+                 Commit, so none can still be in doubt about it).
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
     Status codes:
       OK                 the outcome is in the response.
@@ -75,19 +81,25 @@ class CoordinatorStub:
 class CoordinatorAsyncStub(CoordinatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOutcome: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetOutcomeRequest, _coordinator_pb2.GetOutcomeResponse]  # type: ignore[assignment]
-    """The outcome of a transaction, as this coordinator knows it (presumed abort):
+    """The outcome of a transaction, as this coordinator knows it (presumed abort).
+    Every answer carries the identity of the log it was read from (log_id).
       COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
                  COMMITTED after every participant acknowledged, for as long as the
                  coordinator keeps the record (its retention, 7 days by default).
       PENDING    the transaction is still in phase 1 in this coordinator, or the
                  coordinator cannot tell yet (its decision write failed and only a
                  restart can read the disk): keep the reservation and ask again.
-                 With a shared log: also while the instance that owns the
-                 transaction holds its lease (it may still log COMMIT).
-      ABORTED    anything else: decided abort, never seen (with a shared log: the
-                 owner was taken over, so it can never log COMMIT), or a commit whose record
-                 was purged after its retention (every participant had acknowledged
-                 its Commit, so none can still be in doubt about it).
+                 With a shared log: also, from an instance other than the owner,
+                 while the owner holds its lease (it may still log COMMIT). And
+                 for an id whose owner this log does not know (another
+                 coordinator's transaction): it cannot tell, so ask the others.
+      ABORTED    only for an id this log owns: from the owner itself, any of its
+                 ids not in flight, committed or uncertain (it is their only
+                 writer of COMMIT, so a decided abort never reads PENDING); from
+                 another instance of a shared log, once the owner was taken over
+                 (it can never log COMMIT); or a commit whose record was purged
+                 after its retention (every participant had acknowledged its
+                 Commit, so none can still be in doubt about it).
     Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
     Status codes:
       OK                 the outcome is in the response.
@@ -107,19 +119,25 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.GetOutcomeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GetOutcomeResponse, _abc.Awaitable[_coordinator_pb2.GetOutcomeResponse]]:
-        """The outcome of a transaction, as this coordinator knows it (presumed abort):
+        """The outcome of a transaction, as this coordinator knows it (presumed abort).
+        Every answer carries the identity of the log it was read from (log_id).
           COMMITTED  the COMMIT decision is in the coordinator's durable log. It stays
                      COMMITTED after every participant acknowledged, for as long as the
                      coordinator keeps the record (its retention, 7 days by default).
           PENDING    the transaction is still in phase 1 in this coordinator, or the
                      coordinator cannot tell yet (its decision write failed and only a
                      restart can read the disk): keep the reservation and ask again.
-                     With a shared log: also while the instance that owns the
-                     transaction holds its lease (it may still log COMMIT).
-          ABORTED    anything else: decided abort, never seen (with a shared log: the
-                     owner was taken over, so it can never log COMMIT), or a commit whose record
-                     was purged after its retention (every participant had acknowledged
-                     its Commit, so none can still be in doubt about it).
+                     With a shared log: also, from an instance other than the owner,
+                     while the owner holds its lease (it may still log COMMIT). And
+                     for an id whose owner this log does not know (another
+                     coordinator's transaction): it cannot tell, so ask the others.
+          ABORTED    only for an id this log owns: from the owner itself, any of its
+                     ids not in flight, committed or uncertain (it is their only
+                     writer of COMMIT, so a decided abort never reads PENDING); from
+                     another instance of a shared log, once the owner was taken over
+                     (it can never log COMMIT); or a commit whose record was purged
+                     after its retention (every participant had acknowledged its
+                     Commit, so none can still be in doubt about it).
         Apply COMMITTED or ABORTED exactly as a Commit or Abort (idempotently).
         Status codes:
           OK                 the outcome is in the response.

@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc/v1/participant.proto\x12\x08twopc.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\x87\x01\n\x0ePrepareRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\tone_phase\x18\x04 \x01(\x08\x12\x14\n\x0c\x63oordinators\x18\x05 \x03(\t\"?\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCommitRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"\x10\n\x0e\x43ommitResponse\"\x1e\n\x0c\x41\x62ortRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"$\n\x11\x43ommitManyRequest\x12\x0f\n\x07txn_ids\x18\x01 \x03(\t\"\x80\x01\n\x12\x43ommitManyResponse\x12:\n\x07refused\x18\x01 \x03(\x0b\x32).twopc.v1.CommitManyResponse.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x01\n\x12PrepareManyRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.twopc.v1.PrepareManyRequest.Item\x1a]\n\x04Item\x12)\n\x07prepare\x18\x01 \x01(\x0b\x32\x18.twopc.v1.PrepareRequest\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa2\x01\n\x13PrepareManyResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.twopc.v1.PrepareManyResponse.Result\x1aT\n\x06Result\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x19.twopc.v1.PrepareResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t*Q\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVOTE_COMMIT\x10\x01\x12\x0e\n\nVOTE_ABORT\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03\x32\xd9\x02\n\x0bParticipant\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12;\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x18.twopc.v1.CommitResponse\x12\x38\n\x05\x41\x62ort\x12\x16.twopc.v1.AbortRequest\x1a\x17.twopc.v1.AbortResponse\x12G\n\nCommitMany\x12\x1b.twopc.v1.CommitManyRequest\x1a\x1c.twopc.v1.CommitManyResponse\x12J\n\x0bPrepareMany\x12\x1c.twopc.v1.PrepareManyRequest\x1a\x1d.twopc.v1.PrepareManyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atwopc/v1/participant.proto\x12\x08twopc.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\"\xa0\x01\n\x0ePrepareRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63oordinator\x18\x02 \x01(\t\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\tone_phase\x18\x04 \x01(\x08\x12\x14\n\x0c\x63oordinators\x18\x05 \x03(\t\x12\x17\n\x0f\x63oordinator_log\x18\x06 \x01(\t\"?\n\x0fPrepareResponse\x12\x1c\n\x04vote\x18\x01 \x01(\x0e\x32\x0e.twopc.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\rCommitRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"\x10\n\x0e\x43ommitResponse\"\x1e\n\x0c\x41\x62ortRequest\x12\x0e\n\x06txn_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"$\n\x11\x43ommitManyRequest\x12\x0f\n\x07txn_ids\x18\x01 \x03(\t\"\x80\x01\n\x12\x43ommitManyResponse\x12:\n\x07refused\x18\x01 \x03(\x0b\x32).twopc.v1.CommitManyResponse.RefusedEntry\x1a.\n\x0cRefusedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa5\x01\n\x12PrepareManyRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.twopc.v1.PrepareManyRequest.Item\x1a]\n\x04Item\x12)\n\x07prepare\x18\x01 \x01(\x0b\x32\x18.twopc.v1.PrepareRequest\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa2\x01\n\x13PrepareManyResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.twopc.v1.PrepareManyResponse.Result\x1aT\n\x06Result\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x19.twopc.v1.PrepareResponse\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t*Q\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bVOTE_COMMIT\x10\x01\x12\x0e\n\nVOTE_ABORT\x10\x02\x12\x12\n\x0eVOTE_READ_ONLY\x10\x03\x32\xd9\x02\n\x0bParticipant\x12>\n\x07Prepare\x12\x18.twopc.v1.PrepareRequest\x1a\x19.twopc.v1.PrepareResponse\x12;\n\x06\x43ommit\x12\x17.twopc.v1.CommitRequest\x1a\x18.twopc.v1.CommitResponse\x12\x38\n\x05\x41\x62ort\x12\x16.twopc.v1.AbortRequest\x1a\x17.twopc.v1.AbortResponse\x12G\n\nCommitMany\x12\x1b.twopc.v1.CommitManyRequest\x1a\x1c.twopc.v1.CommitManyResponse\x12J\n\x0bPrepareMany\x12\x1c.twopc.v1.PrepareManyRequest\x1a\x1d.twopc.v1.PrepareManyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._loaded_options = None
   _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._serialized_options = b'8\001'
-  _globals['_VOTE']._serialized_start=904
-  _globals['_VOTE']._serialized_end=985
+  _globals['_VOTE']._serialized_start=929
+  _globals['_VOTE']._serialized_end=1010
   _globals['_PREPAREREQUEST']._serialized_start=100
-  _globals['_PREPAREREQUEST']._serialized_end=235
-  _globals['_PREPARERESPONSE']._serialized_start=237
-  _globals['_PREPARERESPONSE']._serialized_end=300
-  _globals['_COMMITREQUEST']._serialized_start=302
-  _globals['_COMMITREQUEST']._serialized_end=333
-  _globals['_COMMITRESPONSE']._serialized_start=335
-  _globals['_COMMITRESPONSE']._serialized_end=351
-  _globals['_ABORTREQUEST']._serialized_start=353
-  _globals['_ABORTREQUEST']._serialized_end=383
-  _globals['_ABORTRESPONSE']._serialized_start=385
-  _globals['_ABORTRESPONSE']._serialized_end=400
-  _globals['_COMMITMANYREQUEST']._serialized_start=402
-  _globals['_COMMITMANYREQUEST']._serialized_end=438
-  _globals['_COMMITMANYRESPONSE']._serialized_start=441
-  _globals['_COMMITMANYRESPONSE']._serialized_end=569
-  _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._serialized_start=523
-  _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._serialized_end=569
-  _globals['_PREPAREMANYREQUEST']._serialized_start=572
-  _globals['_PREPAREMANYREQUEST']._serialized_end=737
-  _globals['_PREPAREMANYREQUEST_ITEM']._serialized_start=644
-  _globals['_PREPAREMANYREQUEST_ITEM']._serialized_end=737
-  _globals['_PREPAREMANYRESPONSE']._serialized_start=740
-  _globals['_PREPAREMANYRESPONSE']._serialized_end=902
-  _globals['_PREPAREMANYRESPONSE_RESULT']._serialized_start=818
-  _globals['_PREPAREMANYRESPONSE_RESULT']._serialized_end=902
-  _globals['_PARTICIPANT']._serialized_start=988
-  _globals['_PARTICIPANT']._serialized_end=1333
+  _globals['_PREPAREREQUEST']._serialized_end=260
+  _globals['_PREPARERESPONSE']._serialized_start=262
+  _globals['_PREPARERESPONSE']._serialized_end=325
+  _globals['_COMMITREQUEST']._serialized_start=327
+  _globals['_COMMITREQUEST']._serialized_end=358
+  _globals['_COMMITRESPONSE']._serialized_start=360
+  _globals['_COMMITRESPONSE']._serialized_end=376
+  _globals['_ABORTREQUEST']._serialized_start=378
+  _globals['_ABORTREQUEST']._serialized_end=408
+  _globals['_ABORTRESPONSE']._serialized_start=410
+  _globals['_ABORTRESPONSE']._serialized_end=425
+  _globals['_COMMITMANYREQUEST']._serialized_start=427
+  _globals['_COMMITMANYREQUEST']._serialized_end=463
+  _globals['_COMMITMANYRESPONSE']._serialized_start=466
+  _globals['_COMMITMANYRESPONSE']._serialized_end=594
+  _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._serialized_start=548
+  _globals['_COMMITMANYRESPONSE_REFUSEDENTRY']._serialized_end=594
+  _globals['_PREPAREMANYREQUEST']._serialized_start=597
+  _globals['_PREPAREMANYREQUEST']._serialized_end=762
+  _globals['_PREPAREMANYREQUEST_ITEM']._serialized_start=669
+  _globals['_PREPAREMANYREQUEST_ITEM']._serialized_end=762
+  _globals['_PREPAREMANYRESPONSE']._serialized_start=765
+  _globals['_PREPAREMANYRESPONSE']._serialized_end=927
+  _globals['_PREPAREMANYRESPONSE_RESULT']._serialized_start=843
+  _globals['_PREPAREMANYRESPONSE_RESULT']._serialized_end=927
+  _globals['_PARTICIPANT']._serialized_start=1013
+  _globals['_PARTICIPANT']._serialized_end=1358
 # @@protoc_insertion_point(module_scope)

@@ -146,6 +146,7 @@ class PrepareRequest(_message.Message):
     OPERATION_FIELD_NUMBER: _builtins.int
     ONE_PHASE_FIELD_NUMBER: _builtins.int
     COORDINATORS_FIELD_NUMBER: _builtins.int
+    COORDINATOR_LOG_FIELD_NUMBER: _builtins.int
     txn_id: _builtins.str
     """The transaction's id: globally unique, opaque ("<coordinator id>:<local id>"
     from the reference coordinator). Required; INVALID_ARGUMENT when empty. At most
@@ -164,6 +165,15 @@ class PrepareRequest(_message.Message):
     commits at once (COMMITTED forced before answering) and answers VOTE_COMMIT
     meaning "committed"; no Commit follows. If the coordinator loses the answer it
     sends Abort: abort if not committed, or answer FAILED_PRECONDITION if committed.
+    """
+    coordinator_log: _builtins.str
+    """The identity of the decision log that owns this transaction (what that log's
+    coordinators answer in GetOutcomeResponse.log_id; rule 12 of docs/design.md).
+    Keep it with the prepared record. An answer COMMITTED or ABORTED counts only if
+    its log_id equals this one: an instance on another log (a mistyped schema, a
+    coordinator on a file of its own listed by mistake) cannot know the outcome.
+    Empty from a coordinator that predates it: every address above is believed.
+    At most 128 characters (else INVALID_ARGUMENT).
     """
     @_builtins.property
     def operation(self) -> _any_pb2.Any:
@@ -192,10 +202,11 @@ class PrepareRequest(_message.Message):
         operation: _any_pb2.Any | None = ...,
         one_phase: _builtins.bool = ...,
         coordinators: _abc.Iterable[_builtins.str] | None = ...,
+        coordinator_log: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "coordinators", b"coordinators", "one_phase", b"one_phase", "operation", b"operation", "txn_id", b"txn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "coordinator_log", b"coordinator_log", "coordinators", b"coordinators", "one_phase", b"one_phase", "operation", b"operation", "txn_id", b"txn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
