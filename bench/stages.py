@@ -35,6 +35,17 @@ class TimedCoordinator(Coordinator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stages: dict[str, list[float]] = {name: [] for name in STAGES}
+        # Phase 1 and phase 2 run in the coordinator's parts: time them there.
+        self._time(self._phase1, "votes", "phase 1")
+        self._time(self._delivery, "finish_commit", "phase 2")
+
+    def _time(self, part: object, method: str, stage: str) -> None:
+        untimed = getattr(part, method)
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            return await self._timed(stage, untimed(*args, **kwargs))
+
+        setattr(part, method, timed)
 
     async def _timed(self, stage: str, work: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -43,14 +54,8 @@ class TimedCoordinator(Coordinator):
         finally:
             self.stages[stage].append(time.perf_counter() - started)
 
-    async def _phase1(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._timed("phase 1", super()._phase1(*args, **kwargs))
-
     async def _log_commit(self, *args: Any, **kwargs: Any) -> Any:
         return await self._timed("decision", super()._log_commit(*args, **kwargs))
-
-    async def _finish_commit(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._timed("phase 2", super()._finish_commit(*args, **kwargs))
 
     async def run(self, *args: Any, **kwargs: Any) -> Any:
         return await self._timed("run", super().run(*args, **kwargs))

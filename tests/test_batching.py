@@ -178,6 +178,41 @@ async def test_participant_without_prepare_many_gets_single_prepares(
     assert [e["event"] for e in events].count("prepare_many_unsupported") == 1
 
 
+class _GatedNoBatching(_NoBatching):
+    """An old participant whose UNIMPLEMENTED answer to PrepareMany waits for a gate,
+    so that more Prepares queue meanwhile; it counts the PrepareMany it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepare_many = 0
+        self.gate = asyncio.Event()
+
+    async def PrepareMany(self, request: Any, context: Any) -> participant_pb2.PrepareManyResponse:  # noqa: N802
+        self.prepare_many += 1
+        await self.gate.wait()
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        raise AssertionError("unreachable")
+
+
+async def test_no_prepare_many_is_sent_after_unimplemented(tmp_path: Path) -> None:
+    """Prepares that queue while the first PrepareMany is answered UNIMPLEMENTED go
+    out as plain Prepares: exactly one PrepareMany is ever sent, and all commit."""
+    servicer = _GatedNoBatching()
+    add = lambda server: participant_pb2_grpc.add_ParticipantServicer_to_server(servicer, server)  # noqa: E731
+    async with (
+        listening(add) as at,
+        Coordinator(tmp_path / "d.db", credentials=INSECURE, config=TWO_PHASE) as c,
+    ):
+        first = [asyncio.create_task(c.run([Branch(at, op(key="x"))])) for _ in range(4)]
+        await eventually(lambda: servicer.prepare_many == 1, what="the first PrepareMany")
+        second = [asyncio.create_task(c.run([Branch(at, op(key="x"))])) for _ in range(4)]
+        await eventually(lambda: queued(c, at) == 4, what="four Prepares queued behind it")
+        servicer.gate.set()
+        results = await asyncio.gather(*first, *second)
+    assert all(r.committed for r in results)
+    assert servicer.prepare_many == 1
+
+
 class _Gated(Participant):
     """The real helper served in this process, recording every Prepare it is sent
     (txn ids per message, and each PrepareMany's deadlines); a message that carries
@@ -212,7 +247,7 @@ class _Gated(Participant):
 
 def queued(coordinator: Coordinator, target: str) -> int:
     """How many Prepares wait for `target` behind the message in flight."""
-    return len(coordinator._prepare_batchers[target]._queue)
+    return coordinator._channels.prepares(target).queued
 
 
 def op_key(request: participant_pb2.PrepareRequest) -> str:
@@ -351,3 +386,25 @@ async def test_each_batched_prepare_keeps_its_own_deadline(tmp_path: Path, gated
     assert sorted(items)[0] <= 0.5 < sorted(items)[1] <= 5 and left > 0.5
     await eventually(lambda: txn_state(tmp_path / "gated.db", late.txn_id) == "ABORTED", what="the late one refused")
     assert [t for t, *_ in query(tmp_path / "gated.db", "SELECT txn_id FROM reserved")] == []
+
+
+async def test_batches_in_flight_lets_several_messages_out_to_one_participant(
+    tmp_path: Path, gated: tuple[str, _Gated]
+) -> None:
+    """With batches_in_flight=2 a second Prepare goes out beside a first one still
+    held at the participant, and only what comes after both queues (one PrepareMany);
+    the setting must be positive."""
+    target, participant = gated
+    config = replace(TWO_PHASE, batches_in_flight=2)
+    async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=config) as c:
+        held = [asyncio.create_task(c.run([Branch(target, op(key=k))])) for k in ("hold", "hold2")]
+        await eventually(lambda: len(participant.messages) == 2, what="two messages in flight at once")
+        rest = [asyncio.create_task(c.run([Branch(target, op(key=f"k{i}"))])) for i in range(3)]
+        await eventually(lambda: queued(c, target) == 3, what="the rest queued behind both")
+        participant.gates["hold"].set()
+        participant.gates["hold2"].set()
+        results = await asyncio.gather(*held, *rest)
+    assert all(r.committed for r in results)
+    assert [len(m) for m in participant.messages] == [1, 1, 3]
+    with pytest.raises(ValueError, match="batches_in_flight"):
+        replace(TWO_PHASE, batches_in_flight=0)

@@ -373,8 +373,8 @@ async def test_cancelling_a_phase_two_retry_propagates(tmp_path: Path) -> None:
             raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "stub", None)
 
     async with Coordinator(tmp_path / "d.db", credentials=INSECURE, config=FAST) as c:
-        c._stubs["stuck:1"] = FlakyThenStuck()  # type: ignore[assignment]
-        delivery = asyncio.create_task(c._deliver("t1", "stuck:1", "stuck", "Commit", stop_never, set()))
+        c._channels.stubs["stuck:1"] = FlakyThenStuck()  # type: ignore[assignment]
+        delivery = asyncio.create_task(c._delivery.deliver("t1", "stuck:1", "stuck", "Commit", stop_never, set()))
         try:
             await eventually(lambda: FlakyThenStuck.calls == 2, what="the retried attempt")
             delivery.cancel()

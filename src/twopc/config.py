@@ -118,12 +118,12 @@ class CoordinatorConfig:
         max_commit_batch: the most transactions one CommitMany carries.
         max_prepare_batch: the most transactions one PrepareMany carries (at most
             `twopc.security.limits.MAX_PREPARE_MANY`, what participants accept).
+        batches_in_flight: how many messages of one kind (Prepare or PrepareMany,
+            Commit or CommitMany) may be in flight to one participant at a time;
+            the requests that queue meanwhile share the next message. 1 suits a
+            participant with one writer (SQLite); one on PostgreSQL with a pool
+            of connections can run several batches at once.
         recovery_concurrency: how many logged commits recovery re-drives at once.
-        batches_in_flight: how many batched messages (PrepareMany, CommitMany) may
-            be in flight to one participant at once; what queues meanwhile goes in
-            the next. 1 suits a participant on SQLite (one writer: its batches would
-            queue there anyway); a participant on PostgreSQL runs batches in parallel
-            on its pool, so one waiting on a row lock holds up only its own.
     """
 
     prepare_timeout_s: float = 5.0
