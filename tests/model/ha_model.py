@@ -1,9 +1,11 @@
 """Two coordinator instances sharing one decision log in a database: leases,
-takeover and fencing (issue 11; rules 9-11 of docs/design.md), checked before the code.
+takeover and fencing (issue 11; rules 9-12 of docs/design.md), checked before the code.
 
 Instance I0 runs transaction T over participants p0 and p1; instance I1 shares the
 decision log (a database, PostgreSQL in the code) and takes I0's work over when
-I0's lease expires. Participants ask GetOutcome of either instance. The checker,
+I0's lease expires. Participants ask GetOutcome of either instance, and of F, an
+instance on a log of its own that they were told to ask too (a mistyped schema, a
+coordinator on a file listed as a peer). The checker,
 properties and liveness goal are those of `twopc_model` (atomicity, agreement with
 the log, validity; once faults stop, nobody stays PREPARED and no COMMIT stays
 without END).
@@ -33,11 +35,14 @@ The rules the implementation must keep
    commits, never before the bump), and drives each to the end (Commit to every
    target, retried; END). Ownership changes are logged.
 4. GetOutcome, by any instance, from the shared log: COMMITTED if T's record is
-   COMMIT (with or without END); ABORTED if it is ABORT (rule 5); otherwise PENDING while the owner's
-   row has not been taken over (expired but not yet taken over counts as live:
-   the owner may still write), and ABORTED once it has (the owner is fenced and
-   can never write it). An instance that cannot reach the database answers
-   nothing (UNAVAILABLE) and the participant asks another.
+   COMMIT (with or without END); ABORTED if it is ABORT (rule 5). The owner
+   answers PENDING while T is in flight there (phase 1, the write), else ABORTED:
+   it is T's only writer, so an abort it never logged ends. Another instance
+   answers PENDING while the owner's row has not been taken over (expired but not
+   yet taken over counts as live: the owner may still write), and ABORTED once it
+   has (the owner is fenced and can never write it). An instance that cannot
+   reach the database answers nothing (UNAVAILABLE) and the participant asks
+   another.
 5. A COMMIT write whose result the writer did not see (a connection lost, a
    client timeout, a partition) may still be pending in the database, so "no
    record" when reading back does not mean "aborted". The writer settles it by
@@ -48,13 +53,18 @@ The rules the implementation must keep
 6. END needs no fencing: it is written only after every target acknowledged, and
    two instances driving the same COMMIT (the fenced owner and the taker) send
    idempotent Commits.
+7. Whose answer counts. An instance answers ABORTED only for an owner its log
+   knows: F's log never knew I0, so F answers PENDING. Every answer names its log,
+   and a participant applies COMMITTED or ABORTED only from the owner's log: F's
+   answers are refused. Either half alone is enough here; the code keeps both.
 
 What is modelled
 ----------------
 * Database: I0's lease row (epoch 0 as I0 holds it; 1 once taken over; the
   expiry a boolean "expired" that the environment may set at any time, since
   there are no clocks - once set it stays: a renewal in time is a lease that had
-  not expired yet), T's decision record (none, COMMIT, END, ABORT), and I0's
+  not expired yet; it is a fault while I0 runs and reaches the database, since a
+  live owner renews, and free once I0 is down or cut off), T's decision record (none, COMMIT, END, ABORT), and I0's
   COMMIT write: "db.commit_write" runs it with the fence and key checks ("...:
   fenced", "...:conflict" when they refuse it); "db.drop_write", while I0 is
   partitioned, loses it or its result.
@@ -66,6 +76,9 @@ What is modelled
   "I0.crash" (once): I0 is gone for good.
 * I1: "I1.takeover(I0)" when I0's lease expired and I1 reaches the database
   (rule 3); then phase 2 for T if T's COMMIT was logged.
+* F: answers GetOutcome from its own log (rule 7); never crashes or decides.
+* Abort: retried by I0 for a while, then given up ("I0.abort_give_up", not a
+  fault: the code stops after `abort_retry_s`); a lost Abort is a fault.
 * Partitions: "Ij.cut" puts an instance out of reach of the database (once in a
   run, either instance); "Ij.heal" ends it. Participants stay reachable (a
   partition from the participants is message loss).
@@ -96,9 +109,24 @@ Broken variants (``bug=``)
   COMMITTED, so participants commit once they ask) but, with the owner gone, no
   instance drives it and it never gets its END: the liveness check finds it
   (10 steps).
+* ``"aborted_for_unknown_owner"``, with ``check_log=False`` (the code before rule
+  12 at both ends): F answers ABORTED for an owner its log never knew, and the
+  participant believes it; I0 then commits (atomicity, 12 steps). With either
+  defence left in place the model finds nothing.
+* ``"owner_pending_for_its_aborts"``: the owner answers an abort it never logged
+  from the lease (PENDING while it lives), as the PostgreSQL log did. An Abort lost
+  past its retries leaves a participant PREPARED for as long as the owner lives:
+  the liveness check finds it (5 steps).
 
-Measured (``python -m tests.model.ha_model``): the rules above, 70,340 states in
-about 3 s of CPU, no violation, nothing stuck.
+Where the model and the code parted ways, and why it missed that last one: the
+lease used to expire as an ordinary step at any time, so from the stuck state
+above a takeover (epoch moved: ABORTED) was always one fault-free step away. In
+the code a live owner renews for ever. Now expiry is a fault while the owner runs,
+and the owner's answer for its own ids is modelled as the code gives it.
+
+Measured (``python -m tests.model.ha_model``): the rules above, 114,972 states in
+about 10 s of CPU, no violation, nothing stuck (before F and the rule 7 answers:
+70,340 states).
 """
 
 from __future__ import annotations
@@ -144,13 +172,21 @@ from tests.model.twopc_model import (
     repeat_vote,
 )
 
-BUGS = ("no_fencing", "aborted_on_expiry", "read_back_without_tombstone", "redrive_before_fence")
+BUGS = (
+    "no_fencing",
+    "aborted_on_expiry",
+    "read_back_without_tombstone",
+    "redrive_before_fence",
+    "aborted_for_unknown_owner",
+    "owner_pending_for_its_aborts",
+)
 LOG_ABORT = "ABORT"
 """The record rule 5 writes to settle a COMMIT write whose result was not seen."""
 NO_WRITE, PENDING_WRITE, DONE_WRITE, LOST_WRITE = "", "pending", "done", "lost"
 SCANNED = "scanned"
 """I1 with ``redrive_before_fence``: it read I0's records, and has not bumped the epoch."""
-OWNER, TAKER = 0, 1
+OWNER, TAKER, FOREIGN = 0, 1, 2
+"""I0 and I1 share the log; F (index 2) is an instance on a log of its own."""
 N_PARTICIPANTS = 2
 
 Msg = tuple[str, int, int, str]
@@ -222,9 +258,9 @@ class State(NamedTuple):
 
 
 def fmt_msg(m: Msg) -> str:
-    """``Kind(pN,Ij)`` or ``Kind(pN,Ij,value)``."""
+    """``Kind(pN,Ij)`` or ``Kind(pN,Ij,value)`` (``F`` for the foreign instance)."""
     kind, p, j, value = m
-    return f"{kind}(p{p},I{j}{',' + value if value else ''})"
+    return f"{kind}(p{p},{_name(j)}{',' + value if value else ''})"
 
 
 @dataclass(frozen=True)
@@ -233,6 +269,9 @@ class Model:
 
     Attributes:
         bug: None for the rules above, or one of `BUGS`.
+        check_log: participants take a decided answer only from the owner's log
+            (rule 7); False believes any instance asked, as before rule 12.
+        foreign: F, an instance on another log, is among the addresses asked.
         max_crashes: crashes of I0 (the owner) over a run.
         max_partitions: partitions from the database over a run (either instance).
         bag_cap: copies of one message the network holds at most (messages are
@@ -240,6 +279,8 @@ class Model:
     """
 
     bug: str | None = None
+    check_log: bool = True
+    foreign: bool = True
     max_crashes: int = 1
     max_partitions: int = 1
     bag_cap: int = 2
@@ -406,9 +447,14 @@ class Model:
     def _database_steps(self, s: State, out: list[Step[State]]) -> None:
         db = s.db
         if not db.expired:
-            # No clocks: I0's lease may expire at any time (a slow renewal, a pause, a
-            # partition). Not a fault: a lease that is not renewed does expire.
-            out.append(("lease(I0).expires", self._freeze(s, db=db._replace(expired=True)), False))
+            # No clocks: I0's lease may expire at any time. Its expiry is no fault once
+            # I0 stopped renewing it (down, or cut off from the database); while I0
+            # runs and reaches the database it renews, and only a pause or a renewal
+            # slower than the lease (a fault) lets it expire. Taking every expiry as
+            # free let the liveness check escape through a takeover that a live owner
+            # never suffers: it missed an abort held PENDING for the owner's life.
+            renewing = s.up[OWNER] and not s.cut[OWNER]
+            out.append(("lease(I0).expires", self._freeze(s, db=db._replace(expired=True)), renewing))
         if db.write == PENDING_WRITE:
             # Rule 2: the write and the fence check commit together, or nothing does;
             # the record's key is T's id, so a settled T (rule 5) refuses it too.
@@ -428,6 +474,8 @@ class Model:
 
     def _instance_receives(self, s: State, m: Msg) -> Step[State]:
         kind, p, j, value = m
+        if j == FOREIGN:
+            return self._foreign_answers(s, m)
         c, bag = s.insts[j], take(s.bag, m)
         name = f"I{j}.recv {fmt_msg(m)}"
         if kind == "Vote":  # I0 in phase 1, first vote of p (see `_useful`)
@@ -443,16 +491,29 @@ class Model:
         if s.cut[j]:
             return f"I{j}.outcome(p{p}):UNAVAILABLE", self._freeze(s, bag=frozenset(bag.items())), False
         db = s.db
-        if db.log in (LOG_COMMIT, LOG_END):
+        if j == OWNER and c.pc in (PHASE1, VOTED, WRITING):
+            answer = PENDING  # in flight: memory first
+        elif db.log in (LOG_COMMIT, LOG_END):
             answer = COMMITTED
         elif db.log == LOG_ABORT:
             answer = ABORTED
+        elif j == OWNER and self.bug != "owner_pending_for_its_aborts":
+            answer = ABORTED  # rule 4: its own id, not in flight: it will never log it
         elif db.epoch == 0 and not (db.expired and self.bug == "aborted_on_expiry"):
             answer = PENDING
         else:
             answer = ABORTED
         new_bag = self._bag(s, *([("Outcome", p, j, answer)] if answer != PENDING else []), bag=bag)
         return f"I{j}.outcome(p{p}):{answer}", self._freeze(s, bag=new_bag), False
+
+    def _foreign_answers(self, s: State, m: Msg) -> Step[State]:
+        """F reads its own log, which never knew I0 (rule 7): PENDING, it cannot
+        tell; or, with ``aborted_for_unknown_owner``, ABORTED (presumed abort)."""
+        _, p, _, _ = m
+        bag = take(s.bag, m)
+        answer = ABORTED if self.bug == "aborted_for_unknown_owner" else PENDING
+        new_bag = self._bag(s, *([("Outcome", p, FOREIGN, answer)] if answer != PENDING else []), bag=bag)
+        return f"F.outcome(p{p}):{answer}", self._freeze(s, bag=new_bag), False
 
     def _participant_steps(self, s: State, p: int, out: list[Step[State]]) -> None:
         row = s.rows[p]
@@ -464,6 +525,9 @@ class Model:
                 if s.up[j]:
                     bag = self._bag(s, ("GetOutcome", p, j, ""))
                     out.append((f"p{p}.ask_outcome(I{j})", self._freeze(s, bag=bag), False))
+            if self.foreign:
+                bag = self._bag(s, ("GetOutcome", p, FOREIGN, ""))
+                out.append((f"p{p}.ask_outcome(F)", self._freeze(s, bag=bag), False))
 
     def _participant_receives(self, s: State, p: int, m: Msg, out: list[Step[State]]) -> None:
         kind, _, j, value = m
@@ -483,8 +547,10 @@ class Model:
             else:
                 vote = repeat_vote(row)
                 step(f"prepare(repeat):{vote}", row, ("Vote", p, j, vote), yes=vote == COMMIT)
+        elif kind == "Outcome" and j == FOREIGN and self.check_log:
+            step(f"refuse_outcome(F):{value}", row)  # rule 7: not the owner's log
         elif kind == "Outcome":  # the row is PREPARED (see `_useful`)
-            step(f"apply_outcome(I{j}):{value}", value)
+            step(f"apply_outcome({_name(j)}):{value}", value)
         elif kind == "Commit":
             new, ok = on_commit(row)
             result = "ok" if ok else "refused"
@@ -492,6 +558,10 @@ class Model:
         else:
             new, ok = on_abort(row)
             step(f"abort(I{j}):{'ok' if ok else 'refused'}", new)
+
+
+def _name(j: int) -> str:
+    return "F" if j == FOREIGN else f"I{j}"
 
 
 def _useful(m: Msg, s: State) -> bool:
@@ -502,6 +572,8 @@ def _useful(m: Msg, s: State) -> bool:
         if kind == "Abort":
             return row != ABORTED
         return kind != "Outcome" or row == PREPARED
+    if j == FOREIGN:
+        return True
     c = s.insts[j]
     if not s.up[j]:
         return False
@@ -513,15 +585,28 @@ def _useful(m: Msg, s: State) -> bool:
 
 
 def main() -> int:
-    """Checks the rules, then finds both broken variants' counterexamples."""
-    ok = print_report(f"two instances, one shared log: {Model()}", check(Model()))
+    """Checks the rules, then finds every broken variant's counterexample."""
+    ok = print_report(f"two instances, one shared log, a foreign one: {Model()}", check(Model()))
     for bug in BUGS[:3]:
         ok &= print_counterexample(f"bug={bug}", check(Model(bug=bug), liveness=False))
-    r = check(Model(bug="redrive_before_fence"))
-    print(f"\nbug=redrive_before_fence: {r.summary()}")
-    ok &= r.violation is None and r.stuck is not None
-    for v in r.problems():
-        print(v.render())
+    unchecked = Model(bug="aborted_for_unknown_owner", check_log=False)
+    ok &= print_counterexample(f"bug=aborted_for_unknown_owner, {unchecked}", check(unchecked, liveness=False))
+    for name, model in (
+        ("bug=redrive_before_fence", Model(bug="redrive_before_fence")),
+        ("bug=owner_pending_for_its_aborts", Model(bug="owner_pending_for_its_aborts")),
+    ):
+        r = check(model)
+        print(f"\n{name}: {r.summary()}")
+        ok &= r.violation is None and r.stuck is not None
+        for v in r.problems():
+            print(v.render())
+    for name, model in (
+        ("one defence: the participant checks the log", Model(bug="aborted_for_unknown_owner")),
+        ("one defence: F answers PENDING", Model(check_log=False)),
+    ):
+        r = check(model)
+        print(f"\n{name}: {r.summary()}")
+        ok &= r.violation is None and r.stuck is None
     return 0 if ok else 1
 
 
