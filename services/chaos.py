@@ -21,6 +21,18 @@ server of `--pg-url`), and killing, pausing (past the lease) and partitioning
 either shop are faults too; a shop that stopped (killed, or fenced after a pause
 or partition) is restarted as a supervisor would, a new instance.
 
+With `--away-past-abort` the shop decides on a PostgreSQL log (`--pg-url`) and
+gives up an Abort after `--abort-retry-s` (1 s, each attempt 1 s); the shop
+reaches the wallet and the order service through relays in this process, and the
+only faults cut one of them off from the shop (its answers held first, so that
+Prepares it receives are prepared but their votes never arrive; then every byte,
+for longer than the Abort's retries; then the held bytes are dropped): such a
+participant never hears the Abort of the transaction that timed out on its vote. It
+still reaches the shop: it asks, and the shop, alive, that never logged the abort,
+must answer ABORTED (rule 12 of docs/design.md), not PENDING for as long as it
+lives. After heal nothing may be left held; the report counts the holds released
+by asking.
+
 At the end the nemesis stops, every process is brought back, the run waits (bounded)
 for recovery and checks every invariant of docs/design.md from the services' own stores and
 the shop's log, plus the client's view: a purchase the client saw committed is
@@ -30,6 +42,7 @@ and operations (process timing still varies).
 
     python -m services.chaos --seed 7 --duration-s 60
     python -m services.chaos --ha --duration-s 300
+    python -m services.chaos --away-past-abort --duration-s 30
 """
 
 from __future__ import annotations
@@ -60,6 +73,8 @@ KILLS = ("kill_wallet", "kill_orders", "kill_shop")
 KILL_POSTGRES = "kill_postgres"  # with --db postgres: the server under wallet and orders
 PAUSES = ("pause_wallet", "pause_orders")
 PARTITIONS = ("partition_wallet", "partition_orders")
+CUTS = ("cut_wallet", "cut_orders")  # --away-past-abort: parted from the shop only, by its relay
+AWAY_RPC_TIMEOUT_S = 1.0  # the shop's per-attempt deadline in --away-past-abort
 HA_KILLS = ("kill_shop1",)  # kill_shop is in KILLS
 HA_PAUSES = ("pause_shop", "pause_shop1")
 HA_PARTITIONS = ("partition_shop", "partition_shop1")
@@ -85,6 +100,8 @@ class Options:
     lease_s: float = 1.0  # their lease, in --ha
     pg_url: str = "postgresql://postgres@127.0.0.1:5432/test"  # in --ha without namespaces
     db: str = "sqlite"
+    away_past_abort: bool = False  # a PostgreSQL log, pauses past the Abort's retries
+    abort_retry_s: float = 1.0  # the shop's, in --away-past-abort
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,7 @@ class Result:
     recovery_s: float | None = None
     totals: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    released_by_asking: int = 0  # holds a participant released on GetOutcome ABORTED
 
 
 def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]:
@@ -128,6 +146,8 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
         kind = first.pop() if first else rng.choice(kinds)
         if kind in HA_PAUSES:
             length = opts.lease_s * rng.uniform(1.5, 3.0)  # past the lease: the other takes over
+        elif kind in CUTS:  # past the Abort's retries: its first attempt and the next ones
+            length = opts.abort_retry_s + 2 * AWAY_RPC_TIMEOUT_S + rng.uniform(1.0, 2.0)
         elif kind.startswith("pause"):
             length = opts.prepare_timeout_s + rng.uniform(0.5, 2.0)
         elif kind.startswith("partition"):
@@ -238,6 +258,17 @@ class Nemesis:
             self.active = (kind, None)
             self.counts[kind] += 1
             return
+        if kind in CUTS:
+            # First only its answers are held: the Prepares that reach it meanwhile
+            # are prepared (held), their votes never come back, and the shop aborts
+            # them at their deadline. By then everything is held: those Aborts too.
+            proxy = self.c.proxies[kind.split("_", 1)[1]]
+            proxy.cut_replies()
+            await asyncio.sleep(0.5 * self.c.settings.prepare_timeout_s)
+            proxy.cut()
+            self.active = (kind, None)
+            self.counts[kind] += 1
+            return
         proc = self._proc(kind)
         if kind in KILLS or kind in HA_KILLS:
             proc.kill()
@@ -257,6 +288,10 @@ class Nemesis:
         if kind == KILL_POSTGRES:
             assert self.postgres is not None
             await asyncio.to_thread(self.postgres.restart)  # crash recovery from its WAL
+        elif kind in CUTS:  # what it held is lost, as a partition loses it
+            proxy = self.c.proxies[kind.split("_", 1)[1]]
+            proxy.reset()
+            proxy.heal()
         elif kind in KILLS or kind in HA_KILLS:
             assert proc is not None
             await asyncio.to_thread(proc.restart)
@@ -314,6 +349,18 @@ def check_client_view(c: Cluster, history: list[Purchase], result: Result) -> No
     result.unknown_resolved = dict(resolved)
 
 
+def released_by_asking(workdir: Path) -> int:
+    """How many times a participant heard ABORTED when it asked about a hold: the
+    Aborts lost past their retries, settled by asking the shop."""
+    released = 0
+    for name in ("wallet", "orders"):
+        path = workdir / f"{name}.log"
+        if path.exists():
+            lines = path.read_text(errors="replace").splitlines()
+            released += sum(1 for line in lines if '"in_doubt_asked"' in line and '"OUTCOME_ABORTED"' in line)
+    return released
+
+
 def count_net_faults(shop_log: Path) -> tuple[Counter[str], Counter[str]]:
     """The network faults the shop's interceptor injected: by kind, and by batched
     method (PrepareMany, CommitMany), which shows the batched paths were hit."""
@@ -337,9 +384,12 @@ async def run(opts: Options) -> Result:
     workdir = Path(opts.workdir or f"var/chaos-{opts.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
     result = Result(options=asdict(opts) | {"workdir": str(workdir)})
     kinds = [*KILLS, *PAUSES, *(HA_KILLS + HA_PAUSES if opts.ha else ())]
-    names = ["wallet", "orders", "shop", *(["shop1", "pg"] if opts.ha else [])]
+    shared_log = opts.ha or opts.away_past_abort
+    names = ["wallet", "orders", "shop", *(["shop1"] if opts.ha else []), *(["pg"] if shared_log else [])]
     network = None
-    if opts.partitions:
+    if opts.away_past_abort:
+        kinds = list(CUTS)  # only what loses an Abort past its retries
+    elif opts.partitions:
         ok, why = Network.available()
         if ok:
             network = Network(names, prefix="haq" if opts.ha else "tpc", net=233 if opts.ha else 231)
@@ -349,6 +399,9 @@ async def run(opts: Options) -> Result:
     else:
         result.skipped.append("partition: disabled by --no-partitions")
     net_faults = f"{opts.net_faults},seed={opts.seed}"
+    shop_args = ["--net-faults", net_faults]
+    if opts.away_past_abort:
+        shop_args += ["--abort-retry-s", str(opts.abort_retry_s), "--rpc-timeout-s", str(AWAY_RPC_TIMEOUT_S)]
     settings = Settings(prepare_timeout_s=opts.prepare_timeout_s, log_level="info")
     hosts = {n: network.host(n) for n in names if n != "pg"} if network else None
     accounts = [f"buyer{i}" for i in range(opts.accounts)]
@@ -361,7 +414,7 @@ async def run(opts: Options) -> Result:
         if network:
             network.up()
         log_url = ""
-        if opts.ha:
+        if shared_log:
             from services.failover import PrivatePostgres  # the postgres extra
 
             schema = f"chaos_{opts.seed}_{int(time.time())}"
@@ -381,12 +434,13 @@ async def run(opts: Options) -> Result:
                 settings,
                 hosts=hosts,
                 # On PostgreSQL the participants' pools take several batches at once.
-                shop_args=["--net-faults", net_faults, *(["--batches-in-flight", "4"] if stores else [])],
+                shop_args=[*shop_args, *(["--batches-in-flight", "4"] if stores else [])],
                 wallet_module=opts.wallet_module,
                 tls=opts.tls,
                 log_url=log_url,
                 shops=2 if opts.ha else 1,
                 stores=stores,
+                proxied=("wallet", "orders") if opts.away_past_abort else (),
             )
             c = await stack.enter_async_context(cluster)
             for i, account in enumerate(accounts):  # some buyers are poor: purchases fail for funds
@@ -418,6 +472,7 @@ async def run(opts: Options) -> Result:
                 k: getattr(report, k) for k in ("deposited", "balances", "spent", "received", "on_hand", "sold")
             } | {"in_doubt": report.in_doubt, "committed_at_both": report.committed}
             check_client_view(c, history, result)
+            result.released_by_asking = released_by_asking(workdir)
             result.purchases = dict(Counter(p.seen for p in history))
             net, batched = count_net_faults(workdir / "shop.log")
             result.faults = dict(nemesis.counts) | dict(net)
@@ -449,6 +504,8 @@ def render(result: Result) -> str:
         lines.append(f"skipped: {skipped}")
     recovery = f"{result.recovery_s} s" if result.recovery_s is not None else "NOT reached"
     lines.append(f"recovery after healing: {recovery}")
+    if result.options.get("away_past_abort"):
+        lines.append(f"holds released by asking the shop (ABORTED past the Abort retries): {result.released_by_asking}")
     t = result.totals
     if t:
         lines.append(
@@ -475,6 +532,12 @@ def main() -> None:
     p.add_argument("--lease-s", type=float, default=Options.lease_s, help="the shops' lease in --ha")
     p.add_argument("--pg-url", default=Options.pg_url, help="PostgreSQL for --ha when namespaces are not available")
     p.add_argument("--net-faults", default=Options.net_faults, help="probabilities for the shop's interceptor")
+    p.add_argument(
+        "--away-past-abort",
+        action="store_true",
+        help="the shop on a PostgreSQL log; participants paused past the Abort's retries; nothing may stay held",
+    )
+    p.add_argument("--abort-retry-s", type=float, default=Options.abort_retry_s, help="the shop's Abort retry")
     p.add_argument("--wallet-module", default=Options.wallet_module, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default="")
     p.add_argument("--insecure", action="store_true", help="plaintext instead of mutual TLS between the services")
@@ -502,6 +565,8 @@ def main() -> None:
         lease_s=a.lease_s,
         pg_url=a.pg_url,
         db=a.db,
+        away_past_abort=a.away_past_abort,
+        abort_retry_s=a.abort_retry_s,
     )
     result = asyncio.run(run(opts))
     print(render(result))

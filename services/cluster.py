@@ -24,7 +24,7 @@ from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import Credentials, rpc
 from twopc.dev.pgserver import PostgresServer
-from twopc.dev.testing import ServiceProcess, free_port, wait_until
+from twopc.dev.testing import ServiceProcess, TcpProxy, free_port, wait_until
 from twopc.security import pki
 
 RPC_TIMEOUT_S = 5.0
@@ -81,6 +81,9 @@ class Cluster:
             participants trust every shop's address.
         stores: per participant ("wallet", "orders"), a PostgreSQL URL to keep its
             data in instead of a SQLite file in `workdir` (see `postgres_stores`).
+        proxied: participants ("wallet", "orders") the shops reach through a
+            `TcpProxy` of this process (`proxies[name]`), which a caller cuts to
+            part them from the shops alone (they still reach the shops).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class Cluster:
         log_url: str = "",
         shops: int = 1,
         stores: Mapping[str, str] | None = None,
+        proxied: Sequence[str] = (),
     ) -> None:
         if shops > 1 and not log_url:
             raise ValueError("several shops need a shared log: give log_url")
@@ -190,21 +194,45 @@ class Cluster:
         ]
         self.shop = self.shops[0]
         self._channels: list[grpc.aio.Channel] = []
+        self._proxied = tuple(proxied)
+        self.proxies: dict[str, TcpProxy] = {}
 
     def start(self) -> None:
         """Starts the three processes (blocking); `async with` does it for you."""
+        if self._proxied:
+            raise RuntimeError("proxied participants need `async with`: the proxies run on its event loop")
+        self._start_participants()
+        self._start_shops()
+
+    def _start_participants(self) -> None:
         try:
             self.wallet.start()
             self.orders.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_shops(self) -> None:
+        dialed = {"wallet": self.wallet.address, "orders": self.orders.address}
+        dialed |= {name: f"127.0.0.1:{proxy.port}" for name, proxy in self.proxies.items()}
+        try:
             for shop in self.shops:
-                shop.args += ["--wallet", self.wallet.address, "--orders", self.orders.address]
+                shop.args += ["--wallet", dialed["wallet"], "--orders", dialed["orders"]]
                 shop.start()
         except BaseException:
             self.stop()
             raise
 
     async def __aenter__(self) -> Cluster:
-        await asyncio.to_thread(self.start)
+        await asyncio.to_thread(self._start_participants)
+        try:
+            for name in self._proxied:
+                host, port = {"wallet": self.wallet, "orders": self.orders}[name].address.rsplit(":", 1)
+                self.proxies[name] = await TcpProxy(host, int(port)).start()
+        except BaseException:
+            self.stop()
+            raise
+        await asyncio.to_thread(self._start_shops)
         self.wallet_api = wallet_pb2_grpc.WalletStub(self._channel(self.wallet.address))
         self.orders_api = order_pb2_grpc.OrdersStub(self._channel(self.orders.address))
         self.shop_apis = [
@@ -218,6 +246,8 @@ class Cluster:
     ) -> None:
         for ch in self._channels:
             await ch.close(None)
+        for proxy in self.proxies.values():
+            await proxy.close()
         self.stop()
 
     def stop(self) -> None:

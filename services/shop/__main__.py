@@ -295,6 +295,8 @@ async def serve(args: Any) -> None:
         prepare_timeout_s=args.prepare_timeout_s,
         phase2_wait_s=args.phase2_wait_s,
         batches_in_flight=args.batches_in_flight,
+        abort_retry_s=args.abort_retry_s,
+        rpc_timeout_s=args.rpc_timeout_s,
     )
     # Under TLS each participant is an identity at an address: a bare address means
     # the service's usual name, so an impostor there fails the handshake.
@@ -371,6 +373,18 @@ def main() -> None:
         help="the other shops sharing a postgresql:// --db: participants in doubt ask them too",
     )
     p.add_argument("--prepare-timeout-s", type=float, default=2.0, help="phase-1 deadline (default %(default)s)")
+    p.add_argument(
+        "--abort-retry-s",
+        type=float,
+        default=CoordinatorConfig.abort_retry_s,
+        help="how long Abort is retried; then a participant in doubt learns ABORTED by asking (default %(default)s)",
+    )
+    p.add_argument(
+        "--rpc-timeout-s",
+        type=float,
+        default=CoordinatorConfig.rpc_timeout_s,
+        help="deadline of each Commit or Abort attempt (default %(default)s)",
+    )
     p.add_argument(
         "--phase2-wait-s", type=float, default=5.0, help="wait this long for Commit acks (default %(default)s)"
     )

@@ -144,27 +144,28 @@ def read_commits(url: str) -> dict[str, bool]:
 def lease_timeout(lease_s: float, renew_every_s: float, op_timeout_s: float | None) -> float:
     """Checks a lease's timing and returns the database round's bound.
 
-    A renewal that times out is followed by another `renew_every_s` later; both
-    must fit in the lease, or one slow round loses it (a false takeover of a live
-    instance). So `2 * renew_every_s + op_timeout_s < lease_s`. Without an
-    explicit `op_timeout_s`, 2 s or 80% of what the lease leaves, if less.
+    A renewal is sent `renew_every_s` after the last one and may take up to
+    `op_timeout_s`: that slow round must still land before the lease runs out, or
+    one slow renewal loses it (a false takeover of a live instance). So
+    `renew_every_s + op_timeout_s < lease_s`. Without an explicit `op_timeout_s`:
+    2 s, or 90% of what the lease leaves, if less (0.675 s at `lease_s=1`).
 
     Raises:
-        ValueError: a value is not positive, or the lease cannot outlast one
-            failed renewal.
+        ValueError: a value is not positive, or one slow renewal would outlast the
+            lease.
     """
     if not (lease_s > 0 and renew_every_s > 0 and (op_timeout_s is None or op_timeout_s > 0)):
         raise ValueError("lease_s, renew_every_s and op_timeout_s must be > 0")
-    room = lease_s - 2 * renew_every_s
+    room = lease_s - renew_every_s
+    if room <= 0:
+        raise ValueError(f"renew_every_s={renew_every_s} must be shorter than lease_s={lease_s}")
     if op_timeout_s is None:
-        if room <= 0:
-            raise ValueError(f"renew_every_s={renew_every_s} leaves no room in lease_s={lease_s} for a renewal")
-        return min(2.0, 0.8 * room)
+        return min(2.0, 0.9 * room)
     if op_timeout_s >= room:
         raise ValueError(
             f"lease_s={lease_s} is too short for op_timeout_s={op_timeout_s} with renew_every_s={renew_every_s}:"
-            f" one renewal that times out would let the lease expire; give lease_s >"
-            f" {2 * renew_every_s + op_timeout_s:g}, or a shorter op_timeout_s"
+            f" one slow renewal would let the lease expire; give lease_s > {renew_every_s + op_timeout_s:g},"
+            " or a shorter op_timeout_s"
         )
     return op_timeout_s
 
@@ -190,10 +191,10 @@ class PostgresDecisionLog:
         renew_every_s: how often the lease is renewed (lease_s / 4 by default).
         takeover_every_s: how often to look for expired leases (lease_s / 2).
         op_timeout_s: the bound on one database round (connect, statement, commit);
-            past it the database counts as unreachable. One renewal that times
-            out must leave time for the next: `2 * renew_every_s + op_timeout_s`
+            past it the database counts as unreachable. A renewal that takes
+            this long must still land in time: `renew_every_s + op_timeout_s`
             must be below `lease_s` (else ValueError). By default 2 s, or less
-            when the lease is short enough to need it (0.4 s at `lease_s=1`).
+            when the lease is short enough to need it (0.675 s at `lease_s=1`).
         decision_wait_s: how long a COMMIT write whose result was lost is read back
             before the coordinator gives up (DurabilityError; restart).
         pool_size: connections; concurrent COMMITs share WAL flushes.
@@ -242,6 +243,9 @@ class PostgresDecisionLog:
         self.renew_every_s = renew_every_s
         self.takeover_every_s = takeover_every_s or lease_s / 2
         self.op_timeout_s = op_timeout_s
+        # Opening (connecting, creating the schema) holds no lease yet: a short lease's
+        # short rounds need not bound it.
+        self._start_s = max(2 * op_timeout_s, 4.0)
         self.decision_wait_s = decision_wait_s
         self.retention_s = retention_s
         self._pool = psycopg_pool.AsyncConnectionPool(
@@ -299,7 +303,7 @@ class PostgresDecisionLog:
         """
         loop = asyncio.get_running_loop()
         try:
-            await self._pool.open(wait=True, timeout=self.op_timeout_s * 2)
+            await self._pool.open(wait=True, timeout=self._start_s)
         except psycopg_pool.PoolTimeout as e:
             await self._pool.close()
             raise LogUnavailableError(f"cannot reach the decision log's database: {e}") from e
@@ -338,7 +342,7 @@ class PostgresDecisionLog:
             )
 
         try:
-            log_id = await self._run(create)
+            log_id = await self._run(create, timeout_s=self._start_s)  # DDL: no lease to keep yet
             sent = loop.time()
             await self._run(register)
         except BaseException:
@@ -754,9 +758,9 @@ class PostgresDecisionLog:
                 return True
             raise NotLoggedError(f"the COMMIT write of {txn_id} was lost, and the log now holds none")
 
-    async def _run(self, work: Callable[[Cursor], Awaitable[T]]) -> T:
-        """Runs `work` in one database transaction, bounded by `op_timeout_s`; an
-        unreachable or failing server is LogUnavailableError.
+    async def _run(self, work: Callable[[Cursor], Awaitable[T]], timeout_s: float | None = None) -> T:
+        """Runs `work` in one database transaction, bounded by `op_timeout_s` (or
+        `timeout_s`); an unreachable or failing server is LogUnavailableError.
 
         Past the bound the work is abandoned, not awaited: psycopg's cancellation of
         a query on a silent network takes seconds more, and a decision must not.
@@ -770,7 +774,7 @@ class PostgresDecisionLog:
 
         task = asyncio.create_task(transaction())
         try:
-            done, _ = await asyncio.wait({task}, timeout=self.op_timeout_s)
+            done, _ = await asyncio.wait({task}, timeout=timeout_s or self.op_timeout_s)
         except BaseException:
             task.cancel()
             raise
@@ -779,7 +783,9 @@ class PostgresDecisionLog:
             self._abandoned.add(task)
             task.add_done_callback(self._abandoned.discard)
             task.add_done_callback(_consume)
-            raise LogUnavailableError(f"the decision log's database did not answer within {self.op_timeout_s} s")
+            raise LogUnavailableError(
+                f"the decision log's database did not answer within {timeout_s or self.op_timeout_s} s"
+            )
         try:
             return task.result()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:

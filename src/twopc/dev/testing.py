@@ -305,8 +305,10 @@ class TcpProxy:
 
     While cut, connections stay open but no byte moves (a silent network: the
     client's writes are accepted and held, as TCP would hold them in retransmission)
-    and new connections are accepted but go nowhere. `heal` lets the held bytes
-    through; `reset` drops every open connection (a lost connection mid-statement).
+    and new connections are accepted but go nowhere. `cut_replies` holds only what
+    the server sends back (requests still arrive and are served). `heal` lets the
+    held bytes through; `reset` drops every open connection (a lost connection
+    mid-statement, or with `cut`, the held bytes lost).
 
     Args:
         host: the server's host.
@@ -317,6 +319,8 @@ class TcpProxy:
         self._target = (host, port)
         self._open = asyncio.Event()
         self._open.set()
+        self._replies = asyncio.Event()  # the server's bytes to the client may move
+        self._replies.set()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pumps: set[asyncio.Task[None]] = set()
@@ -330,8 +334,12 @@ class TcpProxy:
     def cut(self) -> None:
         self._open.clear()
 
+    def cut_replies(self) -> None:
+        self._replies.clear()
+
     def heal(self) -> None:
         self._open.set()
+        self._replies.set()
 
     def reset(self) -> None:
         for writer in list(self._writers):
@@ -355,15 +363,16 @@ class TcpProxy:
             self._writers.discard(writer)
             return
         self._writers.add(up_writer)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst))
+        for src, dst, gate in ((reader, up_writer, self._open), (up_reader, writer, self._replies)):
+            task = asyncio.create_task(self._pump(src, dst, gate))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event) -> None:
         try:
             while chunk := await src.read(65536):
                 await self._open.wait()
+                await gate.wait()
                 dst.write(chunk)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):
