@@ -143,3 +143,18 @@ async def test_a_file_log_answers_only_for_its_own_ids(tmp_path: Path) -> None:
         other = await ask_full(c.address, "0123456789abcdef:someone-elses")
     assert (own.outcome, own.log_id) == (coordinator_pb2.OUTCOME_ABORTED, c.id)
     assert (other.outcome, other.log_id) == (coordinator_pb2.OUTCOME_PENDING, c.id)
+
+
+async def test_a_malformed_owner_log_is_refused_and_changes_nothing(
+    kind: tuple[Kind, Callable[[str], participant_pb2.PrepareRequest]],
+) -> None:
+    """A Prepare whose coordinator_log is too long or has characters outside an id's
+    is INVALID_ARGUMENT, and nothing is prepared."""
+    participant, prepare = kind
+    for bad in ("x" * 129, "log with spaces"):
+        request = prepare("0123456789abcdef:bad")
+        request.coordinator_log = bad
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await participant.stub.Prepare(request, timeout=5)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "coordinator_log" in (err.value.details() or "")
+    assert participant.state("0123456789abcdef:bad") is None
