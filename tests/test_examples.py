@@ -296,7 +296,8 @@ async def test_node_participant_in_doubt_asks_get_outcome(
     """A transaction prepared at the Node participant and never decided is resolved by asking GetOutcome."""
     node = Points(start_node("--in-doubt-after-s", "0.2", "--resolve-interval-s", "0.1"))
     await node.award("alice", 500)
-    assert await node.prepare("orphan", "alice", 100, coordinator.address) == (participant_pb2.VOTE_COMMIT, "")
+    orphan = coordinator.global_id("orphan")  # one of its ids, never logged: ABORTED when asked
+    assert await node.prepare(orphan, "alice", 100, coordinator.address) == (participant_pb2.VOTE_COMMIT, "")
     assert await node.points("alice") == (500, 100)
 
     async def released() -> bool:

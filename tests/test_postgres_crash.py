@@ -36,7 +36,7 @@ async def test_postgres_killed_during_a_burst_of_prepares(
             stub = participant_pb2_grpc.ParticipantStub(ch)
 
             async def prepare(i: int) -> participant_pb2.PrepareResponse:
-                request = prepare_request(f"t{i}")
+                request = prepare_request(coordinator.global_id(f"t{i}"))  # its own: ABORTED when asked
                 request.coordinator = coordinator.address
                 return await stub.Prepare(request, timeout=10)
 
@@ -50,7 +50,7 @@ async def test_postgres_killed_during_a_burst_of_prepares(
             await asyncio.to_thread(pg_killable.restart)
             replies: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
         yes = [
-            f"t{i}"
+            coordinator.global_id(f"t{i}")
             for i, r in enumerate(replies)
             if isinstance(r, participant_pb2.PrepareResponse) and r.vote == COMMIT
         ]
