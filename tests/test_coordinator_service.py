@@ -284,6 +284,33 @@ async def test_a_retry_on_another_instance_of_a_shared_log_is_not_run_again(
     await eventually(lambda: kv.applied() == [(result.txn_id, "k", 3)], what="one application of dup-1")
 
 
+async def test_an_id_settled_as_aborted_is_answered_aborted(
+    pg_url: str, start_kv: Callable[..., Kv], start_coordinator_service: Callable[..., ServiceProcess]
+) -> None:
+    """An id whose earlier attempt the shared log settled as aborted (an abort marker,
+    left by a COMMIT write whose result was lost) is answered ABORTED at once, never
+    run again, and not UNAVAILABLE for ever."""
+    import psycopg
+
+    from twopc.decisions.postgres import connection_info
+
+    kv = start_kv("kv")
+    log = pg_url.replace("?options=", "?schema=twopc_log&options=")
+    start = start_coordinator_service({"kv": kv.target}, log=log)
+    conninfo, schema = connection_info(log)
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        [(instance,)] = conn.execute(f"SELECT id FROM {schema}.instances").fetchall()
+        conn.execute(
+            f"INSERT INTO {schema}.decisions (txn_id, owner, driver, decision, targets, ended_at)"
+            " VALUES (%s, %s, %s, 'abort', '[]', now())",
+            (f"{instance}:settled-1", instance, instance),
+        )
+    async with TransactionsClient(start.address, credentials=INSECURE) as client:
+        result = await client.execute([Branch("kv", op(key="k", amount=1))], txn_id="settled-1", timeout_s=5)
+    assert (result.txn_id, result.outcome) == (f"{instance}:settled-1", Outcome.ABORTED)
+    assert kv.reserved() == [] and kv.applied() == []
+
+
 def test_every_policy_lets_an_authenticated_caller_check_health() -> None:
     """A Policy built as the README shows allows its rules, refuses other methods, and
     allows health checks to any identity unless its rules name them."""

@@ -137,6 +137,9 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
         try:
             result = await self.coordinator.run(branches, timeout_s=request.timeout_s or None, txn_id=request.txn_id)
         except DuplicateTransactionError as e:
+            if e.state == "aborted":  # an earlier attempt's COMMIT write was settled as aborted: that stands
+                log.info("execute_answered_again", outcome="aborted")
+                return _aborted_again(e.txn_id)
             if e.state != "committed":
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{request.txn_id} is being decided; retry")
             log.info("execute_answered_again", outcome="committed")
@@ -161,8 +164,7 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServicer):
         if outcome is Outcome.COMMITTED:
             return _committed_again(gid, branches)
         if outcome is Outcome.ABORTED:
-            reason = "an earlier attempt with this txn_id aborted"
-            return transactions_pb2.ExecuteResponse(txn_id=gid, outcome=coordinator_pb2.OUTCOME_ABORTED, reason=reason)
+            return _aborted_again(gid)
         # PENDING: its instance may still decide it, or decided abort (only it can tell).
         await context.abort(
             grpc.StatusCode.UNAVAILABLE, f"{gid} is another instance's and not decided here yet; retry (there)"
@@ -212,6 +214,12 @@ def response(result: TransactionResult) -> transactions_pb2.ExecuteResponse:
             for b in result.branches
         ],
     )
+
+
+def _aborted_again(txn_id: str) -> transactions_pb2.ExecuteResponse:
+    """A retry of an aborted transaction."""
+    reason = "an earlier attempt with this txn_id aborted"
+    return transactions_pb2.ExecuteResponse(txn_id=txn_id, outcome=coordinator_pb2.OUTCOME_ABORTED, reason=reason)
 
 
 def _committed_again(txn_id: str, branches: list[Branch]) -> transactions_pb2.ExecuteResponse:
