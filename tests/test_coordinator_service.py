@@ -295,7 +295,7 @@ async def test_an_id_settled_as_aborted_is_answered_aborted(
     from twopc.decisions.postgres import connection_info
 
     kv = start_kv("kv")
-    log = pg_url.replace("?options=", "?schema=twopc_log&options=")
+    log = pg_url.replace("?options=", f"?schema=settled_{uuid.uuid4().hex[:8]}&options=")  # a log of its own
     start = start_coordinator_service({"kv": kv.target}, log=log)
     conninfo, schema = connection_info(log)
     with psycopg.connect(conninfo, autocommit=True) as conn:
