@@ -51,10 +51,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -64,8 +61,9 @@ from typing import Any
 
 import grpc
 
-from services.cluster import Cluster, Host, Settings, postgres_stores
+from services.cluster import Cluster, Settings, postgres_stores
 from services.scenarios import outcome
+from twopc.dev.netns import Network
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, query
 
@@ -157,67 +155,6 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
         faults.append(Fault(round(t, 2), kind, round(length, 2)))
         t += length + rng.uniform(0.5, 2.5)
     return faults
-
-
-class Network:
-    """A bridge and one network namespace per service: separate hosts on this machine.
-
-    Addresses are in 10.<net>.N.0/24 inside namespaces this run creates and deletes;
-    no traffic leaves the machine. A partition takes a host's link down. `prefix`
-    and `net` keep the names and addresses of different kinds of run apart.
-    """
-
-    def __init__(self, names: list[str], *, prefix: str = "tpc", net: int = 231) -> None:
-        tag = os.getpid() % 250
-        self.bridge = f"{prefix}{tag}br"
-        self.hosts = {
-            n: (f"{prefix}{tag}-{n}", f"{prefix}{tag}v{i}", f"10.{net}.{tag}.{i + 2}") for i, n in enumerate(names)
-        }
-        self.gateway = f"10.{net}.{tag}.1"
-
-    @staticmethod
-    def available() -> tuple[bool, str]:
-        if os.geteuid() != 0:
-            return False, "partitions need root (network namespaces)"
-        if shutil.which("ip") is None:
-            return False, "partitions need iproute2's `ip`"
-        probe = f"tpcprobe{os.getpid()}"
-        ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-        return ok, "" if ok else "`ip netns add` is not permitted here"
-
-    def up(self) -> None:
-        self.down()
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-        for ns, veth, address in self.hosts.values():
-            _ip("netns", "add", ns)
-            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("link", "set", veth, "master", self.bridge, "up")
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-
-    def host(self, name: str) -> Host:
-        ns, _, address = self.hosts[name]
-        return Host(address, ("ip", "netns", "exec", ns))
-
-    def cut(self, name: str) -> None:
-        _ip("link", "set", self.hosts[name][1], "down")
-
-    def heal(self, name: str) -> None:
-        _ip("link", "set", self.hosts[name][1], "up")
-
-    def down(self) -> None:
-        for ns, veth, _ in self.hosts.values():
-            subprocess.run(["ip", "link", "del", veth], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 class Nemesis:

@@ -23,6 +23,7 @@ from services.order.v1 import order_pb2, order_pb2_grpc
 from services.shop.v1 import shop_pb2, shop_pb2_grpc
 from services.wallet.v1 import wallet_pb2, wallet_pb2_grpc
 from twopc import Credentials, rpc
+from twopc.dev.netns import Host as Host  # re-exported: where a service runs
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, TcpProxy, free_port, wait_until
 from twopc.security import pki
@@ -43,15 +44,6 @@ class Settings:
     in_doubt_after_s: float = 1.0
     resolve_interval_s: float = 0.3
     log_level: str = "info"
-
-
-@dataclass(frozen=True)
-class Host:
-    """Where a service runs: its address, and a command prefix that puts it there
-    (e.g. `ip netns exec NS` for a network namespace of its own)."""
-
-    address: str = "127.0.0.1"
-    wrapper: tuple[str, ...] = ()
 
 
 class Cluster:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from services.chaos import Network
+from twopc.dev.netns import Network
 from services.cluster import Cluster, Settings
 from tests.conftest import FAST, INSECURE, Kv, eventually, op, txn_state
 from tests.test_crash import txn_of

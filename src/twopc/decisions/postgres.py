@@ -43,6 +43,15 @@ While the database cannot be reached (renewals fail, or the lease ran out by the
 local clock since the last renewal) `check_writable` refuses new transactions;
 phase 2 of logged commits goes on, and END waits for the database.
 
+Replicated PostgreSQL (a primary and synchronous standbys under a failover manager):
+the URL may name several hosts with `target_session_attrs=read-write`, as libpq's
+does, and the pool connects to whichever is the primary. A failover is the database
+being unreachable for a while: a COMMIT write caught in it is read back on the new
+primary (rule 5), and the pool reconnects with backoff. A node that turned read-only
+counts as unreachable, and its connection is dropped. Choose `lease_s` longer than
+the database's failover time: the leases expire by the database's clock, so after a
+longer failover the first instance back takes the others over and fences them.
+
 The schema lives in its own PostgreSQL schema (`twopc` by default; `?schema=` in
 the URL) and carries its version and the log's identity (`log_id`, made once at
 random) in `meta`; `open` creates or checks it. Instances that name each other as
@@ -769,8 +778,13 @@ class PostgresDecisionLog:
             raise LogUnavailableError("the decision log is closed")
 
         async def transaction() -> T:
-            async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                return await work(cur)
+            async with self._pool.connection() as conn:
+                try:
+                    async with conn.transaction(), conn.cursor() as cur:
+                        return await work(cur)
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    await conn.close()  # a standby now (demoted): the pool connects anew
+                    raise
 
         task = asyncio.create_task(transaction())
         try:
@@ -788,7 +802,7 @@ class PostgresDecisionLog:
             )
         try:
             return task.result()
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as e:
+        except (psycopg.OperationalError, psycopg.errors.ReadOnlySqlTransaction, psycopg_pool.PoolTimeout) as e:
             raise LogUnavailableError(f"the decision log's database is unreachable: {e}") from e
 
 

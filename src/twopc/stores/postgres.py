@@ -30,6 +30,17 @@ server rolled the transaction back); a broken connection *during* COMMIT leaves 
 outcome unknown and raises `StoreUnavailableError`, so the participant votes nothing
 it cannot stand behind. Retrying never duplicates work: a job runs again only after
 its earlier attempt was rolled back.
+
+Replicated PostgreSQL: the URL may name several hosts, as libpq's does
+(`postgresql://u@a:5432,b:5432,c:5432/db?target_session_attrs=read-write`), and each
+new connection goes to whichever is the primary. While there is none (a failover
+under way) a lost connection is not an error yet: the job waits for a primary, with
+backoff, for up to `failover_wait_s`, then runs again on it. A node that turned
+read-only (demoted) counts as a lost connection. With `autocommit` the job runs
+its own transactions and tells a repeat from a first run, so a connection lost at
+any point, even in COMMIT PREPARED or PREPARE TRANSACTION, is settled the same way:
+the job runs again on the new primary and first reads back what became of the
+earlier run.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import sqlalchemy
@@ -66,6 +78,7 @@ _UNIQUE = "23505"  # unique_violation
 _UNIQUE_RERUNS = 3
 _ISOLATIONS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 _CONFLICT = {"55P03": "lock wait timed out", "57014": "statement timed out"}  # lock_not_available, query_canceled
+_READ_ONLY = "25006"  # read_only_sql_transaction: the node is a standby now
 
 
 def run(conn: sqlalchemy.Connection, sql: str, params: Mapping[str, Any] | None = None) -> psycopg.Cursor[Any]:
@@ -114,12 +127,18 @@ def _refused_for_good(error: BaseException) -> bool:
 
 def engine_url(url: str) -> sqlalchemy.URL:
     """A `postgresql://` URL for SQLAlchemy with the psycopg (3) driver; its
-    `?schema=NAME` becomes the connections' search_path.
+    `?schema=NAME` becomes the connections' search_path, and libpq's multi-host form
+    (`u@a:5432,b:5432/db`) becomes SQLAlchemy's (`u@/db?host=a:5432&host=b:5432`).
 
     Raises:
         ValueError: not a URL, or a bad schema name (one line, for a person).
     """
     schema = url_schema(url)
+    parts = urlsplit(url)
+    user, at, hosts = parts.netloc.rpartition("@")
+    if "," in hosts:
+        query = [("host", h) for h in hosts.split(",")] + parse_qsl(parts.query)
+        url = urlunsplit(parts._replace(netloc=user + at, query=urlencode(query)))
     try:
         parsed = make_url(url).set(drivername="postgresql+psycopg")
     except exc.ArgumentError:
@@ -143,7 +162,10 @@ class PostgresStore:
         lock_timeout_s: the longest a job waits for a row lock before giving up.
         statement_timeout_s: the longest one statement may run.
         retries: runs of a job that lost to a concurrent one before `ConflictError`.
-        connect_timeout_s: the longest to wait for a new connection.
+        connect_timeout_s: the longest to wait for a new connection (per host), and
+            for a sent packet to be acknowledged before the connection counts as lost.
+        failover_wait_s: how long a job whose connection was lost waits (with
+            backoff) for the server, or a new primary, before `StoreUnavailableError`.
         autocommit: jobs get a connection outside any transaction and run their own
             (`BEGIN ... PREPARE TRANSACTION`: `twopc.participant.prepared`); a job that fails is
             retried as a whole, so it must tell a repeat from a first run.
@@ -164,6 +186,7 @@ class PostgresStore:
         statement_timeout_s: float = 10.0,
         retries: int = 30,
         connect_timeout_s: float = 5.0,
+        failover_wait_s: float = 30.0,
         autocommit: bool = False,
         isolation: str = "SERIALIZABLE",
     ) -> None:
@@ -171,7 +194,7 @@ class PostgresStore:
             raise ValueError(f"unknown isolation level {isolation!r}")
         if pool_size < 1 or retries < 1:
             raise ValueError("pool_size and retries must be >= 1")
-        if min(lock_timeout_s, statement_timeout_s, connect_timeout_s) <= 0:
+        if min(lock_timeout_s, statement_timeout_s, connect_timeout_s) <= 0 or failover_wait_s < 0:
             raise ValueError("timeouts must be > 0")
         self.url = url
         self.namespace = url_schema(url)  # ?schema=: created at open if missing
@@ -182,6 +205,7 @@ class PostgresStore:
         self.statement_timeout_s = statement_timeout_s
         self.retries = retries
         self.connect_timeout_s = connect_timeout_s
+        self.failover_wait_s = failover_wait_s
         self.autocommit = autocommit
         self.isolation = isolation
         self.stats = StoreStats()
@@ -191,7 +215,7 @@ class PostgresStore:
     @property
     def path(self) -> str:
         """Where the data is, for messages (the URL without a password)."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        return engine_url(self.url).set(drivername="postgresql").render_as_string(hide_password=True)
 
     @property
     def failed(self) -> bool:
@@ -226,7 +250,15 @@ class PostgresStore:
             max_overflow=0,
             pool_timeout=self.connect_timeout_s,
             isolation_level=self.isolation,
-            connect_args={"connect_timeout": max(1, round(self.connect_timeout_s))},
+            connect_args={
+                "connect_timeout": max(1, round(self.connect_timeout_s)),
+                # A primary cut off by a partition must surface as a lost connection,
+                # not a socket that waits for ever (the job then runs on the new one).
+                "tcp_user_timeout": round(self.connect_timeout_s * 1000),
+                "keepalives_idle": 1,
+                "keepalives_interval": 1,
+                "keepalives_count": 3,
+            },
         )
         settings = (
             f"SET lock_timeout = {round(self.lock_timeout_s * 1000)};"
@@ -240,6 +272,13 @@ class PostgresStore:
                 for statement in settings.split(";"):
                     cur.execute(statement)
             dbapi_connection.commit()
+
+        @event.listens_for(engine, "handle_error")
+        def _demoted(context: sqlalchemy.engine.ExceptionContext) -> None:
+            # A connection to a node that is no longer the primary is as good as
+            # lost: SQLAlchemy then drops it (and the pool's older ones).
+            if getattr(context.original_exception, "sqlstate", None) == _READ_ONLY:
+                context.is_disconnect = True
 
         self.engine = engine
         self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix="postgres")
@@ -325,7 +364,10 @@ class PostgresStore:
     def _run(self, fn: Callable[[sqlalchemy.Connection], T], durable: bool) -> T:
         assert self.engine is not None
         lost: list[str] = []
-        for attempt in range(self.retries):
+        give_up = time.monotonic() + self.failover_wait_s
+        delay = 0.05
+        attempt = 0
+        while True:
             committing = False
             try:
                 with self.engine.connect() as conn:
@@ -345,21 +387,33 @@ class PostgresStore:
             except exc.DBAPIError as e:
                 if attempt + 1 < self.retries and self._raced(e, lost):
                     lost.append("unique violation")
+                    attempt += 1
                     continue
                 reason = self._classify(e, committing)
+                if reason == "connection lost":  # a restart or a failover: wait for a primary
+                    if time.monotonic() + delay > give_up:
+                        raise StoreUnavailableError(
+                            f"{self.path}: no connection to a primary within {self.failover_wait_s} s: {e.orig}"
+                        ) from e
+                    if not lost or lost[-1] != reason:
+                        _log.warning("store_connection_lost", store=self.path, error=str(e.orig))
+                    lost.append(reason)
+                    time.sleep(delay * random.uniform(0.5, 1.5))  # a pool thread's, not the loop's
+                    delay = min(delay * 2, 1.0)
+                    continue
                 lost.append(reason)
-                if attempt + 1 < self.retries:
+                attempt += 1
+                if attempt < self.retries:
                     time.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))  # a pool thread's, not the loop's
                     continue
-                if reason == "connection lost":
-                    raise StoreUnavailableError(f"{self.path}: connection lost {self.retries} times") from e
                 raise ConflictError(f"gave up after {self.retries} tries: {', '.join(lost)}") from e
+            if lost and lost[-1] == "connection lost":
+                _log.info("store_reconnected", store=self.path)
             self.stats.batches += 1
             self.stats.jobs += 1
             if durable:
                 self.stats.syncs += 1
             return result
-        raise AssertionError("unreachable")
 
     @staticmethod
     def _run_bare(conn: sqlalchemy.Connection, fn: Callable[[sqlalchemy.Connection], T]) -> T:
@@ -394,7 +448,8 @@ class PostgresStore:
             if committing:
                 _log.warning("commit_outcome_unknown", store=self.path, error=str(e.orig))
                 raise StoreUnavailableError(f"connection to {self.path} lost during COMMIT: outcome unknown") from e
-            if sqlstate.startswith(("08", "57P")) or e.connection_invalidated:
+            # No SQLSTATE: the connection could not be made (no primary, yet).
+            if not sqlstate or sqlstate.startswith(("08", "57P")) or e.connection_invalidated:
                 return "connection lost"
             raise StoreUnavailableError(f"{self.path}: {e.orig}") from e
         raise e
