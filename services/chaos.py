@@ -13,7 +13,11 @@ at random times:
   taken down), then reconnected. Needs root and `ip netns`; skipped with a message
   otherwise;
 * with `--db postgres` (wallet and orders on a private PostgreSQL server, a schema
-  each): SIGKILL of the PostgreSQL server, then a restart (crash recovery from WAL).
+  each): SIGKILL of the PostgreSQL server, then a restart (crash recovery from WAL);
+* with `--db cluster` (wallet, orders and the shop's log on a Patroni cluster, every
+  service and node a host of the cluster's network): killing, pausing and
+  partitioning PostgreSQL nodes (mostly the primary) and etcd members, with the
+  failover times they cause (`services.pgfaults`).
 
 With `--ha`, two shops (coordinator instances) share a PostgreSQL decision log
 (a private server on a host of its own when namespaces are available, else the
@@ -57,15 +61,19 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from services import pgfaults
 from services.cluster import Cluster, Settings, postgres_stores
 from services.scenarios import outcome
 from twopc.dev.netns import Network
 from twopc.dev.pgserver import PostgresServer
 from twopc.dev.testing import ServiceProcess, query
+
+if TYPE_CHECKING:
+    from twopc.dev.pgcluster import PgCluster
 
 KILLS = ("kill_wallet", "kill_orders", "kill_shop")
 KILL_POSTGRES = "kill_postgres"  # with --db postgres: the server under wallet and orders
@@ -117,6 +125,8 @@ class Purchase:
     seen: str = ""  # committed / aborted / unknown, as the client saw it
     txn_id: str = ""
     reason: str = ""
+    started: float = 0.0  # monotonic, when sent
+    answered: float = 0.0  # monotonic, when answered
 
 
 @dataclass
@@ -131,6 +141,7 @@ class Result:
     totals: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     released_by_asking: int = 0  # holds a participant released on GetOutcome ABORTED
+    failover: dict[str, Any] = field(default_factory=dict)  # --db cluster: pgfaults.ClusterFaults.summary
 
 
 def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]:
@@ -142,7 +153,9 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
     t = 1.0
     while t < opts.duration_s - 2.0:
         kind = first.pop() if first else rng.choice(kinds)
-        if kind in HA_PAUSES:
+        if kind in pgfaults.KINDS:  # long enough for a failover (Patroni's ttl is 5 s), or not
+            length = rng.uniform(2.0, 12.0)
+        elif kind in HA_PAUSES:
             length = opts.lease_s * rng.uniform(1.5, 3.0)  # past the lease: the other takes over
         elif kind in CUTS:  # past the Abort's retries: its first attempt and the next ones
             length = opts.abort_retry_s + 2 * AWAY_RPC_TIMEOUT_S + rng.uniform(1.0, 2.0)
@@ -160,10 +173,17 @@ def schedule(rng: random.Random, opts: Options, kinds: list[str]) -> list[Fault]
 class Nemesis:
     """Runs the fault schedule against the cluster, one fault at a time."""
 
-    def __init__(self, c: Cluster, network: Network | None, postgres: PostgresServer | None = None) -> None:
-        self.c, self.network, self.postgres = c, network, postgres
+    def __init__(
+        self,
+        c: Cluster,
+        network: Network | None,
+        postgres: PostgresServer | None = None,
+        cluster: pgfaults.ClusterFaults | None = None,
+    ) -> None:
+        self.c, self.network, self.postgres, self.cluster = c, network, postgres, cluster
         self.counts: Counter[str] = Counter()
         self.active: tuple[str, ServiceProcess | None] | None = None
+        self.node = ""  # the cluster's node or member hit by the active fault
 
     def _proc(self, kind: str) -> ServiceProcess:
         procs = {"wallet": self.c.wallet, "orders": self.c.orders, "shop": self.c.shop}
@@ -189,6 +209,12 @@ class Nemesis:
             await self.heal()
 
     async def inject(self, kind: str) -> None:
+        if kind in pgfaults.KINDS:
+            assert self.cluster is not None
+            self.node = await self.cluster.inject(kind)
+            self.active = (kind, None)
+            self.counts[kind] += 1
+            return
         if kind == KILL_POSTGRES:  # the database under both participants crashes
             assert self.postgres is not None
             await asyncio.to_thread(self.postgres.kill)
@@ -222,7 +248,10 @@ class Nemesis:
             return
         kind, proc = self.active
         self.active = None
-        if kind == KILL_POSTGRES:
+        if kind in pgfaults.KINDS:
+            assert self.cluster is not None
+            await self.cluster.heal(kind, self.node)
+        elif kind == KILL_POSTGRES:
             assert self.postgres is not None
             await asyncio.to_thread(self.postgres.restart)  # crash recovery from its WAL
         elif kind in CUTS:  # what it held is lost, as a partition loses it
@@ -258,9 +287,11 @@ async def workload(c: Cluster, opts: Options, accounts: list[str], skus: list[st
                 picked.append(SCARCE_SKU)
             p = Purchase(f"w{worker}-{n}", rng.choice(accounts), {s: rng.randint(1, 3) for s in picked})
             history.append(p)
+            p.started = time.monotonic()
             try:
                 r = await c.purchase(p.order_id, p.account, p.items, timeout_s=opts.prepare_timeout_s, shop=worker)
                 p.seen, p.txn_id, p.reason = outcome(r).lower(), r.txn_id, r.reason
+                p.answered = time.monotonic()
             except grpc.aio.AioRpcError as e:
                 p.seen, p.reason = "unknown", e.code().name
                 await asyncio.sleep(0.2)  # the shop may be down: do not spin
@@ -324,8 +355,18 @@ async def run(opts: Options) -> Result:
     shared_log = opts.ha or opts.away_past_abort
     names = ["wallet", "orders", "shop", *(["shop1"] if opts.ha else []), *(["pg"] if shared_log else [])]
     network = None
+    pgc: PgCluster | None = None
     if opts.away_past_abort:
         kinds = list(CUTS)  # only what loses an Abort past its retries
+    elif opts.db == "cluster":  # the services join the cluster's network
+        from twopc.dev import pgcluster  # the postgres extra
+
+        reason = pgcluster.missing()
+        if reason:
+            raise SystemExit(f"--db cluster {reason}")
+        pgc = pgcluster.PgCluster(prefix="cha", net=237, hosts=names, workdir=workdir / "pgcluster")
+        network = pgc.network
+        kinds += [*PARTITIONS, *(HA_PARTITIONS if opts.ha else ()), *pgfaults.KINDS]
     elif opts.partitions:
         ok, why = Network.available()
         if ok:
@@ -347,11 +388,21 @@ async def run(opts: Options) -> Result:
         kinds.append(KILL_POSTGRES)
     faults = schedule(rng, opts, kinds)
     pg: Any = None
+    cluster_faults: pgfaults.ClusterFaults | None = None
     try:
-        if network:
-            network.up()
+        stores: dict[str, str] = {}
         log_url = ""
-        if shared_log:
+        if pgc is not None:
+            progress("chaos: starting the PostgreSQL cluster (etcd, Patroni)")
+            await asyncio.to_thread(pgc.start)
+            for name in ("wallet", "orders"):
+                await asyncio.to_thread(pgc.execute, f"CREATE SCHEMA {name}")
+                stores[name] = pgc.url(options=f"-csearch_path={name}")
+            log_url = pgc.url(schema="chaos_log", lease_s=str(pgfaults.LOG_LEASE_S))
+            cluster_faults = pgfaults.ClusterFaults(pgc, list(stores.values()), log_url, rng)
+        elif network:
+            network.up()
+        if shared_log and pgc is None:
             from services.failover import PrivatePostgres  # the postgres extra
 
             schema = f"chaos_{opts.seed}_{int(time.time())}"
@@ -362,7 +413,6 @@ async def run(opts: Options) -> Result:
                 log_url = f"{opts.pg_url}?schema={schema}&lease_s={opts.lease_s}"
         async with contextlib.AsyncExitStack() as stack:
             postgres: PostgresServer | None = None
-            stores: dict[str, str] = {}
             if opts.db == "postgres":  # reached at the bridge's address from the namespaces
                 address = network.gateway if network else "127.0.0.1"
                 postgres, stores = stack.enter_context(postgres_stores(workdir, address=address))
@@ -386,7 +436,7 @@ async def run(opts: Options) -> Result:
                 await c.add_stock(sku, 5 if sku == SCARCE_SKU else 100_000, rng.randint(100, 2_000))
             progress(f"chaos: seed {opts.seed}, {opts.duration_s:.0f} s, {len(faults)} faults planned, in {workdir}")
             started = time.monotonic()
-            nemesis = Nemesis(c, network, postgres)
+            nemesis = Nemesis(c, network, postgres, cluster_faults)
             nemesis_task = asyncio.create_task(nemesis.run(faults, started))
             supervisor = asyncio.create_task(nemesis.supervise())
             history = await workload(c, opts, accounts, skus, started + opts.duration_s)
@@ -397,6 +447,8 @@ async def run(opts: Options) -> Result:
             await asyncio.gather(supervisor, return_exceptions=True)
             if postgres is not None and not postgres.running:
                 await asyncio.to_thread(postgres.restart)
+            if cluster_faults is not None:
+                await cluster_faults.heal_all(opts.recovery_timeout_s)
             for proc in (c.wallet, c.orders, *c.shops):
                 if not proc.running:
                     await asyncio.to_thread(proc.restart)
@@ -414,10 +466,16 @@ async def run(opts: Options) -> Result:
             net, batched = count_net_faults(workdir / "shop.log")
             result.faults = dict(nemesis.counts) | dict(net)
             result.batched_faults = dict(batched)
+            if cluster_faults is not None:
+                await cluster_faults.close(opts.recovery_timeout_s)
+                cluster_faults.record_commits([(p.started, p.answered) for p in history if p.seen == "committed"])
+                result.failover = cluster_faults.summary()
     finally:
         if pg is not None:
             pg.close()
-        if network:
+        if pgc is not None:
+            pgc.close()
+        elif network:
             network.down()
     return result
 
@@ -439,6 +497,14 @@ def render(result: Result) -> str:
     lines.append(f"of them on batched messages: {batched}")
     for skipped in result.skipped:
         lines.append(f"skipped: {skipped}")
+    if result.failover:
+        f = result.failover
+        lines.append(
+            f"faults of the primary: {f['primary_faults']}; to the first new commit {f['primary_first_commit_s']},"
+            f" to nothing in doubt {f['primary_settled_s']} (seconds)"
+        )
+        if f["unsettled"]:
+            lines.append(f"not settled within 120 s of the fault: {', '.join(f['unsettled'])}")
     recovery = f"{result.recovery_s} s" if result.recovery_s is not None else "NOT reached"
     lines.append(f"recovery after healing: {recovery}")
     if result.options.get("away_past_abort"):
@@ -480,9 +546,10 @@ def main() -> None:
     p.add_argument("--insecure", action="store_true", help="plaintext instead of mutual TLS between the services")
     p.add_argument(
         "--db",
-        choices=["sqlite", "postgres"],
+        choices=["sqlite", "postgres", "cluster"],
         default=Options.db,
-        help="wallet and orders on SQLite files, or on a private PostgreSQL server (adds the kill_postgres fault)",
+        help="wallet and orders on SQLite files, on a private PostgreSQL server (adds the kill_postgres fault),"
+        " or with the shop's log on a Patroni cluster (adds killing, pausing, partitioning its nodes and etcd)",
     )
     p.add_argument("--json", type=Path, default=None, help="where to write the report as JSON")
     a = p.parse_args()
@@ -509,7 +576,7 @@ def main() -> None:
     print(render(result))
     json_path = a.json or Path(result.options["workdir"]) / "report.json"
     json_path.write_text(json.dumps(asdict(result), indent=2))
-    db = " DB=postgres" if a.db == "postgres" else ""
+    db = f" DB={a.db}" if a.db != "sqlite" else ""
     print(f"report: {json_path}   reproduce: make chaos SEED={seed} DURATION={a.duration_s:g}{db}")
     sys.exit(1 if result.violations or result.recovery_s is None else 0)
 

@@ -15,12 +15,12 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from twopc.dev.netns import Network
 from services.cluster import Cluster, Settings
 from tests.conftest import FAST, INSECURE, Kv, eventually, op, txn_state
 from tests.test_crash import txn_of
 from tests.test_trust import FakeCoordinator, debit, seeded, status
 from twopc import Branch, ClosedError, Coordinator, DuplicateTransactionError, ForeignPeerError, Outcome, rpc
+from twopc.dev.netns import Network
 from twopc.dev.testing import ServiceProcess, TcpProxy, free_port
 from twopc.errors import FencedError, LogUnavailableError, NotLoggedError
 from twopc.observe import EventKind, Recorder

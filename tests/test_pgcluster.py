@@ -85,7 +85,9 @@ async def purchases_through_a_failover(c: PgCluster, tmp_path: Path, fault: str)
     with contextlib.ExitStack() as stack:
         stores = {n: stack.enter_context(pgserver.schema(c.url(), prefix=n)) for n in ("wallet", "orders")}
         log_url = c.url(schema=f"log_{fault}", lease_s=str(LEASE_S))
-        cluster = Cluster(tmp_path / "services", Settings(prepare_timeout_s=2.0), log_url=log_url, shops=2, stores=stores)
+        cluster = Cluster(
+            tmp_path / "services", Settings(prepare_timeout_s=2.0), log_url=log_url, shops=2, stores=stores
+        )
         async with cluster as svc:
             accounts, skus = [f"buyer{i}" for i in range(4)], [f"sku{i}" for i in range(4)]
             for account in accounts:

@@ -82,6 +82,8 @@ class PgCluster:
     Args:
         nodes: PostgreSQL nodes (2 or 3); the hosts are "pg0", "pg1"...
         etcd: etcd members (1 or 3); the hosts are "etcd0"...
+        synchronous: `synchronous_mode`; without it a commit is acknowledged before
+            any standby has it (for comparisons only: a failover loses such commits).
         strict: `synchronous_mode_strict` (see the module's docstring).
         ttl_s: Patroni's `ttl`: how long a dead leader holds the leader key.
         max_prepared_transactions: the PostgreSQL setting.
@@ -89,6 +91,8 @@ class PgCluster:
         net: second octet of its addresses (10.<net>.x.y).
         workdir: where the nodes' logs go (default: inside the cluster's own
             temporary directory, removed by `close`).
+        hosts: more hosts on the cluster's network, for its clients (a chaos run's
+            services), so that they reach the nodes and can be partitioned too.
     """
 
     def __init__(
@@ -96,12 +100,14 @@ class PgCluster:
         *,
         nodes: int = 3,
         etcd: int = 3,
+        synchronous: bool = True,
         strict: bool = True,
         ttl_s: int = 5,
         max_prepared_transactions: int = 64,
         prefix: str = "pgc",
         net: int = 235,
         workdir: str | os.PathLike[str] | None = None,
+        hosts: Sequence[str] = (),
     ) -> None:
         if nodes not in (2, 3) or etcd not in (1, 3):
             raise ValueError("a cluster has 2 or 3 PostgreSQL nodes and 1 or 3 etcd members")
@@ -111,7 +117,8 @@ class PgCluster:
         self._bin = found
         self.nodes = [f"pg{i}" for i in range(nodes)]
         self.members = [f"etcd{i}" for i in range(etcd)]
-        self.network = netns.Network([*self.members, *self.nodes], prefix=prefix, net=net)
+        self.network = netns.Network([*self.members, *self.nodes, *hosts], prefix=prefix, net=net)
+        self.synchronous = synchronous
         self.strict = strict
         self.ttl_s = ttl_s
         self.max_prepared_transactions = max_prepared_transactions
@@ -199,7 +206,7 @@ class PgCluster:
                     "loop_wait": 1,
                     "retry_timeout": 2,
                     "maximum_lag_on_failover": 16 * 1024 * 1024,
-                    "synchronous_mode": True,
+                    "synchronous_mode": self.synchronous,
                     "synchronous_mode_strict": self.strict,
                     "postgresql": {
                         "use_pg_rewind": True,
@@ -330,13 +337,15 @@ class PgCluster:
         return [str(m["name"]) for m in self.members_of() if m.get("role") == "sync_standby"]
 
     def healthy(self) -> bool:
-        """A running leader, a synchronous standby, and every node running or streaming."""
+        """A running leader, a synchronous standby (if synchronous), and every node
+        running or streaming."""
         members = self.members_of()
         if len(members) != len(self.nodes):
             return False
         roles = [m.get("role") for m in members]
         states = {m.get("state") for m in members}
-        return "leader" in roles and "sync_standby" in roles and states <= {"running", "streaming"}
+        synced = "sync_standby" in roles or not self.synchronous
+        return "leader" in roles and synced and states <= {"running", "streaming"}
 
     def wait_healthy(self, timeout_s: float = 60.0) -> None:
         """Returns once `healthy`, or raises TimeoutError naming the members."""
@@ -354,10 +363,9 @@ class PgCluster:
         while time.monotonic() < deadline:
             leader = self.primary()
             if leader is not None and leader != other_than:
-                with contextlib.suppress(psycopg.Error):
-                    with psycopg.connect(self.node_url(leader)) as conn:
-                        if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
-                            return leader
+                with contextlib.suppress(psycopg.Error), psycopg.connect(self.node_url(leader)) as conn:
+                    if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+                        return leader
             time.sleep(0.1)
         raise TimeoutError(f"no primary other than {other_than} within {timeout_s}s: {self.members_of()}")
 
