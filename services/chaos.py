@@ -206,7 +206,11 @@ class Nemesis:
             await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
             await self.inject(fault.kind)
             await asyncio.sleep(fault.length_s)
-            await self.heal()
+            try:
+                await self.heal()
+            except (RuntimeError, TimeoutError) as e:  # a restart that failed: the end brings it back
+                progress(f"chaos: healing {fault.kind} failed ({e}); going on")
+                self.counts["heal_failed"] += 1
 
     async def inject(self, kind: str) -> None:
         if kind in pgfaults.KINDS:
