@@ -63,7 +63,7 @@ console: $(STAMP) ## the services plus a web console on 127.0.0.1 (CONSOLE_PORT=
 SEED ?=
 DURATION ?= 60
 CONCURRENCY ?= 8
-chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=, DB=postgres)
+chaos: $(STAMP) ## faults at random against concurrent purchases, then the checker (SEED=, DURATION=, CONCURRENCY=, DB=postgres|cluster)
 	$(PY) -m services.chaos $(if $(SEED),--seed $(SEED)) $(if $(DB),--db $(DB)) --duration-s $(DURATION) --concurrency $(CONCURRENCY) $(CHAOS_ARGS)
 
 FUZZ_EXAMPLES ?= 20000

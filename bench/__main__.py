@@ -9,7 +9,8 @@ the same two round trips the floor waits for) and "commit-point" (`phase2_wait_s
 the time to drain it counts in the phase's elapsed time). Targets are judged on ack.
 With N = 2, "durable+pglog" runs the same participants with the decision log in
 PostgreSQL (`--pg-log`, the log several coordinator instances share) instead of
-SQLite.
+SQLite, and "pglog+sync-replica" with it on a replicated cluster's primary
+(`bench/replica.py`).
 
 Above 64 in flight only the two-branch cases run.
 
@@ -42,7 +43,7 @@ from typing import Any
 import google.protobuf
 import grpc
 
-from bench import chart, durable, shop
+from bench import chart, durable, replica, shop
 from bench.fleet import Fleet, Service, fixed_branches, progress, workdir
 from bench.floor import FloorClient
 from bench.load import Run, cpu_s, drained, drive, drive_count, rss_kb
@@ -152,6 +153,8 @@ class Settings:
     phase2: list[str]
     log_level: str
     pg_log: str = ""  # a PostgreSQL server for the "durable+pglog" rows, or "" for none
+    replica_log: str = ""  # a Patroni cluster's URL for the "pglog+sync-replica" rows, or ""
+    why_no_replica: str = ""
     postgres: bool = True  # the wallet+order rows on a private PostgreSQL server
     postgres_only: bool = False  # only the floor and the two-branch PostgreSQL rows (and durable, their anchor)
     pg_batches_in_flight: int = 4  # CoordinatorConfig.batches_in_flight for participants on PostgreSQL
@@ -364,7 +367,10 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
     sizes = [2] if s.postgres_only else sorted(set(s.branches) | ({2} if the_shop else set()))
     per_size = {
         n: len(s.phase2)
-        * ((n in s.branches) + (n == 2) * ((the_shop is not None) + (not why_no_pg) + len(on_postgres)))
+        * (
+            (n in s.branches)
+            + (n == 2) * ((the_shop is not None) + (not why_no_pg) + (not s.why_no_replica) + len(on_postgres))
+        )
         + 1
         + (n == 2 and plain is not None)
         for n in sizes
@@ -409,12 +415,16 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                 cases.append(("durable", durables[:n], fixed_branches(durables[:n], op)))
             if n == 2 and not why_no_pg:
                 cases.append(("durable+pglog", durables[:n], fixed_branches(durables[:n], op)))
+            if n == 2 and not s.why_no_replica:
+                cases.append((replica.SYSTEM, durables[:n], fixed_branches(durables[:n], op)))
             for system, participants, branches in cases:
                 for phase2 in s.phase2:
                     log: Path | str = fleet.workdir / f"decisions-{len(rows)}.db"
                     if system == "durable+pglog":
                         pg_schemas.append(f"bench_{os.getpid()}_{len(rows)}")
                         log = f"{s.pg_log}?schema={pg_schemas[-1]}"
+                    elif system == replica.SYSTEM:  # a cluster of the run's own: dropped with it
+                        log = replica.log_url(s.replica_log, f"bench_{len(rows)}")
                     on_pg = system in on_postgres
                     row = await twopc_phase(
                         system,
@@ -434,7 +444,12 @@ async def benchmark(fleet: Fleet, s: Settings) -> dict[str, Any]:
                     done(row)
     if plain is not None:
         await plain.close()
-    skipped = {"wallet+order": why_no_shop, "durable+pglog": why_no_pg, "wallet+order on PostgreSQL": why_no_postgres}
+    skipped = {
+        "wallet+order": why_no_shop,
+        "durable+pglog": why_no_pg,
+        replica.SYSTEM: s.why_no_replica,
+        "wallet+order on PostgreSQL": why_no_postgres,
+    }
     if s.postgres_only:
         _drop_schemas(s.pg_log, pg_schemas)
         return {"rows": [asdict(r) for r in rows], "targets": targets_met(rows), "skipped": _skipped(skipped)}
@@ -812,6 +827,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="postgresql://postgres@127.0.0.1:5432/test",
         help="PostgreSQL for the durable+pglog rows ('' for none; default %(default)s)",
     )
+    p.add_argument("--no-replica", action="store_true", help="skip the pglog+sync-replica rows (a Patroni cluster)")
     p.add_argument("--chart", type=Path, help="the chart (default: the results file with .png; needs matplotlib)")
     p.add_argument("--log-level", default="info", help="twopc log level in every process (logs go to the workdir)")
     p.add_argument("--workdir", type=Path, help="keep databases and process logs here (default: a temp dir, removed)")
@@ -854,20 +870,25 @@ async def main(args: argparse.Namespace, fleet: Fleet) -> dict[str, Any]:
             batches_in_flight=args.pg_batches_in_flight if args.memory_system == "wo-postgres" else 1,
         )
     else:
-        settings = Settings(
-            args.duration_s,
-            args.warmup_s,
-            args.concurrency,
-            args.branches,
-            args.phase2,
-            args.log_level,
-            args.pg_log,
-            postgres=not args.no_postgres,
-            postgres_only=args.postgres_only,
-            pg_batches_in_flight=args.pg_batches_in_flight,
-        )
-        result["settings"] = asdict(settings)
-        result |= await benchmark(fleet, settings)
+        with replica.cluster_log(not args.no_replica) as (replica_log, why_no_replica):
+            if why_no_replica:
+                progress(f"{replica.SYSTEM}: skipped ({why_no_replica})")
+            settings = Settings(
+                args.duration_s,
+                args.warmup_s,
+                args.concurrency,
+                args.branches,
+                args.phase2,
+                args.log_level,
+                args.pg_log,
+                replica_log=replica_log,
+                why_no_replica=why_no_replica,
+                postgres=not args.no_postgres,
+                postgres_only=args.postgres_only,
+                pg_batches_in_flight=args.pg_batches_in_flight,
+            )
+            result["settings"] = asdict(settings)
+            result |= await benchmark(fleet, settings)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     return result
 

@@ -19,16 +19,20 @@ For each fault it measures, from the moment of the fault:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import json
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from twopc.dev.pgcluster import PgCluster
-from twopc.dev.testing import query
+from twopc.dev.testing import query, wait_until
 
 KINDS = ("kill_pg", "pause_pg", "partition_pg", "kill_etcd", "pause_etcd", "partition_etcd")
 LOG_LEASE_S = 30.0
@@ -161,3 +165,93 @@ class ClusterFaults:
             "all_first_commit_s": stats([f.first_commit_s for f in self.failovers if f.first_commit_s is not None]),
             "unsettled": [f"{f.kind} {f.node}" for f in self.failovers if f.settled_s is None],
         }
+
+
+async def measure_kills(kills: int, *, workdir: Path, concurrency: int = 8, settle_s: float = 10.0) -> dict[str, Any]:
+    """The failover figures: one shop, wallet and orders with their data and the
+    shop's log in a cluster, purchases at `concurrency`, and `kills` SIGKILLs of the
+    primary, each once the cluster is healthy again. Per kill: the time to the first
+    purchase (started after the kill) committed, and throughput (commits/s) in the
+    `settle_s` before the kill, from the kill to that first commit, and in the
+    `settle_s` after it."""
+    from services.chaos import Purchase
+    from services.cluster import Cluster, Settings
+    from services.shop.v1 import shop_pb2
+
+    names = ["wallet", "orders", "shop"]
+    with PgCluster(prefix="pgk", net=238, hosts=names, workdir=workdir / "pgcluster") as pgc:
+        stores = {}
+        for name in ("wallet", "orders"):
+            pgc.execute(f"CREATE SCHEMA {name}")
+            stores[name] = pgc.url(options=f"-csearch_path={name}")
+        log_url = pgc.url(schema="kills_log", lease_s=str(LOG_LEASE_S))
+        hosts = {n: pgc.network.host(n) for n in names}
+        cluster = Cluster(workdir, Settings(prepare_timeout_s=2.0), hosts=hosts, log_url=log_url, stores=stores)
+        async with cluster as c:
+            accounts, skus = [f"buyer{i}" for i in range(8)], [f"sku{i}" for i in range(4)]
+            for account in accounts:
+                await c.open_account(account, 1_000_000_000)
+            for sku in skus:
+                await c.add_stock(sku, 10_000_000, 1)
+            done: list[tuple[float, float]] = []  # (started, answered) of committed purchases
+            stop = asyncio.Event()
+
+            async def buyer(worker: int) -> None:
+                rng = random.Random(worker)
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    p = Purchase(f"k{worker}-{n}", rng.choice(accounts), {rng.choice(skus): 1})
+                    started = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        r = await c.purchase(p.order_id, p.account, p.items, timeout_s=2.0, shop=0)
+                        if r.outcome == shop_pb2.OUTCOME_COMMITTED:
+                            done.append((started, time.monotonic()))
+                            continue
+                    await asyncio.sleep(0.05)
+
+            load = [asyncio.create_task(buyer(w)) for w in range(concurrency)]
+            rows = []
+            for _ in range(kills):
+                await asyncio.sleep(settle_s)
+                primary = await asyncio.to_thread(pgc.primary)
+                at = time.monotonic()
+                await asyncio.to_thread(pgc.kill, str(primary))
+                if not await wait_until(lambda: any(s >= at for s, _ in done), 120.0):  # noqa: B023 - now
+                    raise TimeoutError("no purchase committed within 120 s of the kill")
+                first = min(a for s, a in done if s >= at)
+                await asyncio.sleep(settle_s)
+                rows.append(
+                    {
+                        "first_commit_s": round(first - at, 2),
+                        "before_tps": round(sum(at - settle_s <= a < at for _, a in done) / settle_s, 1),
+                        "during_tps": round(sum(at <= a < first for _, a in done) / max(first - at, 1e-9), 1),
+                        "after_tps": round(sum(first <= a < first + settle_s for _, a in done) / settle_s, 1),
+                    }
+                )
+                print(f"kill {len(rows)}: {rows[-1]}", flush=True)
+                await asyncio.to_thread(pgc.start_node, str(primary))
+                await asyncio.to_thread(pgc.wait_healthy, 120)
+            stop.set()
+            await asyncio.gather(*load)
+            final = await c.settled(60)
+    times = [r["first_commit_s"] for r in rows]
+    return {
+        "kills": rows,
+        "first_commit_s": {"median": round(statistics.median(times), 2), "max": max(times)},
+        "violations": final.violations,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m services.pgfaults", description=measure_kills.__doc__)
+    p.add_argument("--kills", type=int, default=10)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--workdir", type=Path, default=Path(f"var/pgkills-{time.strftime('%Y%m%d-%H%M%S')}"))
+    a = p.parse_args()
+    result = asyncio.run(measure_kills(a.kills, workdir=a.workdir, concurrency=a.concurrency))
+    print(json.dumps({k: v for k, v in result.items() if k != "kills"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

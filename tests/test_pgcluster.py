@@ -13,14 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services import failover
 from services.chaos import Purchase, Result, check_client_view
 from services.cluster import Cluster, Settings
 from tests.conftest import INSECURE, Served, serve
-from twopc import ParticipantConfig, Vote
+from twopc import ParticipantConfig, Vote, rpc
 from twopc.dev import pgcluster, pgserver
 from twopc.dev.pgcluster import PgCluster
 from twopc.stores import execute
@@ -104,6 +106,8 @@ async def purchases_through_a_failover(c: PgCluster, tmp_path: Path, fault: str)
             await wait_for(lambda: committed() >= 10, 60, "ten purchases")
             primary = c.primary()
             assert primary is not None
+            health = {name: Counter[str]() for name in ("shop", "wallet")}
+            watch = asyncio.create_task(watch_health(svc, health))
             at, before = time.monotonic(), committed()
             if fault == "kill":
                 await asyncio.to_thread(c.kill, primary)
@@ -115,6 +119,8 @@ async def purchases_through_a_failover(c: PgCluster, tmp_path: Path, fault: str)
             await wait_for(lambda: committed() >= before + 10, 60, "ten purchases on the new primary")
             stop.set()
             await load
+            await wait_for(lambda: all(h["last"] for h in health.values()), 30, "SERVING again")
+            watch.cancel()
             if fault == "partition":
                 c.heal(primary)
             final = await svc.settled(60)
@@ -128,7 +134,28 @@ async def purchases_through_a_failover(c: PgCluster, tmp_path: Path, fault: str)
                 "violations": final.violations + result.violations,
                 "purchases": Counter(p.seen for p in history),
                 "in_doubt": final.in_doubt,
+                "health": health,
             }
+
+
+async def watch_health(svc: Cluster, seen: dict[str, Counter[str]]) -> None:
+    """Counts each service's health answers (every 0.1 s); `last` is 1 while the
+    latest was SERVING."""
+    channels = {"shop": rpc.channel(svc.shop.address, svc.credentials)}
+    channels["wallet"] = rpc.channel(svc.wallet.address, svc.credentials)
+    stubs = {name: health_pb2_grpc.HealthStub(ch) for name, ch in channels.items()}
+    try:
+        while True:
+            for name, stub in stubs.items():
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    seen[name][status] += 1
+                    seen[name]["last"] = int(status == "SERVING")
+            await asyncio.sleep(0.1)
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
 
 
 async def wait_for(check: Any, timeout_s: float, what: str) -> None:
@@ -150,6 +177,8 @@ async def test_primary_killed_under_coordinators(pgc: PgCluster, tmp_path: Path)
     assert seen["new"] != seen["old"]
     assert seen["violations"] == [] and seen["in_doubt"] == 0
     assert seen["purchases"]["committed"] >= 20
+    # NOT_SERVING while the database failed over, SERVING again after.
+    assert all(h["NOT_SERVING"] > 0 and h["last"] == 1 for h in seen["health"].values()), seen["health"]
 
 
 async def test_primary_partitioned_is_demoted_and_nothing_acknowledged_there_is_lost(

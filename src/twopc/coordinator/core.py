@@ -43,6 +43,7 @@ from twopc.errors import (
     DuplicateTransactionError,
     DurabilityError,
     FencedError,
+    LogUnavailableError,
     NotLoggedError,
 )
 from twopc.faults import crash_point
@@ -286,6 +287,8 @@ class Coordinator:
     async def _writable(self) -> None:
         """Readiness: the log could take a COMMIT now (a shared log: reachable, lease held)."""
         self._log.check_writable()
+        if not getattr(self._log, "available", True):  # PostgreSQL's renewals failing: a failover, say
+            raise LogUnavailableError("the decision log's database cannot be reached now")
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None

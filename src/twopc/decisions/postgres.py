@@ -301,6 +301,12 @@ class PostgresDecisionLog:
     def syncs(self) -> int:
         return self._syncs
 
+    @property
+    def available(self) -> bool:
+        """False while lease renewals fail (the database unreachable, or failing
+        over) and once fenced: the coordinator's readiness check reads it."""
+        return not self._unreachable and self._fenced is None and not self._closed
+
     async def open(self) -> list[CommitRecord]:
         """Creates or checks the schema and registers a new instance with a fresh
         lease. Returns no records: an instance has none at birth (a previous
