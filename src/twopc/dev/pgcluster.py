@@ -17,6 +17,7 @@ The configuration, and why:
   writes go on.
 * `max_prepared_transactions` for the PREPARE TRANSACTION participant (prepared
   transactions are replicated, and listed by the new primary once promoted).
+* etcd's v2 API (`etcd:`), not `etcd3:`: see `_write_patroni_config`.
 * `ttl` 5, `loop_wait` 1, `retry_timeout` 2: the leader key expires 5 s after its
   holder stops renewing it. Patroni needs `loop_wait + 2 * retry_timeout <= ttl`;
   `retry_timeout` 1 makes a leader demote itself for a slow etcd round.
@@ -182,6 +183,7 @@ class PgCluster:
             f"--initial-cluster-state={'existing' if data.exists() else 'new'}",
             f"--initial-cluster-token=twopc-{self.network.bridge}",
             # A short election keeps an etcd fault short (this is one machine).
+            "--enable-v2=true",  # Patroni's `etcd:` client (see the Patroni configuration)
             "--heartbeat-interval=100",
             "--election-timeout=1000",
         ]
@@ -199,7 +201,12 @@ class PgCluster:
             "scope": SCOPE,
             "name": node,
             "restapi": {"listen": f"{me}:{REST_PORT}", "connect_address": f"{me}:{REST_PORT}"},
-            "etcd3": {"hosts": etcd_hosts},
+            # etcd's v2 API: Patroni 3.0's etcd3 client keeps a watch cache that can go
+            # stale under load (the leader then fails to update the sync key for
+            # ever, "Synchronous replication key updated by someone else", and with
+            # no synchronous standby a strict cluster takes no writes; fixed in
+            # Patroni 3.1, patroni/patroni#2783). The v2 client reads every loop.
+            "etcd": {"hosts": etcd_hosts},
             "bootstrap": {
                 "dcs": {
                     "ttl": self.ttl_s,
