@@ -45,7 +45,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -371,7 +371,7 @@ class PgCluster:
             leader = self.primary()
             if leader is not None and leader != other_than:
                 with contextlib.suppress(psycopg.Error), psycopg.connect(self.node_url(leader)) as conn:
-                    if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+                    if conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,):
                         return leader
             time.sleep(0.1)
         raise TimeoutError(f"no primary other than {other_than} within {timeout_s}s: {self.members_of()}")
@@ -382,10 +382,3 @@ class PgCluster:
 
         with psycopg.connect(self.url(database), autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql.encode())
-
-
-@contextlib.contextmanager
-def cluster(**options: Any) -> Iterator[PgCluster]:
-    """A started `PgCluster`, closed afterwards."""
-    with PgCluster(**options) as c:
-        yield c
