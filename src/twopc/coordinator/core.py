@@ -287,7 +287,7 @@ class Coordinator:
     async def _writable(self) -> None:
         """Readiness: the log could take a COMMIT now (a shared log: reachable, lease held)."""
         self._log.check_writable()
-        if not getattr(self._log, "available", True):  # PostgreSQL's renewals failing: a failover, say
+        if not self._log.available:  # a shared log's renewals failing: a failover, say
             raise LogUnavailableError("the decision log's database cannot be reached now")
 
     async def __aexit__(

@@ -61,6 +61,13 @@ class DecisionLog(Protocol):
         each other as `peers`)."""
         ...
 
+    @property
+    def available(self) -> bool:
+        """Whether the log can be written now: False while a shared log's database
+        is out of reach (failing over, say) or once this instance is fenced. A
+        coordinator's readiness (health) follows it."""
+        ...
+
     async def log_commit(self, txn_id: str, targets: Sequence[str]) -> bool:
         """Durably records the COMMIT decision. Returns once it is on disk: True, or
         False if `txn_id` was logged already (nothing is written then)."""

@@ -72,6 +72,10 @@ class SqliteDecisionLog:
     def shared(self) -> bool:
         return False
 
+    @property
+    def available(self) -> bool:
+        return True  # a local file: a failing disk fail-stops the coordinator instead
+
     async def open(self) -> list[CommitRecord]:
         await self.store.open()
         cutoff = time.time() - self.retention_s
