@@ -47,7 +47,7 @@ from twopc import stores
 from twopc.config import Credentials
 from twopc.errors import TwoPCError
 from twopc.observe.logconfig import configure as configure_logs
-from twopc.participant import table
+from twopc.participant import table, trust
 from twopc.participant.admission import DecisionRefused
 from twopc.participant.table import ABORTED, COMMITTED, PREPARED
 from twopc.stores.base import POSTGRES_SCHEMES
@@ -233,10 +233,13 @@ def in_doubt(store: str, older_than_s: float, as_json: bool) -> None:
     (the helper) and PostgreSQL prepared transactions (the adapter) alike."""
     now = time.time()
     found = _in_doubt(store, now - older_than_s)
-    rows = [
-        {"txn_id": x.txn_id, "age_s": round(now - x.prepared_at, 3), "coordinator": x.coordinator, "gid": x.gid}
-        for x in found
-    ]
+    rows = []
+    for x in found:
+        addresses, log_id = trust.whom_to_ask(x.coordinator)  # the owner's log id is kept beside them
+        age_s = round(now - x.prepared_at, 3)
+        rows.append(
+            {"txn_id": x.txn_id, "age_s": age_s, "coordinator": " ".join(addresses), "log": log_id, "gid": x.gid}
+        )
     emit(rows, ("txn_id", "age_s", "coordinator"), as_json, empty="nothing in doubt")
 
 
