@@ -546,7 +546,10 @@ class PostgresDecisionLog:
                 ended.cancel()
 
     async def _end(self, txn_ids: list[str], cur: Cursor) -> None:
-        await cur.execute("SET LOCAL synchronous_commit = off")
+        # Durable, still one transaction per batch: an unforced END lost when the server
+        # crashes or fails over (an acknowledged asynchronous commit is not on the
+        # standby) is re-driven only at a restart or takeover, so a live owner would keep
+        # an acknowledged commit pending for ever (seen under a Patroni failover).
         await cur.execute(
             f"UPDATE {self.schema}.decisions SET ended_at = statement_timestamp() WHERE txn_id = ANY(%s)", (txn_ids,)
         )
