@@ -400,8 +400,7 @@ async def run(opts: Options) -> Result:
             progress("chaos: starting the PostgreSQL cluster (etcd, Patroni)")
             await asyncio.to_thread(pgc.start)
             for name in ("wallet", "orders"):
-                await asyncio.to_thread(pgc.execute, f"CREATE SCHEMA {name}")
-                stores[name] = pgc.url(options=f"-csearch_path={name}")
+                stores[name] = pgc.url(schema=name)  # the store creates its schema
             log_url = pgc.url(schema="chaos_log", lease_s=str(pgfaults.LOG_LEASE_S))
             cluster_faults = pgfaults.ClusterFaults(pgc, list(stores.values()), log_url, rng)
         elif network:

@@ -182,8 +182,7 @@ async def measure_kills(kills: int, *, workdir: Path, concurrency: int = 8, sett
     with PgCluster(prefix="pgk", net=238, hosts=names, workdir=workdir / "pgcluster") as pgc:
         stores = {}
         for name in ("wallet", "orders"):
-            pgc.execute(f"CREATE SCHEMA {name}")
-            stores[name] = pgc.url(options=f"-csearch_path={name}")
+            stores[name] = pgc.url(schema=name)  # the store creates its schema
         log_url = pgc.url(schema="kills_log", lease_s=str(LOG_LEASE_S))
         hosts = {n: pgc.network.host(n) for n in names}
         cluster = Cluster(workdir, Settings(prepare_timeout_s=2.0), hosts=hosts, log_url=log_url, stores=stores)
